@@ -270,8 +270,12 @@ def test_miner_indices_match_reference(
     )
 
 
+@pytest.mark.parametrize("pass_labels", [True, False])
 @pytest.mark.parametrize("miner_name", sorted(MINERS))
-def test_miner_with_ref_emb_matches_reference(agreement, make_batch, miner_name):
+def test_miner_with_ref_emb_matches_reference(
+    agreement, make_batch, miner_name, pass_labels
+):
+    """Without labels, ref_emb needs no ref_labels: the pairs are the mined ones."""
     embeddings, labels = make_batch(n=8, n_classes=3, seed=6)
     ref_emb, ref_labels = make_batch(n=13, n_classes=3, seed=7)
     indices_tuple = mine(miner_name, embeddings, labels, ref_emb, ref_labels)
@@ -281,10 +285,10 @@ def test_miner_with_ref_emb_matches_reference(agreement, make_batch, miner_name)
         loss_func,
         "miner+ref_emb",
         embeddings,
-        labels,
+        labels if pass_labels else None,
         indices_tuple,
         ref_emb,
-        ref_labels,
+        ref_labels if pass_labels else None,
         scale=16.0,
         lam=1.0,
         normalize="batch",

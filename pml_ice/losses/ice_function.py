@@ -7,12 +7,12 @@ For anchor ``i`` with logits ``Z_i.`` the forward pass needs only the log-sum-ex
 
 With ``g_ij`` the incoming gradient of ``l_ij`` and ``q_ij = 1 - p_ij = sigmoid(LSE_i - Z_ij)``:
 
-    dZ_ij = -g_ij q_ij                                 (positives)
-    dZ_ik = (sum_j g_ij q_ij) * exp(Z_ik - LSE_i)      (negatives)
+    dZ_ij = -g_ij q_ij                                       (positives)
+    dZ_ik = c_i exp(Z_ik - LSE_i),  c_i = sum_j g_ij q_ij    (negatives)
 
-so the backward pass of a chunk is ``exp(Z - m) * row factor`` times the embeddings: a
-matrix product. ``exp(Z - m)`` is either kept from the forward pass (``save_exp``) or
-recomputed chunk by chunk, so that no (anchors x references) matrix is held whole.
+so the backward pass of a chunk is one dense ``exp`` and two matrix products. The
+exponentials ``exp(Z - max_i Z)`` are either kept from the forward pass (``save_exp``)
+or recomputed chunk by chunk, so that no (anchors x references) matrix is held whole.
 """
 
 import torch
@@ -25,13 +25,17 @@ def default_chunk_rows(num_refs, device):
 
 
 def accumulation_dtype(dtype):
-    """The log-sum-exp runs in at least float32."""
+    """Logits, log-sum-exp and the gradient of the logits are at least float32."""
     return torch.promote_types(dtype, torch.float32)
 
 
-def matmul(a, b, out_dtype):
-    """``a @ b`` in ``b``'s dtype (tensor cores for half inputs), returned in ``out_dtype``."""
-    return torch.mm(a.to(b.dtype), b).to(out_dtype)
+def add_matmul(out, a, b, alpha):
+    """``out += alpha * a @ b`` with the product in ``b``'s dtype (tensor cores for
+    half inputs) and the sum in ``out``'s dtype."""
+    a = a.to(b.dtype)
+    if out.dtype == b.dtype:
+        return out.addmm_(a, b, alpha=alpha)
+    return out.add_(torch.mm(a, b), alpha=alpha)
 
 
 class InnerProductLogits:
@@ -45,24 +49,15 @@ class InnerProductLogits:
             return torch.mm(queries * self.coef, refs.T, out=out)
         return out.copy_(torch.mm(queries, refs.T)).mul_(self.coef)
 
-    def chunk_grads(self, queries, refs, neg_weights, row_factor, pos_rows, pos_cols, pos_grad):
-        """Gradients of ``sum(dZ * Z)`` where ``dZ = row_factor * neg_weights`` on
-        negatives and ``-pos_grad`` at ``(pos_rows, pos_cols)``."""
-        acc_dtype = row_factor.dtype
-        grad_queries = matmul(neg_weights, refs, acc_dtype).mul_(row_factor[:, None])
-        grad_queries.index_add_(
-            0, pos_rows, refs[pos_cols].to(acc_dtype) * -pos_grad[:, None]
-        )
-        scaled_queries = queries.to(acc_dtype) * row_factor[:, None]
-        grad_refs = matmul(neg_weights.T, scaled_queries.to(refs.dtype), acc_dtype)
-        grad_refs.index_add_(
-            0, pos_cols, queries[pos_rows].to(acc_dtype) * -pos_grad[:, None]
-        )
-        return grad_queries.mul_(self.coef), grad_refs.mul_(self.coef)
+    def add_grads(self, queries, refs, grad_logits, grad_queries, grad_refs):
+        """Add the gradients of ``sum(grad_logits * Z)`` to ``grad_queries`` (zeroed) and ``grad_refs``."""
+        add_matmul(grad_queries, grad_logits, refs, self.coef)
+        add_matmul(grad_refs, grad_logits.T, queries, self.coef)
 
 
 class DistanceLogits:
-    """``Z = coef * distance(q, r)`` for any PML distance; its backward goes through autograd."""
+    """``Z = coef * distance(q, r)`` for any PML distance, evaluated in at least
+    float32 (``torch.cdist`` has no bfloat16 kernel); its backward goes through autograd."""
 
     def __init__(self, distance, coef):
         self.distance = distance
@@ -70,47 +65,47 @@ class DistanceLogits:
 
     def logits(self, queries, refs, out):
         with torch.no_grad():
-            return out.copy_(self.distance(queries, refs)).mul_(self.coef)
+            mat = self.distance(queries.to(out.dtype), refs.to(out.dtype))
+            return out.copy_(mat).mul_(self.coef)
 
-    def chunk_grads(self, queries, refs, neg_weights, row_factor, pos_rows, pos_cols, pos_grad):
-        grad_logits = neg_weights * row_factor[:, None]
-        grad_logits.index_put_((pos_rows, pos_cols), -pos_grad, accumulate=True)
-        queries = queries.detach().requires_grad_(True)
-        refs = refs.detach().requires_grad_(True)
+    def add_grads(self, queries, refs, grad_logits, grad_queries, grad_refs):
+        queries = queries.detach().to(grad_logits.dtype).requires_grad_(True)
+        refs = refs.detach().to(grad_logits.dtype).requires_grad_(True)
         with torch.enable_grad():
             mat = self.distance(queries, refs)
-            grad_queries, grad_refs = torch.autograd.grad(
-                mat, (queries, refs), (grad_logits * self.coef).to(mat.dtype)
+            chunk_grad_queries, chunk_grad_refs = torch.autograd.grad(
+                mat, (queries, refs), grad_logits * self.coef
             )
-        return grad_queries, grad_refs
+        grad_queries.add_(chunk_grad_queries)
+        grad_refs.add_(chunk_grad_refs)
 
 
-def chunk_bounds(num_rows, chunk_rows):
-    return [(i, min(i + chunk_rows, num_rows)) for i in range(0, num_rows, chunk_rows)]
+class ChunkedPairs:
+    """Flat (row-major) positions of a pair list inside a chunk of anchor rows."""
+
+    def __init__(self, pair_list, num_refs):
+        self.anchors, self.refs = pair_list.anchors, pair_list.refs
+        self.row_ptr = pair_list.row_ptr.tolist()
+        self.num_refs = num_refs
+
+    def span(self, start, end):
+        return self.row_ptr[start], self.row_ptr[end]
+
+    def flat_positions(self, start, end):
+        lo, hi = self.span(start, end)
+        return (self.anchors[lo:hi] - start) * self.num_refs + self.refs[lo:hi]
 
 
-def logits_buffer(queries, refs, rows):
-    return queries.new_empty(rows, len(refs), dtype=accumulation_dtype(queries.dtype))
-
-
-class MaskedLogits:
-    """Sets every logit of a chunk that is not a negative to -inf, in place."""
-
-    def __init__(self, pairs):
-        self.masked = pairs.masked
-        self.masked_are_negatives = pairs.masked_are_negatives
-        self.row_ptr = self.masked.row_ptr.tolist()
-
-    def restrict_to_negatives(self, logits, start, end):
-        m0, m1 = self.row_ptr[start], self.row_ptr[end]
-        rows = self.masked.anchors[m0:m1] - start
-        cols = self.masked.refs[m0:m1]
-        if self.masked_are_negatives:
-            negative_logits = logits[rows, cols]
-            logits.fill_(float("-inf"))
-            logits[rows, cols] = negative_logits
-        else:
-            logits[rows, cols] = float("-inf")
+def restrict_to_negatives(logits, masked, masked_are_negatives, start, end):
+    """Set every logit of the chunk that is not a negative to -inf, in place."""
+    positions = masked.flat_positions(start, end)
+    if masked_are_negatives:
+        negative_logits = logits.take(positions)
+        logits.fill_(float("-inf"))
+        logits.put_(positions, negative_logits)
+    else:
+        logits.view(-1).index_fill_(0, positions, float("-inf"))
+    return logits
 
 
 class ICEPairLosses(torch.autograd.Function):
@@ -122,74 +117,76 @@ class ICEPairLosses(torch.autograd.Function):
     @staticmethod
     def forward(ctx, queries, refs, kernel, pairs, chunk_rows, save_exp):
         acc_dtype = accumulation_dtype(queries.dtype)
-        num_rows = len(queries)
-        chunks = chunk_bounds(num_rows, chunk_rows)
-        positives = pairs.positives
-        pos_ptr = positives.row_ptr.tolist()
+        num_rows, num_refs = len(queries), len(refs)
+        positives = ChunkedPairs(pairs.positives, num_refs)
+        masked = ChunkedPairs(pairs.masked, num_refs)
         pos_logits = queries.new_empty(len(positives.anchors), dtype=acc_dtype)
         row_max = queries.new_empty(num_rows, dtype=acc_dtype)
         row_sum = queries.new_empty(num_rows, dtype=acc_dtype)
-        buffer = logits_buffer(queries, refs, num_rows if save_exp else chunk_rows)
-        masked_logits = MaskedLogits(pairs)
-        for start, end in chunks:
+        buffer = queries.new_empty(
+            num_rows if save_exp else min(chunk_rows, num_rows), num_refs, dtype=acc_dtype
+        )
+        for start in range(0, num_rows, chunk_rows):
+            end = min(start + chunk_rows, num_rows)
             out = buffer[start:end] if save_exp else buffer[: end - start]
             logits = kernel.logits(queries[start:end], refs, out)
-            p0, p1 = pos_ptr[start], pos_ptr[end]
-            pos_logits[p0:p1] = logits[
-                positives.anchors[p0:p1] - start, positives.refs[p0:p1]
-            ]
-            masked_logits.restrict_to_negatives(logits, start, end)
+            p0, p1 = positives.span(start, end)
+            pos_logits[p0:p1] = logits.take(positives.flat_positions(start, end))
+            restrict_to_negatives(logits, masked, pairs.masked_are_negatives, start, end)
             chunk_max = torch.amax(logits, dim=1)
-            neg_weights = logits.sub_(chunk_max[:, None]).exp_()
             row_max[start:end] = chunk_max
-            torch.sum(neg_weights, dim=1, out=row_sum[start:end])
+            torch.sum(logits.sub_(chunk_max[:, None]).exp_(), dim=1, out=row_sum[start:end])
         lse = row_max + torch.log(row_sum)
         margin = lse[positives.anchors] - pos_logits
-        losses = torch.logaddexp(margin, torch.zeros_like(margin))
-        ctx.kernel, ctx.pairs, ctx.chunk_rows = kernel, pairs, chunk_rows
+        ctx.kernel, ctx.chunk_rows = kernel, chunk_rows
+        ctx.positives, ctx.masked = positives, masked
+        ctx.masked_are_negatives = pairs.masked_are_negatives
         ctx.save_for_backward(
-            queries,
-            refs,
-            row_max,
-            row_sum,
-            torch.sigmoid(margin),
-            buffer if save_exp else None,
+            queries, refs, lse, row_sum, torch.sigmoid(margin), buffer if save_exp else None
         )
-        return losses
+        return torch.logaddexp(margin, torch.zeros_like(margin))
 
     @staticmethod
     def backward(ctx, grad_losses):
-        queries, refs, row_max, row_sum, one_minus_p, saved_exp = ctx.saved_tensors
-        kernel, positives = ctx.kernel, ctx.pairs.positives
-        pos_grad = grad_losses.to(row_sum.dtype) * one_minus_p
-        row_factor = torch.zeros_like(row_sum).index_add_(0, positives.anchors, pos_grad)
-        row_factor.div_(row_sum)
-        grad_queries = torch.empty_like(queries)
-        grad_refs = torch.zeros(refs.shape, dtype=row_sum.dtype, device=refs.device)
+        queries, refs, lse, row_sum, one_minus_p, saved_exp = ctx.saved_tensors
+        positives, masked = ctx.positives, ctx.masked
+        num_rows, num_refs = len(queries), len(refs)
+        pos_grad = grad_losses.to(lse.dtype) * one_minus_p
+        neg_coef = torch.zeros_like(lse).index_add_(0, positives.anchors, pos_grad)
         if saved_exp is None:
-            chunks = chunk_bounds(len(queries), ctx.chunk_rows)
-            buffer = logits_buffer(queries, refs, ctx.chunk_rows)
-            masked_logits = MaskedLogits(ctx.pairs)
+            # c_i exp(Z - LSE_i) = sign(c_i) exp(Z - (LSE_i - log|c_i|)): one sub, one exp.
+            shift = lse - torch.log(neg_coef.abs())
+            flipped_rows = torch.nonzero(neg_coef < 0).flatten()
         else:
-            chunks = [(0, len(queries))]
-        pos_ptr = positives.row_ptr.tolist()
-        for start, end in chunks:
+            exp_factor = neg_coef / row_sum
+        grad_queries = torch.zeros(queries.shape, dtype=lse.dtype, device=queries.device)
+        grad_refs = torch.zeros(refs.shape, dtype=lse.dtype, device=refs.device)
+        buffer = lse.new_empty(min(ctx.chunk_rows, num_rows), num_refs)
+        for start in range(0, num_rows, ctx.chunk_rows):
+            end = min(start + ctx.chunk_rows, num_rows)
+            grad_logits = buffer[: end - start]
             if saved_exp is None:
-                logits = kernel.logits(queries[start:end], refs, buffer[: end - start])
-                masked_logits.restrict_to_negatives(logits, start, end)
-                neg_weights = logits.sub_(row_max[start:end, None]).exp_()
+                ctx.kernel.logits(queries[start:end], refs, grad_logits)
+                restrict_to_negatives(
+                    grad_logits, masked, ctx.masked_are_negatives, start, end
+                )
+                grad_logits.sub_(shift[start:end, None]).exp_()
+                chunk_flipped = flipped_rows[(flipped_rows >= start) & (flipped_rows < end)]
+                grad_logits[chunk_flipped - start] *= -1
             else:
-                neg_weights = saved_exp
-            p0, p1 = pos_ptr[start], pos_ptr[end]
-            chunk_grad_queries, chunk_grad_refs = kernel.chunk_grads(
-                queries[start:end],
-                refs,
-                neg_weights,
-                row_factor[start:end],
-                positives.anchors[p0:p1] - start,
-                positives.refs[p0:p1],
-                pos_grad[p0:p1],
+                torch.mul(saved_exp[start:end], exp_factor[start:end, None], out=grad_logits)
+            p0, p1 = positives.span(start, end)
+            grad_logits.put_(
+                positives.flat_positions(start, end), -pos_grad[p0:p1], accumulate=True
             )
-            grad_queries[start:end] = chunk_grad_queries
-            grad_refs += chunk_grad_refs
-        return grad_queries, grad_refs.to(refs.dtype), None, None, None, None
+            ctx.kernel.add_grads(
+                queries[start:end], refs, grad_logits, grad_queries[start:end], grad_refs
+            )
+        return (
+            grad_queries.to(queries.dtype),
+            grad_refs.to(refs.dtype),
+            None,
+            None,
+            None,
+            None,
+        )

@@ -1,0 +1,97 @@
+"""Every bad input of the issue gets an error whose message names the problem."""
+
+import pytest
+import torch
+
+from pml_ice import losses, reducers
+
+ERRORS = (ValueError, TypeError)
+
+
+@pytest.fixture(params=[False, True], ids=["dense", "memory_efficient"])
+def loss_func(request):
+    return losses.ICELoss(scale=16.0, memory_efficient=request.param)
+
+
+@pytest.fixture
+def labels(device):
+    return torch.tensor([0, 0, 1, 1, 2, 2], device=device)
+
+
+@pytest.mark.parametrize("shape", [(6,), (6, 4, 2)], ids=["1d", "3d"])
+def test_embeddings_not_2d(loss_func, labels, device, shape):
+    embeddings = torch.randn(*shape, device=device)
+    with pytest.raises(ERRORS, match=r"(?i)embeddings.*(2-?d|2 dim|two[- ]dim|ndim|dimension)"):
+        loss_func(embeddings, labels)
+
+
+def test_labels_of_wrong_length(loss_func, device):
+    embeddings = torch.randn(6, 4, device=device)
+    with pytest.raises(ERRORS, match=r"(?i)labels.*(shape|length|size|number)"):
+        loss_func(embeddings, torch.tensor([0, 0, 1, 1, 2], device=device))
+
+
+def test_labels_of_wrong_shape(loss_func, labels, device):
+    embeddings = torch.randn(6, 4, device=device)
+    with pytest.raises(ERRORS, match=r"(?i)labels.*(1-?d|shape|dimension)"):
+        loss_func(embeddings, labels.unsqueeze(1))
+
+
+def test_ref_labels_of_wrong_length(loss_func, labels, device):
+    embeddings, ref_emb = torch.randn(6, 4, device=device), torch.randn(5, 4, device=device)
+    with pytest.raises(ERRORS, match=r"(?i)labels.*(shape|length|size|number)"):
+        loss_func(embeddings, labels, ref_emb=ref_emb, ref_labels=labels)
+
+
+def test_ref_emb_not_2d(loss_func, labels, device):
+    embeddings, ref_emb = torch.randn(6, 4, device=device), torch.randn(5, device=device)
+    with pytest.raises(ERRORS, match=r"(?i)ref_emb.*(2-?d|dimension)"):
+        loss_func(embeddings, labels, ref_emb=ref_emb, ref_labels=labels[:5])
+
+
+def test_ref_emb_of_other_embedding_size(loss_func, labels, device):
+    embeddings, ref_emb = torch.randn(6, 4, device=device), torch.randn(5, 3, device=device)
+    with pytest.raises(ERRORS, match=r"(?i)ref_emb.*(size|dim)"):
+        loss_func(embeddings, labels, ref_emb=ref_emb, ref_labels=labels[:5])
+
+
+def test_indices_tuple_of_wrong_arity(loss_func, labels, device):
+    embeddings = torch.randn(6, 4, device=device)
+    with pytest.raises(ERRORS, match=r"(?i)indices_tuple"):
+        loss_func(embeddings, None, (labels, labels))
+
+
+def test_neither_labels_nor_indices_tuple(loss_func, device):
+    embeddings = torch.randn(6, 4, device=device)
+    with pytest.raises(ERRORS, match=r"(?i)(labels.*indices_tuple|indices_tuple.*labels)"):
+        loss_func(embeddings)
+
+
+def test_ref_emb_without_ref_labels(loss_func, labels, device):
+    embeddings, ref_emb = torch.randn(6, 4, device=device), torch.randn(5, 4, device=device)
+    with pytest.raises(ERRORS, match=r"(?i)ref_labels"):
+        loss_func(embeddings, labels, ref_emb=ref_emb)
+
+
+@pytest.mark.parametrize("scale", [0.0, -1.0])
+def test_non_positive_scale(scale):
+    with pytest.raises(ERRORS, match=r"(?i)scale"):
+        losses.ICELoss(scale=scale)
+
+
+def test_negative_lam():
+    with pytest.raises(ERRORS, match=r"(?i)lam"):
+        reducers.ICEReweightReducer(lam=-0.1)
+
+
+def test_unknown_normalize():
+    with pytest.raises(ERRORS, match=r"(?i)normali[sz]e"):
+        reducers.ICEReweightReducer(normalize="pair")
+
+
+def test_valid_edge_values_are_accepted(labels, device):
+    """The checks are not over-eager: lam = 0 and a tiny positive scale are valid."""
+    loss_func = losses.ICELoss(
+        scale=1e-3, reducer=reducers.ICEReweightReducer(lam=0.0, normalize="anchor")
+    )
+    assert torch.isfinite(loss_func(torch.randn(6, 4, device=device), labels))
