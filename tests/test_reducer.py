@@ -116,7 +116,9 @@ def test_ice_reducer_is_exported_with_all_pml_reducers():
     import pytorch_metric_learning.reducers as pml_reducers
 
     for name in dir(pml_reducers):
-        if name.endswith("Reducer") or name == "MultipleReducers":
+        if name == "PerAnchorReducer":
+            assert issubclass(reducers.PerAnchorReducer, pml_reducers.PerAnchorReducer)
+        elif name.endswith("Reducer") or name == "MultipleReducers":
             assert getattr(reducers, name) is getattr(pml_reducers, name), name
     assert issubclass(reducers.ICEReweightReducer, pml_reducers.BaseReducer)
 
@@ -192,3 +194,25 @@ def test_embedding_regularizer_is_added(agreement, make_batch):
         normalize=reducer.normalize,
     ) + embeddings.cpu().norm(dim=1).mean()
     agreement.check("embedding regularizer loss float64", value, expected, 1e-9)
+
+
+def test_per_anchor_reducer_with_a_reference_set_larger_than_the_batch(
+    agreement, make_batch
+):
+    """PML's PerAnchorReducer sizes its matrix by the batch; ours by the references."""
+    embeddings, labels = make_batch(n=6, n_classes=3, seed=4, dtype=torch.float64)
+    ref_emb, ref_labels = make_batch(n=15, n_classes=3, seed=5, dtype=torch.float64)
+    pair_losses = {
+        key: value.item()
+        for key, value in ice_pair_losses(
+            embeddings.cpu(),
+            labels.cpu(),
+            ref_emb=ref_emb.cpu(),
+            ref_labels=ref_labels.cpu(),
+            scale=SCALE,
+        ).items()
+    }
+    expected = per_anchor_mean(pair_losses, len(embeddings))
+    loss_func = losses.ICELoss(scale=SCALE, reducer=reducers.PerAnchorReducer())
+    loss = loss_func(embeddings, labels, ref_emb=ref_emb, ref_labels=ref_labels)
+    assert loss.item() == pytest.approx(expected, **agreement)
