@@ -215,4 +215,9 @@ def test_per_anchor_reducer_with_a_reference_set_larger_than_the_batch(
     expected = per_anchor_mean(pair_losses, len(embeddings))
     loss_func = losses.ICELoss(scale=SCALE, reducer=reducers.PerAnchorReducer())
     loss = loss_func(embeddings, labels, ref_emb=ref_emb, ref_labels=ref_labels)
-    assert loss.item() == pytest.approx(expected, **agreement)
+    agreement.check(
+        "PerAnchorReducer with ref_emb float64",
+        loss,
+        torch.tensor(expected, dtype=torch.float64),
+        1e-9,
+    )
