@@ -10,8 +10,8 @@ With ``g_ij`` the incoming gradient of ``l_ij`` and ``q_ij = 1 - p_ij = sigmoid(
     dZ_ij = -g_ij q_ij                                       (positives)
     dZ_ik = c_i exp(Z_ik - LSE_i),  c_i = sum_j g_ij q_ij    (negatives)
 
-so the backward pass of a chunk is one dense ``exp`` and two matrix products. The
-exponentials ``exp(Z - max_i Z)`` are either kept from the forward pass (``save_exp``)
+so the backward pass of a chunk is one dense elementwise pass and two matrix
+products. The exponentials ``exp(Z - max_i Z)`` are either kept from the forward pass (``save_exp``)
 or recomputed chunk by chunk, so that no (anchors x references) matrix is held whole.
 """
 
@@ -116,6 +116,19 @@ class ICEPairLosses(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, queries, refs, kernel, pairs, chunk_rows, save_exp):
+        with torch.autocast(queries.device.type, enabled=False):
+            return ICEPairLosses.run_forward(
+                ctx, queries, refs, kernel, pairs, chunk_rows, save_exp
+            )
+
+    @staticmethod
+    def backward(ctx, grad_losses):
+        with torch.autocast(grad_losses.device.type, enabled=False):
+            return ICEPairLosses.run_backward(ctx, grad_losses)
+
+    @staticmethod
+    def run_forward(ctx, queries, refs, kernel, pairs, chunk_rows, save_exp):
+        """Dtypes are explicit here: autocast is off."""
         acc_dtype = accumulation_dtype(queries.dtype)
         num_rows, num_refs = len(queries), len(refs)
         positives = ChunkedPairs(pairs.positives, num_refs)
@@ -147,7 +160,7 @@ class ICEPairLosses(torch.autograd.Function):
         return torch.logaddexp(margin, torch.zeros_like(margin))
 
     @staticmethod
-    def backward(ctx, grad_losses):
+    def run_backward(ctx, grad_losses):
         queries, refs, lse, row_sum, one_minus_p, saved_exp = ctx.saved_tensors
         positives, masked = ctx.positives, ctx.masked
         num_rows, num_refs = len(queries), len(refs)

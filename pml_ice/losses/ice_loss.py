@@ -110,7 +110,8 @@ class ICELoss(BaseMetricLossFunction):
         """Embeddings ready for the logits, and how to compute them.
 
         Cosine and dot-product similarities become a plain matrix product of the
-        (normalised) embeddings; any other distance is evaluated chunk by chunk.
+        (normalised) embeddings, in the autocast dtype under ``torch.autocast``; any
+        other distance is evaluated chunk by chunk in at least float32.
         """
         sign = 1.0 if self.distance.is_inverted else -1.0
         if is_inner_product(self.distance):
@@ -119,6 +120,10 @@ class ICELoss(BaseMetricLossFunction):
                 queries if ref_emb is embeddings else self.distance.maybe_normalize(ref_emb)
             )
             self.distance.set_default_stats(embeddings, ref_emb, queries, refs)
+            device_type = embeddings.device.type
+            if torch.is_autocast_enabled(device_type):
+                autocast_dtype = torch.get_autocast_dtype(device_type)
+                queries, refs = queries.to(autocast_dtype), refs.to(autocast_dtype)
             return queries, refs, InnerProductLogits(sign * self.scale)
         return embeddings, ref_emb, DistanceLogits(self.distance, sign * self.scale)
 
