@@ -10,9 +10,10 @@ With ``g_ij`` the incoming gradient of ``l_ij`` and ``q_ij = 1 - p_ij = sigmoid(
     dZ_ij = -g_ij q_ij                                       (positives)
     dZ_ik = c_i exp(Z_ik - LSE_i),  c_i = sum_j g_ij q_ij    (negatives)
 
-so the backward pass of a chunk is one dense elementwise pass and two matrix
-products. The exponentials ``exp(Z - max_i Z)`` are either kept from the forward pass (``save_exp``)
-or recomputed chunk by chunk, so that no (anchors x references) matrix is held whole.
+The exponentials ``exp(Z - max_i Z)`` are either kept from the forward pass
+(``save_exp``), and backward is two matrix products with them, or recomputed chunk by
+chunk (one extra product, one sub and one exp), so that no (anchors x references)
+matrix is held whole.
 """
 
 import torch
@@ -38,7 +39,20 @@ def add_matmul(out, a, b, alpha):
     return out.add_(torch.mm(a, b), alpha=alpha)
 
 
-class InnerProductLogits:
+class LogitsKernel:
+    """How a chunk of logits and the gradients through it are computed."""
+
+    def add_grads_from_exp(
+        self, queries, refs, exp_logits, exp_factor, positives, pos_grad, grad_queries, grad_refs
+    ):
+        """Add the gradients for ``dZ = exp_factor * exp_logits`` on negatives and
+        ``-pos_grad`` on the positive pairs ``positives = (rows, cols)``."""
+        grad_logits = exp_logits * exp_factor[:, None]
+        grad_logits.index_put_(positives, -pos_grad, accumulate=True)
+        self.add_grads(queries, refs, grad_logits, grad_queries, grad_refs)
+
+
+class InnerProductLogits(LogitsKernel):
     """``Z = coef * q @ r.T`` for embeddings that are already normalised (or not meant to be)."""
 
     def __init__(self, coef):
@@ -50,12 +64,33 @@ class InnerProductLogits:
         return out.copy_(torch.mm(queries, refs.T)).mul_(self.coef)
 
     def add_grads(self, queries, refs, grad_logits, grad_queries, grad_refs):
-        """Add the gradients of ``sum(grad_logits * Z)`` to ``grad_queries`` (zeroed) and ``grad_refs``."""
+        """Add the gradients of ``sum(grad_logits * Z)`` to ``grad_queries`` and ``grad_refs``."""
         add_matmul(grad_queries, grad_logits, refs, self.coef)
         add_matmul(grad_refs, grad_logits.T, queries, self.coef)
 
+    def add_grads_from_exp(
+        self, queries, refs, exp_logits, exp_factor, positives, pos_grad, grad_queries, grad_refs
+    ):
+        """The row factor moves onto the embeddings and the positives form a sparse
+        matrix, so no elementwise pass over ``exp_logits`` is needed: two products."""
+        acc_dtype = exp_logits.dtype
+        queries, refs = queries.to(acc_dtype), refs.to(acc_dtype)
+        pos_matrix = torch.sparse_coo_tensor(
+            torch.stack(positives), -pos_grad, exp_logits.shape, is_coalesced=True
+        )
+        grad_queries.add_(
+            torch.mm(exp_logits, refs).mul_(exp_factor[:, None])
+            + torch.sparse.mm(pos_matrix, refs),
+            alpha=self.coef,
+        )
+        grad_refs.add_(
+            torch.mm(exp_logits.T, queries * exp_factor[:, None])
+            + torch.sparse.mm(pos_matrix.t(), queries),
+            alpha=self.coef,
+        )
 
-class DistanceLogits:
+
+class DistanceLogits(LogitsKernel):
     """``Z = coef * distance(q, r)`` for any PML distance, evaluated in at least
     float32 (``torch.cdist`` has no bfloat16 kernel); its backward goes through autograd."""
 
@@ -162,38 +197,25 @@ class ICEPairLosses(torch.autograd.Function):
     @staticmethod
     def run_backward(ctx, grad_losses):
         queries, refs, lse, row_sum, one_minus_p, saved_exp = ctx.saved_tensors
-        positives, masked = ctx.positives, ctx.masked
-        num_rows, num_refs = len(queries), len(refs)
+        positives = ctx.positives
         pos_grad = grad_losses.to(lse.dtype) * one_minus_p
         neg_coef = torch.zeros_like(lse).index_add_(0, positives.anchors, pos_grad)
-        if saved_exp is None:
-            # c_i exp(Z - LSE_i) = sign(c_i) exp(Z - (LSE_i - log|c_i|)): one sub, one exp.
-            shift = lse - torch.log(neg_coef.abs())
-            flipped_rows = torch.nonzero(neg_coef < 0).flatten()
-        else:
-            exp_factor = neg_coef / row_sum
         grad_queries = torch.zeros(queries.shape, dtype=lse.dtype, device=queries.device)
         grad_refs = torch.zeros(refs.shape, dtype=lse.dtype, device=refs.device)
-        buffer = lse.new_empty(min(ctx.chunk_rows, num_rows), num_refs)
-        for start in range(0, num_rows, ctx.chunk_rows):
-            end = min(start + ctx.chunk_rows, num_rows)
-            grad_logits = buffer[: end - start]
-            if saved_exp is None:
-                ctx.kernel.logits(queries[start:end], refs, grad_logits)
-                restrict_to_negatives(
-                    grad_logits, masked, ctx.masked_are_negatives, start, end
-                )
-                grad_logits.sub_(shift[start:end, None]).exp_()
-                chunk_flipped = flipped_rows[(flipped_rows >= start) & (flipped_rows < end)]
-                grad_logits[chunk_flipped - start] *= -1
-            else:
-                torch.mul(saved_exp[start:end], exp_factor[start:end, None], out=grad_logits)
-            p0, p1 = positives.span(start, end)
-            grad_logits.put_(
-                positives.flat_positions(start, end), -pos_grad[p0:p1], accumulate=True
+        if saved_exp is None:
+            ICEPairLosses.add_recomputed_grads(
+                ctx, queries, refs, lse, neg_coef, pos_grad, grad_queries, grad_refs
             )
-            ctx.kernel.add_grads(
-                queries[start:end], refs, grad_logits, grad_queries[start:end], grad_refs
+        else:
+            ctx.kernel.add_grads_from_exp(
+                queries,
+                refs,
+                saved_exp,
+                neg_coef / row_sum,
+                (positives.anchors, positives.refs),
+                pos_grad,
+                grad_queries,
+                grad_refs,
             )
         return (
             grad_queries.to(queries.dtype),
@@ -203,3 +225,29 @@ class ICEPairLosses(torch.autograd.Function):
             None,
             None,
         )
+
+    @staticmethod
+    def add_recomputed_grads(
+        ctx, queries, refs, lse, neg_coef, pos_grad, grad_queries, grad_refs
+    ):
+        """Chunk by chunk: recompute the logits, then
+        ``c_i exp(Z - LSE_i) = sign(c_i) exp(Z - (LSE_i - log|c_i|))`` (one sub, one exp)."""
+        positives, masked = ctx.positives, ctx.masked
+        num_rows, num_refs = len(queries), len(refs)
+        shift = lse - torch.log(neg_coef.abs())
+        flipped_rows = torch.nonzero(neg_coef < 0).flatten()
+        buffer = lse.new_empty(min(ctx.chunk_rows, num_rows), num_refs)
+        for start in range(0, num_rows, ctx.chunk_rows):
+            end = min(start + ctx.chunk_rows, num_rows)
+            grad_logits = ctx.kernel.logits(queries[start:end], refs, buffer[: end - start])
+            restrict_to_negatives(grad_logits, masked, ctx.masked_are_negatives, start, end)
+            grad_logits.sub_(shift[start:end, None]).exp_()
+            chunk_flipped = flipped_rows[(flipped_rows >= start) & (flipped_rows < end)]
+            grad_logits[chunk_flipped - start] *= -1
+            p0, p1 = positives.span(start, end)
+            grad_logits.put_(
+                positives.flat_positions(start, end), -pos_grad[p0:p1], accumulate=True
+            )
+            ctx.kernel.add_grads(
+                queries[start:end], refs, grad_logits, grad_queries[start:end], grad_refs
+            )
