@@ -123,6 +123,11 @@ def validation_split(labels: np.ndarray, mode: str):
             in_val[members[4::5]] = True
     else:
         raise ValueError(f"unknown validation mode '{mode}'; valid: auto, classes, samples")
+    if in_val.all() or not in_val.any():
+        raise ValueError(
+            f"validation mode '{mode}' leaves {'no training' if in_val.all() else 'no validation'} images "
+            f"({len(labels)} training images in {len(classes)} classes); add images or change --val"
+        )
     return np.flatnonzero(~in_val), np.flatnonzero(in_val)
 
 
@@ -256,7 +261,7 @@ def _load_rgba_on_white(path: Path, size: int) -> torch.Tensor:
     return torch.from_numpy(array).permute(2, 0, 1)
 
 
-def load_emoji(root=None, image_size=64, val_mode="auto", limit=None) -> BenchmarkData:
+def load_emoji(root=None, image_size=128, val_mode="auto", limit=None) -> BenchmarkData:
     """Emoji: one Google and one Twitter image per emoji, 1,911 classes in version 16.0.0."""
     root = _emoji_root(root)
     for package in EMOJI_PACKAGES:
@@ -379,7 +384,7 @@ def load_dataset(name: str, root=None, download=False, image_size=None, val_mode
     if name == "fashion-mnist":
         return load_fashion_mnist(root, val_mode, limit)
     if name == "emoji":
-        return load_emoji(root, image_size or 64, val_mode, limit)
+        return load_emoji(root, image_size or 128, val_mode, limit)
     if name == "folder":
         return load_folder(root, image_size or 224, val_mode, limit)
     if name in _PML_DATASETS:

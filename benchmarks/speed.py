@@ -8,7 +8,8 @@ NTXentLoss, over a list of batch sizes.
 
 Timing: every candidate is warmed up, then the candidates run round-robin (the starting
 candidate rotates each repeat) so machine noise hits all of them alike; the table gives
-medians and their ratios to the floor and to SupConLoss, all from one run.
+medians (and minimums) and the medians' ratios to the floor and to SupConLoss, all from
+one run.
 
 Memory: on CUDA, torch.cuda.max_memory_allocated of one step (peak reset before it); on
 CPU, the peak resident memory (VmHWM) of a whole fresh process that runs one step,
@@ -26,6 +27,7 @@ import argparse
 import ast
 import gc
 import json
+import os
 import platform
 import resource
 import statistics
@@ -115,7 +117,7 @@ def build_step(label, inputs):
     embeddings, ref_emb = inputs["embeddings"], inputs["ref_emb"]
     if name == "floor":
         ref_rows = len(embeddings) if ref_emb is None else len(ref_emb)
-        upstream_grad = torch.randn(len(embeddings), ref_rows, device=embeddings.device).to(embeddings.dtype)
+        upstream_grad = torch.randn(len(embeddings), ref_rows, device=embeddings.device, dtype=embeddings.dtype)
 
         def floor_step():
             normalized = F.normalize(embeddings, dim=1)
@@ -148,7 +150,7 @@ def make_loss(name, ice_kwargs):
     }[name]()
 
 
-def estimate_step_bytes(label, batch, ref_size, dim, per_class, dtype):
+def estimate_step_bytes(label, batch, ref_size, dim, per_class, dtype, device):
     """Rough upper estimate of the memory one step of `label` needs, from its O(...) terms.
 
     The per-element byte counts are calibrated on measured peaks (CPU RSS, H100
@@ -161,25 +163,32 @@ def estimate_step_bytes(label, batch, ref_size, dim, per_class, dtype):
     pairs = batch * ref
     vectors = 4 * (batch + ref) * dim * 4  # embeddings, normalised copies, gradients
     if label == "floor":
-        return vectors + 3 * pairs * elem
+        return vectors + 4 * pairs * elem
     if label == "supcon":
-        return vectors + pairs * (24 + 7 * elem)
+        return vectors + pairs * (28 + 7 * elem)
     if label == "multisim":
-        return vectors + pairs * (24 + 8 * elem)
+        return vectors + pairs * (28 + 8 * elem)
     if label == "ntxent":
-        positives = batch * min(per_class - 1, ref - 1) if ref_size is None else batch * per_class
+        positives = batch * per_class if ref_size else batch * (per_class - 1)
         negatives = pairs - positives - (0 if ref_size else batch)
         return vectors + pairs * 40 + positives * negatives * (4 * elem + 2)
-    return vectors + estimate_ice_matrix_bytes(label_to_loss(label)[1], batch, ref, elem)
+    return vectors + estimate_ice_work_bytes(label_to_loss(label)[1], batch, ref, per_class, elem, device)
 
 
-def estimate_ice_matrix_bytes(ice_kwargs, batch, ref, elem):
-    """Memory of ICELoss's (rows x ref) work matrices: the whole batch when it takes the
-    plain path, one chunk of rows (plus per-anchor vectors) on the memory-efficient path."""
-    from pml_ice import losses as ice_losses
+def estimate_ice_work_bytes(ice_kwargs, batch, ref, per_class, elem, device):
+    """ICELoss's (rows x ref) logits buffers, float32 plus a copy in the input dtype, for
+    all rows on the dense path or one chunk of rows on the memory-efficient path (decided
+    as ICELoss decides), plus its int64 pair lists."""
+    from pml_ice.losses.ice_function import default_chunk_rows
+    from pml_ice.losses.ice_loss import DENSE_LOGITS_LIMIT
 
-    rows = ice_losses.ICELoss(**ice_kwargs).rows_held_at_once(batch, ref)
-    return rows * ref * (24 + 8 * elem) + 64 * batch
+    memory_efficient = ice_kwargs.get("memory_efficient")
+    if memory_efficient is None:
+        memory_efficient = batch * ref > DENSE_LOGITS_LIMIT
+    rows = batch
+    if memory_efficient:
+        rows = min(batch, ice_kwargs.get("chunk_size") or default_chunk_rows(ref, torch.device(device)))
+    return rows * ref * (8 + 2 * elem) + 64 * batch * per_class
 
 
 def available_bytes(device):
@@ -262,12 +271,13 @@ def child_peak_rss(label, args, batch):
         sys.executable, "-m", "benchmarks.speed", "--child", label,
         "--device", "cpu", "--dtype", args.dtype, "--batches", str(batch), "--dim", str(args.dim),
         "--per-class", str(args.per_class), "--ref-size", str(args.ref_size),
-    ]
+    ] + (["--threads", str(args.threads)] if args.threads else [])
     result = subprocess.run(command, capture_output=True, text=True, cwd=Path(__file__).resolve().parents[1])
     if result.returncode != 0:
-        reason = "killed" if result.returncode < 0 else "failed"
-        return f"{reason} (exit {result.returncode}): {result.stderr.strip().splitlines()[-1:] or ''}"
-    return json.loads(result.stdout.strip().splitlines()[-1])
+        last_error_line = (result.stderr.strip().splitlines() or [""])[-1]
+        return f"{'killed' if result.returncode < 0 else 'failed'} (exit {result.returncode}) {last_error_line}"
+    measured = json.loads(result.stdout.strip().splitlines()[-1])
+    return measured.get("error", measured)
 
 
 def cap_address_space():
@@ -301,7 +311,13 @@ def run_child(args):
     step = build_step(args.child, inputs)
     baseline = psutil.Process().memory_info().rss
     cap_address_space()
-    step()
+    try:
+        step()
+    except RuntimeError as error:
+        if not is_out_of_memory(error):
+            raise
+        print(json.dumps({"error": "out of memory"}))
+        return
     print(json.dumps({"peak_rss": peak_rss_bytes(), "baseline_rss": baseline}))
 
 
@@ -313,7 +329,7 @@ def benchmark_batch(batch, labels, args):
     rows = {label: {"batch": batch, "loss": label} for label in labels}
     runnable = []
     for label in labels:
-        needed = estimate_step_bytes(label, batch, args.ref_size, args.dim, args.per_class, dtype)
+        needed = estimate_step_bytes(label, batch, args.ref_size, args.dim, args.per_class, dtype, device)
         rows[label]["estimated_bytes"] = needed
         if needed > free * MEMORY_SAFETY_FRACTION:
             rows[label]["skipped"] = f"skipped (needs ~{needed / GIB:.1f} GiB)"
@@ -365,14 +381,15 @@ def table_lines(rows, device):
     """Markdown table lines, one row per (batch, loss)."""
     memory_kind = "peak alloc" if device == "cuda" else "peak RSS"
     lines = [
-        f"| batch | loss | median ms | x floor | x SupCon | {memory_kind} |",
-        "|---:|---|---:|---:|---:|---:|",
+        f"| batch | loss | median ms | min ms | x floor | x SupCon | {memory_kind} |",
+        "|---:|---|---:|---:|---:|---:|---:|",
     ]
     for row in rows:
         median = f"{row['median_ms']:.2f}" if "median_ms" in row else row.get("skipped", "-")
+        fastest = f"{min(row['times_ms']):.2f}" if "times_ms" in row else "-"
         ratios = [f"{row[key]:.2f}" if key in row else "-" for key in ("x_floor", "x_supcon")]
         memory = format_bytes(row["peak_bytes"]) if "peak_bytes" in row else "-"
-        lines.append(f"| {row['batch']} | {row['loss']} | {median} | {ratios[0]} | {ratios[1]} | {memory} |")
+        lines.append(f"| {row['batch']} | {row['loss']} | {median} | {fastest} | {ratios[0]} | {ratios[1]} | {memory} |")
     return lines
 
 
@@ -390,11 +407,15 @@ def plot(rows, title, path):
             points = [(row["batch"], row[key] * scale) for row in mine if key in row]
             if points:
                 axis.plot(*zip(*points), marker="o", label=label)
+    batches = sorted({row["batch"] for row in rows})
     for axis, ylabel in ((time_axis, "forward+backward time (ms, median)"), (memory_axis, "peak memory (MiB)")):
         axis.set(xscale="log", yscale="log", xlabel="batch size", ylabel=ylabel)
+        axis.set_xticks(batches, labels=[str(batch) for batch in batches])
+        axis.set_xticks([], minor=True)
         axis.grid(True, which="both", alpha=0.3)
-        axis.legend(fontsize=8)
-    figure.suptitle(title)
+        if axis.lines:
+            axis.legend(fontsize=8)
+    figure.suptitle(title, fontsize=9)
     figure.tight_layout()
     figure.savefig(path, dpi=120)
     plt.close(figure)
@@ -404,7 +425,9 @@ def machine_description(device):
     """The device in words, for the report."""
     if device == "cuda":
         return f"cuda: {torch.cuda.get_device_name()}"
-    return f"cpu: {platform.processor() or platform.machine()}, {torch.get_num_threads()} threads"
+    load = ", ".join(f"{value:.1f}" for value in os.getloadavg())
+    return (f"cpu: {platform.processor() or platform.machine()}, {os.cpu_count()} cores, "
+            f"{torch.get_num_threads()} torch threads, load average at start {load}")
 
 
 def parse_args(argv=None):
@@ -421,6 +444,9 @@ def parse_args(argv=None):
                         help="samples per class in a batch, >= 2 (default 4)")
     parser.add_argument("--device", choices=("cpu", "cuda"), default="cuda" if torch.cuda.is_available() else "cpu",
                         help="where to run (default cuda when present, else cpu)")
+    parser.add_argument("--threads", type=int, default=None,
+                        help="CPU threads for torch (default: torch's choice, "
+                             f"{torch.get_num_threads()} here)")
     parser.add_argument("--dtype", choices=tuple(DTYPES), default="float32",
                         help="dtype of the embeddings (default float32)")
     parser.add_argument("--repeats", type=int, default=10,
@@ -450,8 +476,12 @@ def parse_args(argv=None):
     args = parser.parse_args(argv)
     if args.per_class < 2:
         parser.error(f"--per-class must be >= 2 (a class needs a positive pair), got {args.per_class}")
-    if args.dim < 1 or args.repeats < 1 or args.warmup < 0 or args.ref_size < 0:
-        parser.error("--dim and --repeats must be >= 1, --warmup and --ref-size >= 0")
+    if args.threads is not None and args.threads < 1:
+        parser.error(f"--threads must be >= 1, got {args.threads}")
+    for option, value, least in (("--dim", args.dim, 1), ("--repeats", args.repeats, 1),
+                                 ("--warmup", args.warmup, 0), ("--ref-size", args.ref_size, 0)):
+        if value < least:
+            parser.error(f"{option} must be >= {least}, got {value}")
     if args.memory_only and args.time_only:
         parser.error("--memory-only and --time-only exclude each other")
     if args.device == "cuda" and not torch.cuda.is_available():
@@ -461,6 +491,8 @@ def parse_args(argv=None):
 
 def main(argv=None):
     args = parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
     if args.child:
         run_child(args)
         return
@@ -469,7 +501,7 @@ def main(argv=None):
     header = [
         machine_description(args.device),
         f"torch {torch.__version__}, {args.dtype}, D={args.dim}, {args.per_class} per class{bank}",
-        f"median of {args.repeats} interleaved runs after {args.warmup} warm-up runs"
+        f"median and min of {args.repeats} interleaved runs after {args.warmup} warm-up runs"
         if not args.memory_only else "memory only",
     ]
     if args.device == "cpu" and not args.time_only:
@@ -484,6 +516,8 @@ def main(argv=None):
         print("\n".join(table_lines(batch_rows, args.device)), flush=True)
         print(f"  (batch {batch} took {time.perf_counter() - started:.0f} s)", flush=True)
 
+    if args.device == "cpu":
+        header.append("load average at end " + ", ".join(f"{value:.1f}" for value in os.getloadavg()))
     args.out.mkdir(parents=True, exist_ok=True)
     bank_tag = f"_M{args.ref_size}" if args.ref_size else ""
     stem = args.name or f"{args.device}_{args.dtype}_D{args.dim}_B{args.batches[0]}-{args.batches[-1]}{bank_tag}"

@@ -76,7 +76,11 @@ class InnerProductLogits(LogitsKernel):
         acc_dtype = exp_logits.dtype
         queries, refs = queries.to(acc_dtype), refs.to(acc_dtype)
         pos_matrix = torch.sparse_coo_tensor(
-            torch.stack(positives), -pos_grad, exp_logits.shape, is_coalesced=True
+            torch.stack(positives),
+            -pos_grad,
+            exp_logits.shape,
+            is_coalesced=True,
+            check_invariants=False,
         )
         grad_queries.add_(
             torch.mm(exp_logits, refs).mul_(exp_factor[:, None])
