@@ -41,7 +41,7 @@ class ICELoss(BaseMetricLossFunction):
             logits in backward when ``anchors x references`` exceeds
             ``DENSE_LOGITS_LIMIT`` (2**26), so memory stays linear in the batch;
             ``True`` always does, ``False`` never does.
-        chunk_size: anchors per chunk (default: about 2**20 logits on a CPU, 2**25 on a GPU).
+        chunk_size: anchors per chunk (default: about 2**24 logits on a CPU, 2**25 on a GPU).
     """
 
     def __init__(self, scale=16.0, memory_efficient=None, chunk_size=None, **kwargs):
