@@ -1,0 +1,117 @@
+"""Command line of the harness: loss specs, bad options and missing datasets fail at once."""
+
+import pytest
+
+from benchmarks import loss_specs, run
+
+
+def run_main(capsys, *argv):
+    code = run.main(list(argv))
+    return code, capsys.readouterr()
+
+
+def test_loss_list_with_inline_parameters():
+    specs = loss_specs.parse_loss_list("ice:scale=16,lam=0.5,ntxent:temperature=0.05,triplet:miner_type_of_triplets=hard")
+    assert [s.name for s in specs] == ["ice", "ntxent", "triplet"]
+    assert dict(specs[0].params) == {"lam": 0.5, "scale": 16}
+    assert specs[2].describe_values()["miner_type_of_triplets"] == "hard"
+    loss, miner = specs[2].build(num_classes=3, embedding_size=4)
+    assert miner.type_of_triplets == "hard"
+    assert loss_specs.parse_loss_list(loss_specs.DEFAULT_LOSSES)[0].label == "ice"
+
+
+def test_ice_parameters_reach_loss_and_reducer():
+    spec = loss_specs.parse_loss_spec("ice:scale=20,lam=2,normalize=anchor")
+    loss, miner = spec.build(num_classes=3, embedding_size=4)
+    assert miner is None
+    assert loss.scale == 20
+    assert loss.reducer.lam == 2 and loss.reducer.normalize == "anchor"
+
+
+def test_proxy_losses_get_classes_and_embedding_size():
+    loss, _ = loss_specs.parse_loss_spec("proxyanchor").build(num_classes=7, embedding_size=5)
+    assert tuple(loss.proxies.shape) == (7, 5)
+    assert loss_specs.has_trainable_parameters(loss)
+
+
+@pytest.mark.parametrize(
+    "text, message",
+    [
+        ("nosuchloss", "unknown loss 'nosuchloss'; valid losses: arcface, circle, contrastive, ice"),
+        ("ice:temperature=1", "unknown parameter 'temperature' for loss 'ice'; valid parameters: scale"),
+        ("ntxent:temperature", "must be written key=value"),
+        ("ice:scale=-1", "scale"),
+        ("ice,ice", "loss given twice: ice"),
+        ("ice:scale=2,scale=3", "given twice"),
+    ],
+)
+def test_bad_loss_specs(text, message):
+    with pytest.raises(loss_specs.LossSpecError) as error:
+        loss_specs.parse_loss_list(text)
+    assert message in str(error.value)
+
+
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["--losses", "ice,bogus"], "unknown loss 'bogus'; valid losses:"),
+        (["--losses", "ntxent:tau=1"], "valid parameters: temperature"),
+        (["--epochs", "-1"], "--epochs must be an integer >= 0"),
+        (["--seeds", "0"], "--seeds must be an integer >= 1"),
+        (["--batch-size", "60", "--m-per-class", "16"], "--batch-size 60 must be a multiple of --m-per-class 16"),
+        (["--lr", "0"], "--lr must be > 0"),
+        (["--batch-size", "128", "--m-per-class", "4"], "cannot fill a batch of 128"),
+        (["--dataset", "fashion-mnist", "--data-root", "/nonexistent"], "apt-get install dataset-fashion-mnist"),
+        (["--dataset", "emoji", "--data-root", "/nonexistent"], "npm install emoji-datasource-google@16.0.0"),
+        (["--dataset", "cub200"], "--download"),
+        (["--dataset", "folder"], "one sub-folder of images per class"),
+    ],
+)
+def test_bad_command_lines_fail_with_the_problem(capsys, tmp_path, argv, message):
+    code, captured = run_main(capsys, *argv, "--out", str(tmp_path / "out"))
+    assert code == 2
+    assert message in captured.err
+    assert not (tmp_path / "out" / "results.csv").exists()
+
+
+def test_unknown_option_and_choice_exit_with_usage(capsys):
+    for argv in (["--no-such-option"], ["--dataset", "mnist"], ["--model", "vgg"]):
+        with pytest.raises(SystemExit) as exit_info:
+            run.main(argv)
+        assert exit_info.value.code == 2
+    assert "invalid choice: 'vgg'" in capsys.readouterr().err
+
+
+def test_help_documents_datasets_losses_and_outputs(capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        run.main(["--help"])
+    assert exit_info.value.code == 0
+    text = capsys.readouterr().out
+    for word in ("digits", "fashion-mnist", "emoji", "cub200", "cars196", "sop", "folder", "--no-pretrained",
+                 "ntxent", "multisimilarity", "miner_epsilon", "results.csv", "torchrun", "--config"):
+        assert word in text
+
+
+def test_config_file_sets_options_and_command_line_wins(tmp_path):
+    config = tmp_path / "bench.toml"
+    config.write_text('losses = ["ice:scale=8", "supcon"]\nepochs = 7\nseeds = 2\nbatch-size = 32\n')
+    opts = run.resolve_options(["--config", str(config), "--seeds", "1"])
+    assert [s.label for s in opts.loss_specs] == ["ice:scale=8", "supcon"]
+    assert (opts.epochs, opts.seeds, opts.batch_size, opts.m_per_class) == (7, 1, 32, 16)
+
+
+def test_config_file_with_unknown_key(tmp_path):
+    config = tmp_path / "bench.toml"
+    config.write_text("epoch = 3\n")
+    with pytest.raises(run.UsageError, match="unknown key 'epoch'.*valid keys: .*epochs"):
+        run.resolve_options(["--config", str(config)])
+
+
+def test_out_folder_refuses_other_settings(capsys, tmp_path):
+    out = tmp_path / "out"
+    common = ["--epochs", "0", "--seeds", "1", "--losses", "ice", "--limit-per-class", "20", "--out", str(out)]
+    code, _ = run_main(capsys, *common, "--embedding-size", "8")
+    assert code == 0
+    code, captured = run_main(capsys, *common)
+    assert code == 2
+    assert "holds runs made with other settings (embedding_size: 8 there, 64 now)" in captured.err

@@ -1,0 +1,132 @@
+"""End-to-end runs of the harness on digits: smoke, resume, non-finite loss, two processes."""
+
+import csv
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from benchmarks import run, training
+from benchmarks.metrics import METRICS
+
+REPO = Path(__file__).resolve().parents[1]
+TINY = ["--epochs", "2", "--seeds", "1", "--limit-per-class", "40", "--batch-size", "32", "--m-per-class", "8", "--patience", "-1"]
+
+
+def read_rows(path):
+    with open(path, newline="") as f:
+        return list(csv.DictReader(f))
+
+
+def test_smoke_run_on_digits(tmp_path, capsys):
+    out = tmp_path / "out"
+    assert run.main(TINY + ["--losses", "ice,triplet,proxyanchor", "--out", str(out)]) == 0
+    printed = capsys.readouterr().out
+    rows = read_rows(out / "results.csv")
+    assert list(rows[0])[:3] == ["loss", "seed", "epoch"]
+    assert set(METRICS) <= set(rows[0])
+    assert [(r["loss"], r["epoch"]) for r in rows] == [
+        (loss, str(epoch)) for loss in ("ice", "triplet", "proxyanchor") for epoch in (0, 1, 2)
+    ]
+    for row in rows:
+        for metric in METRICS:
+            assert 0.0 <= float(row[metric]) <= 1.0
+    # Every run starts from the same untrained model (same seed): identical epoch-0 rows.
+    epoch0 = [{k: v for k, v in r.items() if k != "loss"} for r in rows if r["epoch"] == "0"]
+    assert all(e == epoch0[0] for e in epoch0)
+    summary = (out / "summary.md").read_text()
+    assert "| `ice` | 1 |" in summary and "MAP@R" in summary
+    assert "| `proxyanchor` | 1 |" in printed
+    for plot in ("curves.png", "summary_bars.png"):
+        assert (out / "plots" / plot).read_bytes()[:4] == b"\x89PNG"
+    run_dir = out / "runs" / "ice" / "seed0"
+    assert (run_dir / "logs" / "logs.db").is_file()
+    assert any(name.startswith("events.out.tfevents") for name in os.listdir(run_dir / "tensorboard"))
+    # Proxy losses train their proxies with their own optimizer.
+    checkpoint = torch.load(out / "runs" / "proxyanchor" / "seed0" / "checkpoint.pth", weights_only=False)
+    assert "metric_loss_optimizer" in checkpoint["optimizers"]
+
+
+def test_interrupted_run_resumes_to_the_same_rows(tmp_path, monkeypatch):
+    argv = TINY + ["--epochs", "3", "--losses", "ice,ntxent"]
+    assert run.main(argv + ["--out", str(tmp_path / "straight")]) == 0
+
+    calls = {"n": 0}
+    original = training.BenchmarkTrainer.forward_and_backward
+
+    def killed_during_epoch_two(self):
+        calls["n"] += 1
+        if self.epoch == 2 and calls["n"] > 3:
+            raise KeyboardInterrupt("simulated kill")
+        original(self)
+
+    monkeypatch.setattr(training.BenchmarkTrainer, "forward_and_backward", killed_during_epoch_two)
+    with pytest.raises(KeyboardInterrupt):
+        run.main(argv + ["--out", str(tmp_path / "resumed")])
+    partial = read_rows(tmp_path / "resumed" / "results.csv")
+    assert [(r["loss"], r["epoch"]) for r in partial] == [("ice", "0"), ("ice", "1")]
+
+    monkeypatch.setattr(training.BenchmarkTrainer, "forward_and_backward", original)
+    assert run.main(argv + ["--out", str(tmp_path / "resumed")]) == 0
+    straight = (tmp_path / "straight" / "results.csv").read_text()
+    assert (tmp_path / "resumed" / "results.csv").read_text() == straight
+
+    # A third invocation trains nothing and rewrites the same rows.
+    checkpoint = tmp_path / "resumed" / "runs" / "ice" / "seed0" / "checkpoint.pth"
+    before = checkpoint.stat().st_mtime_ns
+    assert run.main(argv + ["--out", str(tmp_path / "resumed")]) == 0
+    assert checkpoint.stat().st_mtime_ns == before
+    assert (tmp_path / "resumed" / "results.csv").read_text() == straight
+
+
+def test_more_epochs_extend_finished_runs(tmp_path):
+    out = str(tmp_path / "out")
+    assert run.main(TINY + ["--epochs", "1", "--losses", "ice", "--out", out]) == 0
+    assert run.main(TINY + ["--epochs", "2", "--losses", "ice", "--out", out]) == 0
+    assert [r["epoch"] for r in read_rows(Path(out) / "results.csv")] == ["0", "1", "2"]
+
+
+def test_non_finite_loss_stops_only_that_run(tmp_path, capsys):
+    out = tmp_path / "out"
+    assert run.main(TINY + ["--losses", "ntxent:temperature=0.0,ice", "--out", str(out)]) == 0
+    printed = capsys.readouterr().out
+    assert "loss 'ntxent:temperature=0.0' is nan at epoch 1, iteration 0" in printed
+    assert "loss 'ntxent:temperature=0.0' is nan at epoch 1, iteration 0" in (out / "summary.md").read_text()
+    rows = read_rows(out / "results.csv")
+    assert [(r["loss"], r["epoch"]) for r in rows] == [
+        ("ntxent:temperature=0.0", "0"), ("ice", "0"), ("ice", "1"), ("ice", "2")
+    ]
+    # The failure is remembered: a rerun does not retry it.
+    assert run.main(TINY + ["--losses", "ntxent:temperature=0.0,ice", "--out", str(out)]) == 0
+    assert "failed before: ntxent:temperature=0.0 seed 0" in capsys.readouterr().out
+
+
+def test_same_seed_reproduces_the_run(tmp_path):
+    for name in ("a", "b"):
+        assert run.main(TINY + ["--losses", "multisimilarity", "--out", str(tmp_path / name)]) == 0
+    assert (tmp_path / "a" / "results.csv").read_text() == (tmp_path / "b" / "results.csv").read_text()
+
+
+def test_two_processes_with_torchrun(tmp_path):
+    out = tmp_path / "out"
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+               "-m", "benchmarks.run", *TINY, "--epochs", "1", "--losses", "ice,proxyanchor", "--out", str(out)]
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    process = subprocess.Popen(command, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                               text=True, start_new_session=True)
+    try:
+        stdout, stderr = process.communicate(timeout=300)
+    except subprocess.TimeoutExpired:
+        os.killpg(process.pid, signal.SIGKILL)  # torchrun and both workers
+        process.communicate()
+        raise
+    assert process.returncode == 0, stderr[-3000:]
+    rows = read_rows(out / "results.csv")
+    assert [(r["loss"], r["epoch"]) for r in rows] == [("ice", "0"), ("ice", "1"), ("proxyanchor", "0"), ("proxyanchor", "1")]
+    assert stdout.count("| `ice` | 1 |") == 1  # only rank 0 reports
+    assert run.IDENTITY_KEYS[-1] == "processes"
+    assert '"processes": 2' in (out / "config.json").read_text()
