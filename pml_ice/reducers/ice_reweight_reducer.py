@@ -52,8 +52,8 @@ class ICEReweightReducer(BaseReducer):
         weights = self.weights(losses)
         if self.normalize == "batch":
             return torch.sum(weights * losses) / torch.sum(weights)
-        _, groups = torch.unique(anchors, return_inverse=True)
-        num_groups = int(groups.max()) + 1
+        unique_anchors, groups = torch.unique(anchors, return_inverse=True)
+        num_groups = len(unique_anchors)
         weighted_sum = losses.new_zeros(num_groups).index_add(0, groups, weights * losses)
         weight_sum = weights.new_zeros(num_groups).index_add_(0, groups, weights)
         return torch.mean(weighted_sum / weight_sum)
