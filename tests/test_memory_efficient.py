@@ -6,10 +6,10 @@ than the batch, every distance, and float16/bfloat16."""
 import pytest
 import torch
 from pytorch_metric_learning import miners
-from pytorch_metric_learning.distances import CosineSimilarity
+from pytorch_metric_learning.distances import CosineSimilarity, LpDistance
 
 from pml_ice import losses, reducers
-from reference import ice_pair_losses
+from reference import COSINE, DistanceSpec, ice_pair_losses
 
 SCALE = 24.0
 BATCH = 10
@@ -181,3 +181,35 @@ def test_chunked_half_precision(agreement, make_batch, dtype, distance_case, mod
     name = str(dtype).replace("torch.", "")
     check_same(agreement, f"chunked vs dense {name}", chunked, dense, dense_loss_rtol, dense_grad_rtol)
     check_same(agreement, f"chunked vs reference {name}", chunked, reference, ref_loss_rtol, ref_grad_rtol)
+
+
+@pytest.mark.parametrize("memory_efficient", [True, False])
+@pytest.mark.parametrize("distance_name", ["cosine", "lp"])
+def test_constant_memory_bank(agreement, make_batch, memory_efficient, distance_name):
+    """A bank that needs no gradient (as in CrossBatchMemory): the embeddings' gradient
+    is the reference's, and none is computed for the bank."""
+    distance, spec = {
+        "cosine": (CosineSimilarity(), COSINE),
+        "lp": (LpDistance(), DistanceSpec("lp")),
+    }[distance_name]
+    embeddings, labels = make_batch(n=6, n_classes=3, seed=55, dtype=torch.float64)
+    bank, bank_labels = make_batch(n=30, n_classes=4, seed=56, dtype=torch.float64)
+    loss_func = losses.ICELoss(
+        scale=SCALE,
+        distance=distance,
+        reducer=reducers.DoNothingReducer(),
+        memory_efficient=memory_efficient,
+        chunk_size=4,
+    )
+    leaf = embeddings.clone().requires_grad_()
+    info = loss_func(leaf, labels, ref_emb=bank, ref_labels=bank_labels)["loss"]
+    weights = torch.tensor(
+        [pair_weight(a, p) for a, p in zip(*(t.tolist() for t in info["indices"]))],
+        dtype=torch.float64,
+    )
+    (weights * info["losses"]).sum().backward()
+    _, (expected_grad, _) = reference_pairs_and_grads(
+        embeddings, labels, None, bank, bank_labels, spec
+    )
+    agreement.check("constant bank grad embeddings float64", leaf.grad, expected_grad, 1e-11)
+    assert bank.grad is None

@@ -48,7 +48,8 @@ class LogitsKernel:
         self, queries, refs, exp_logits, exp_factor, positives, pos_grad, grad_queries, grad_refs
     ):
         """Add the gradients for ``dZ = exp_factor * exp_logits`` on negatives and
-        ``-pos_grad`` on the positive pairs ``positives = (rows, cols)``."""
+        ``-pos_grad`` on the positive pairs ``positives = (rows, cols)``.
+        ``grad_refs`` is None when the references need no gradient (a memory bank)."""
         grad_logits = exp_logits * exp_factor[:, None]
         grad_logits.index_put_(positives, -pos_grad, accumulate=True)
         self.add_grads(queries, refs, grad_logits, grad_queries, grad_refs)
@@ -68,7 +69,8 @@ class InnerProductLogits(LogitsKernel):
     def add_grads(self, queries, refs, grad_logits, grad_queries, grad_refs):
         """Add the gradients of ``sum(grad_logits * Z)`` to ``grad_queries`` and ``grad_refs``."""
         add_matmul(grad_queries, grad_logits, refs, self.coef)
-        add_matmul(grad_refs, grad_logits.T, queries, self.coef)
+        if grad_refs is not None:
+            add_matmul(grad_refs, grad_logits.T, queries, self.coef)
 
     def add_grads_from_exp(
         self, queries, refs, exp_logits, exp_factor, positives, pos_grad, grad_queries, grad_refs
@@ -89,6 +91,8 @@ class InnerProductLogits(LogitsKernel):
             + torch.sparse.mm(pos_matrix, refs),
             alpha=self.coef,
         )
+        if grad_refs is None:
+            return
         grad_refs.add_(
             torch.mm(exp_logits.T, queries * exp_factor[:, None])
             + torch.sparse.mm(pos_matrix.t(), queries),
@@ -111,14 +115,14 @@ class DistanceLogits(LogitsKernel):
 
     def add_grads(self, queries, refs, grad_logits, grad_queries, grad_refs):
         queries = queries.detach().to(grad_logits.dtype).requires_grad_(True)
-        refs = refs.detach().to(grad_logits.dtype).requires_grad_(True)
+        refs = refs.detach().to(grad_logits.dtype).requires_grad_(grad_refs is not None)
+        inputs = (queries, refs) if grad_refs is not None else (queries,)
         with torch.enable_grad():
             mat = self.distance(queries, refs)
-            chunk_grad_queries, chunk_grad_refs = torch.autograd.grad(
-                mat, (queries, refs), grad_logits * self.coef
-            )
-        grad_queries.add_(chunk_grad_queries)
-        grad_refs.add_(chunk_grad_refs)
+            grads = torch.autograd.grad(mat, inputs, grad_logits * self.coef)
+        grad_queries.add_(grads[0])
+        if grad_refs is not None:
+            grad_refs.add_(grads[1])
 
 
 class ChunkedPairs:
@@ -207,7 +211,11 @@ class ICEPairLosses(torch.autograd.Function):
         pos_grad = grad_losses.to(lse.dtype) * one_minus_p
         neg_coef = torch.zeros_like(lse).index_add_(0, positives.anchors, pos_grad)
         grad_queries = torch.zeros(queries.shape, dtype=lse.dtype, device=queries.device)
-        grad_refs = torch.zeros(refs.shape, dtype=lse.dtype, device=refs.device)
+        grad_refs = (
+            torch.zeros(refs.shape, dtype=lse.dtype, device=refs.device)
+            if ctx.needs_input_grad[1]
+            else None
+        )
         if saved_exp is None:
             ICEPairLosses.add_recomputed_grads(
                 ctx, queries, refs, lse, neg_coef, pos_grad, grad_queries, grad_refs
@@ -225,7 +233,7 @@ class ICEPairLosses(torch.autograd.Function):
             )
         return (
             grad_queries.to(queries.dtype),
-            grad_refs.to(refs.dtype),
+            None if grad_refs is None else grad_refs.to(refs.dtype),
             None,
             None,
             None,
