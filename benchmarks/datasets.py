@@ -9,7 +9,6 @@ ten of them ("classes"), otherwise every fifth image of each training class ("sa
 import dataclasses
 import gzip
 import json
-import os
 import struct
 from pathlib import Path
 from typing import List, Optional, Sequence
@@ -85,7 +84,6 @@ class ImageFileDataset(Dataset):
 class BenchmarkData:
     """Train, validation and test splits of one dataset, with what the model needs."""
 
-    name: str
     train: Dataset
     val: Dataset
     test: Dataset
@@ -97,9 +95,9 @@ class BenchmarkData:
         return len(np.unique(self.train.labels))
 
 
-def class_disjoint_halves(labels: np.ndarray, class_order: Optional[Sequence[int]] = None):
-    """Indices of the first half of the classes and of the second half."""
-    order = list(class_order) if class_order is not None else sorted(np.unique(labels).tolist())
+def class_disjoint_halves(labels: np.ndarray):
+    """Indices of the first half of the classes (sorted by label) and of the second half."""
+    order = sorted(np.unique(labels).tolist())
     if len(order) < 4:
         raise ValueError(f"the class-disjoint protocol needs at least 4 classes, got {len(order)}")
     train_classes = set(order[: len(order) // 2])
@@ -143,19 +141,17 @@ def limit_per_class(labels: np.ndarray, limit: Optional[int]) -> np.ndarray:
     return np.array(sorted(keep), dtype=np.int64)
 
 
-def _assemble(name, full, in_channels, default_model, val_mode, limit, class_order=None,
-              train_full=None, test_full=None):
+def _assemble(full, in_channels, default_model, val_mode, limit, train_full=None, test_full=None):
     """Apply limit, class-disjoint halves (unless given) and the validation split."""
     if full is not None:
         full = full.subset(limit_per_class(full.labels, limit))
-        train_idx, test_idx = class_disjoint_halves(full.labels, class_order)
+        train_idx, test_idx = class_disjoint_halves(full.labels)
         train_full, test_full = full.subset(train_idx), full.subset(test_idx)
     else:
         train_full = train_full.subset(limit_per_class(train_full.labels, limit))
         test_full = test_full.subset(limit_per_class(test_full.labels, limit))
     train_idx, val_idx = validation_split(train_full.labels, val_mode)
     return BenchmarkData(
-        name=name,
         train=train_full.subset(train_idx),
         val=train_full.subset(val_idx),
         test=test_full,
@@ -172,7 +168,7 @@ def load_digits_dataset(val_mode="auto", limit=None) -> BenchmarkData:
     images = torch.tensor(digits.images, dtype=torch.float32).unsqueeze(1) / 16.0
     images = (images - 0.5) / 0.5
     full = TensorImageDataset(images, digits.target)
-    return _assemble("digits", full, 1, "cnn", val_mode, limit)
+    return _assemble(full, 1, "cnn", val_mode, limit)
 
 
 def _read_idx(path: Path) -> np.ndarray:
@@ -202,12 +198,12 @@ def load_fashion_mnist(root=None, val_mode="auto", limit=None) -> BenchmarkData:
         raise ValueError(f"fashion-mnist in {root}: {len(images)} images but {len(labels)} labels")
     tensor = (torch.from_numpy(images.copy()).float().unsqueeze(1) / 255.0 - 0.5) / 0.5
     full = TensorImageDataset(tensor, labels.astype(np.int64))
-    return _assemble("fashion-mnist", full, 1, "cnn", val_mode, limit)
+    return _assemble(full, 1, "cnn", val_mode, limit)
 
 
-def find_node_modules(start: Optional[Path] = None) -> Optional[Path]:
+def find_node_modules() -> Optional[Path]:
     """The first ``node_modules`` holding both emoji packages: cwd and parents, then home."""
-    start = Path(start or os.getcwd()).resolve()
+    start = Path.cwd().resolve()
     candidates = [p / "node_modules" for p in [start, *start.parents]]
     candidates += [Path.home() / "node_modules", Path("/usr/lib/node_modules"), Path("/usr/local/lib/node_modules")]
     for candidate in candidates:
@@ -285,7 +281,7 @@ def load_emoji(root=None, image_size=128, val_mode="auto", limit=None) -> Benchm
     mean = torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1)
     std = torch.tensor(IMAGENET_STD).view(1, 3, 1, 1)
     full = TensorImageDataset((tensor - mean) / std, np.array(labels))
-    return _assemble("emoji", full, 3, "efficientnet-lite0", val_mode, limit)
+    return _assemble(full, 3, "efficientnet-lite0", val_mode, limit)
 
 
 def image_transforms(image_size: int, train: bool):
@@ -335,7 +331,7 @@ def load_folder(root, image_size=224, val_mode="auto", limit=None) -> BenchmarkD
             "the class-disjoint protocol needs at least 4"
         )
     full = ImageFileDataset(paths, np.array(labels))
-    data = _assemble("folder", full, 3, "efficientnet-lite0", val_mode, limit)
+    data = _assemble(full, 3, "efficientnet-lite0", val_mode, limit)
     return _with_transforms(data, image_size)
 
 
@@ -372,7 +368,7 @@ def load_pml_dataset(name, root, download=False, image_size=224, val_mode="auto"
             f"{name}: cannot read the dataset under {root} ({error}). It must hold {layout}; "
             f"--download lets PML fetch it (about {size}, needs internet)."
         ) from error
-    data = _assemble(name, None, 3, "resnet50", val_mode, limit, train_full=splits[0], test_full=splits[1])
+    data = _assemble(None, 3, "resnet50", val_mode, limit, train_full=splits[0], test_full=splits[1])
     return _with_transforms(data, image_size)
 
 

@@ -13,7 +13,7 @@ class WeightsUnavailable(RuntimeError):
 class SmallCNN(nn.Module):
     """Three conv-BN-ReLU blocks and global average pooling, for small grey-scale images."""
 
-    def __init__(self, in_channels: int = 1, width: int = 64):
+    def __init__(self, in_channels: int = 1):
         super().__init__()
 
         def block(cin, cout, pool):
@@ -23,13 +23,13 @@ class SmallCNN(nn.Module):
             return layers
 
         self.features = nn.Sequential(
-            *block(in_channels, width // 2, pool=True),
-            *block(width // 2, width, pool=True),
-            *block(width, 2 * width, pool=False),
+            *block(in_channels, 32, pool=True),
+            *block(32, 64, pool=True),
+            *block(64, 128, pool=False),
             nn.AdaptiveAvgPool2d(1),
             nn.Flatten(),
         )
-        self.output_size = 2 * width
+        self.output_size = 128
 
     def forward(self, x):
         return self.features(x)

@@ -4,7 +4,7 @@ import csv
 import io
 import math
 from pathlib import Path
-from typing import Dict, List, Sequence
+from typing import Dict, List, Sequence, Tuple
 
 from .files import atomic_write_bytes, atomic_write_text
 from .metrics import METRICS, PRIMARY_METRIC
@@ -24,7 +24,7 @@ SHORT_NAMES = {
 
 def sort_rows(rows: Sequence[dict], loss_order: Sequence[str]) -> List[dict]:
     order = {label: i for i, label in enumerate(loss_order)}
-    return sorted(rows, key=lambda r: (order.get(r["loss"], len(order)), r["loss"], r["seed"], r["epoch"]))
+    return sorted(rows, key=lambda r: (order[r["loss"]], r["seed"], r["epoch"]))
 
 
 def write_results_csv(path, rows: Sequence[dict]) -> None:
@@ -35,16 +35,6 @@ def write_results_csv(path, rows: Sequence[dict]) -> None:
     for row in rows:
         writer.writerow({k: row[k] for k in COLUMNS})
     atomic_write_text(path, buffer.getvalue())
-
-
-def read_results_csv(path) -> List[dict]:
-    with open(path, newline="", encoding="utf-8") as f:
-        rows = list(csv.DictReader(f))
-    for row in rows:
-        row["seed"], row["epoch"] = int(row["seed"]), int(row["epoch"])
-        for k in COLUMNS[3:]:
-            row[k] = float(row[k])
-    return rows
 
 
 def best_epoch_rows(rows: Sequence[dict]) -> Dict[str, List[dict]]:
@@ -89,20 +79,22 @@ def summary_table(rows: Sequence[dict], loss_order: Sequence[str]) -> str:
     untrained = {r["seed"]: r for r in rows if r["epoch"] == 0}
     if untrained:
         lines.append(line("untrained model", list(untrained.values()), "0"))
-    for loss in [l for l in loss_order if l in best] + sorted(set(best) - set(loss_order)):
+    for loss in [l for l in loss_order if l in best]:
         chosen = best[loss]
         lines.append(line(f"`{loss}`", chosen, f"{mean_std([r['epoch'] for r in chosen])[0]:.1f}"))
     return "\n".join(lines)
 
 
-def write_summary(path, rows, loss_order, header_lines: Sequence[str], failures: Dict[str, str]) -> str:
-    """Write summary.md atomically and return the table."""
+def write_summary(path, rows, loss_order, header_lines: Sequence[str], failures: Dict[Tuple[str, int], str]) -> str:
+    """Write summary.md atomically and return the table of ``rows``; ``failures`` maps
+    (loss, seed) of each failed run, whose rows the caller leaves out, to its error."""
     table = summary_table(rows, loss_order)
     parts = ["# Benchmark summary", "", *header_lines, "",
              "Test metrics (%) at each run's best validation epoch (validation MAP@R), "
              "mean ± standard deviation over seeds.", "", table, ""]
     if failures:
-        parts += ["## Failed runs", ""] + [f"- `{run}`: {error}" for run, error in sorted(failures.items())] + [""]
+        parts += ["## Failed runs (left out of the table)", ""]
+        parts += [f"- `{loss}` seed {seed}: {error}" for (loss, seed), error in sorted(failures.items())] + [""]
     atomic_write_text(path, "\n".join(parts))
     return table
 

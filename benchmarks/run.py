@@ -23,7 +23,7 @@ from .datasets import DATASETS, BenchmarkData, DatasetNotInstalled, TensorImageD
 from .files import atomic_torch_save, atomic_write_json, read_json
 from .models import MODELS, WeightsUnavailable, build_embedder, build_trunk
 from .reporting import sort_rows, write_plots, write_results_csv, write_summary
-from .training import TrainSettings, run_status, seed_everything, train_one
+from .training import TrainSettings, load_run, seed_everything, train_one
 
 # Per-dataset defaults of the settings whose good value depends on the data.
 DATASET_DEFAULTS = {
@@ -43,9 +43,10 @@ COMMON_DEFAULTS = dict(
 )
 # Settings that change what a run computes: an --out folder holds one value of each.
 IDENTITY_KEYS = (
-    "dataset", "limit_per_class", "val", "model", "pretrained", "freeze_trunk", "embedding_size",
+    "dataset", "data_root", "limit_per_class", "val", "model", "pretrained", "freeze_trunk", "embedding_size",
     "batch_size", "m_per_class", "lr", "loss_lr", "weight_decay", "image_size", "processes",
 )
+VAL_MODES = ("auto", "classes", "samples")
 
 
 class UsageError(ValueError):
@@ -99,7 +100,7 @@ def build_parser() -> argparse.ArgumentParser:
     add("--weight-decay", type=float, help="Adam weight decay of trunk and embedder (default 0)")
     add("--image-size", type=int, metavar="PX", help="image side for RGB datasets (default 128 for emoji, 224 otherwise)")
     add("--limit-per-class", type=int, metavar="N", help="keep the first N images of each class (quick runs)")
-    add("--val", choices=("auto", "classes", "samples"), help="validation split: a fifth of the training classes, or every fifth image of each (auto: classes when >= 10 training classes)")
+    add("--val", choices=VAL_MODES, help="validation split: a fifth of the training classes, or every fifth image of each (auto: classes when >= 10 training classes)")
     add("--eval-batch-size", type=int, metavar="B", help="batch size when computing embeddings for evaluation (default 256)")
     add("--device", help="cpu, cuda, cuda:1, ... (default: cuda when available)")
     add("--num-workers", type=int, metavar="N", help="data-loader worker processes (default 0)")
@@ -148,35 +149,61 @@ def resolve_options(argv=None) -> argparse.Namespace:
     for key, value in vars(args).items():
         if value is not None and key not in ("config", "list_losses"):
             options[key] = value
+    dataset = options.get("dataset", COMMON_DEFAULTS["dataset"])
+    if dataset not in DATASETS:
+        raise UsageError(f"unknown dataset {dataset!r}; valid datasets: {', '.join(DATASETS)}")
     merged = dict(COMMON_DEFAULTS)
-    merged.update(DATASET_DEFAULTS[options.get("dataset", COMMON_DEFAULTS["dataset"])])
+    merged.update(DATASET_DEFAULTS[dataset])
     merged.update(options)
-    if merged["dataset"] not in DATASETS:
-        raise UsageError(f"unknown dataset '{merged['dataset']}'; valid datasets: {', '.join(DATASETS)}")
     opts = argparse.Namespace(**merged)
     _validate(opts)
     return opts
 
 
+def _is_int(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
 def _validate(opts) -> None:
-    def positive(name, allow_zero=False):
+    def option(name):
+        return "--" + name.replace("_", "-")
+
+    def integer(name, minimum, optional=False):
         value = getattr(opts, name)
-        if not isinstance(value, int) or isinstance(value, bool) or value < (0 if allow_zero else 1):
-            raise UsageError(f"--{name.replace('_', '-')} must be an integer >= {0 if allow_zero else 1}, got {value!r}")
+        if not (optional and value is None) and not (_is_int(value) and value >= minimum):
+            raise UsageError(f"{option(name)} must be an integer >= {minimum}, got {value!r}")
+
+    def number(name, above_zero):
+        value = getattr(opts, name)
+        if not (_is_int(value) or isinstance(value, float)) or not (value > 0 if above_zero else value >= 0):
+            raise UsageError(f"{option(name)} must be a number {'>' if above_zero else '>='} 0, got {value!r}")
 
     for name in ("seeds", "batch_size", "m_per_class", "embedding_size", "eval_batch_size"):
-        positive(name)
-    positive("epochs", allow_zero=True)
-    positive("num_workers", allow_zero=True)
-    if opts.patience is not None and opts.patience < 0:
+        integer(name, 1)
+    integer("epochs", 0)
+    integer("num_workers", 0)
+    integer("image_size", 1, optional=True)
+    integer("limit_per_class", 1, optional=True)
+    if not _is_int(opts.patience):
+        raise UsageError(f"--patience must be an integer (-1 = never stop early), got {opts.patience!r}")
+    if opts.patience < 0:
         opts.patience = None
     if opts.batch_size % opts.m_per_class:
         raise UsageError(f"--batch-size {opts.batch_size} must be a multiple of --m-per-class {opts.m_per_class}")
-    for name in ("lr", "loss_lr"):
-        if not float(getattr(opts, name)) > 0:
-            raise UsageError(f"--{name.replace('_', '-')} must be > 0, got {getattr(opts, name)}")
+    number("lr", above_zero=True)
+    number("loss_lr", above_zero=True)
+    number("weight_decay", above_zero=False)
+    for name in ("pretrained", "freeze_trunk", "download"):
+        if not isinstance(getattr(opts, name), bool):
+            raise UsageError(f"'{name.replace('_', '-')}' must be true or false, got {getattr(opts, name)!r}")
+    if opts.val not in VAL_MODES:
+        raise UsageError(f"--val must be one of {', '.join(VAL_MODES)}, got {opts.val!r}")
     if opts.model not in ("auto",) + MODELS:
         raise UsageError(f"unknown model '{opts.model}'; valid models: auto, {', '.join(MODELS)}")
+    if opts.data_root is not None:
+        if not isinstance(opts.data_root, str):
+            raise UsageError(f"--data-root must be a path, got {opts.data_root!r}")
+        opts.data_root = str(Path(opts.data_root).resolve())
     try:
         opts.loss_specs = loss_specs.parse_loss_list(opts.losses)
     except loss_specs.LossSpecError as error:
@@ -203,17 +230,26 @@ def _init_distributed(opts):
     return torch.distributed.get_rank(), world
 
 
-def _check_out_folder(opts, out: Path, rank: int) -> None:
+def _check_out_folder(opts, out: Path) -> None:
     """An --out folder holds one experiment: refuse to mix runs of different settings."""
-    identity = {k: getattr(opts, k) for k in IDENTITY_KEYS}
     stored = read_json(out / "config.json")
     if stored is not None:
-        differing = [k for k in IDENTITY_KEYS if stored.get(k) != identity[k]]
+        differing = [k for k in IDENTITY_KEYS if stored.get(k) != getattr(opts, k)]
         if differing:
-            details = ", ".join(f"{k}: {stored.get(k)!r} there, {identity[k]!r} now" for k in differing)
+            details = ", ".join(f"{k}: {stored.get(k)!r} there, {getattr(opts, k)!r} now" for k in differing)
             raise UsageError(f"{out} holds runs made with other settings ({details}); choose another --out")
-    elif rank == 0:
-        atomic_write_json(out / "config.json", identity)
+
+
+def _check_batches(opts, data: BenchmarkData, world: int) -> None:
+    """Each process's share of the batch must be whole classes that the training split can fill."""
+    share = opts.batch_size // world
+    if opts.batch_size % world or share % opts.m_per_class:
+        raise UsageError(f"--batch-size {opts.batch_size} must split into {world} process(es) whose share "
+                         f"is a multiple of --m-per-class {opts.m_per_class}")
+    classes = len(np.unique(data.train.labels))
+    if opts.m_per_class * classes < share:
+        raise UsageError(f"--m-per-class {opts.m_per_class} x {classes} training classes cannot fill a batch "
+                         f"of {share}; raise --m-per-class or lower --batch-size")
 
 
 def _cached_features(opts, data: BenchmarkData, out: Path, rank: int, world: int) -> BenchmarkData:
@@ -238,7 +274,6 @@ def _cached_features(opts, data: BenchmarkData, out: Path, rank: int, world: int
         torch.distributed.barrier()
     features = torch.load(cache, map_location="cpu")
     return BenchmarkData(
-        name=data.name,
         train=TensorImageDataset(features["train"], data.train.labels),
         val=TensorImageDataset(features["val"], data.val.labels),
         test=TensorImageDataset(features["test"], data.test.labels),
@@ -286,7 +321,8 @@ def main(argv=None) -> int:
         data = load_dataset(opts.dataset, opts.data_root, opts.download, opts.image_size, opts.val, opts.limit_per_class)
         if opts.model == "auto":
             opts.model = data.default_model
-        _check_out_folder(opts, out, rank)
+        _check_out_folder(opts, out)
+        _check_batches(opts, data, world)
         if opts.freeze_trunk:
             data = _cached_features(opts, data, out, rank, world)
             feature_size = data.train.images.shape[1]
@@ -295,12 +331,8 @@ def main(argv=None) -> int:
     except (DatasetNotInstalled, WeightsUnavailable, UsageError, ValueError) as error:
         print(f"python -m benchmarks.run: error: {error}", file=sys.stderr)
         return 2
-    classes = len(np.unique(data.train.labels))
-    if opts.m_per_class * classes < opts.batch_size // world:
-        print(f"python -m benchmarks.run: error: --m-per-class {opts.m_per_class} x {classes} training classes "
-              f"cannot fill a batch of {opts.batch_size // world}; raise --m-per-class or lower --batch-size",
-              file=sys.stderr)
-        return 2
+    if rank == 0 and not (out / "config.json").is_file():
+        atomic_write_json(out / "config.json", {k: getattr(opts, k) for k in IDENTITY_KEYS})
 
     settings = TrainSettings(
         epochs=opts.epochs, patience=opts.patience, batch_size=opts.batch_size, m_per_class=opts.m_per_class,
@@ -321,43 +353,55 @@ def main(argv=None) -> int:
     ]
     log("\n".join(header))
 
-    rows_by_run, failures = {}, {}
+    runs = [(spec, seed) for spec in opts.loss_specs for seed in range(opts.seeds)]
+    run_dirs = {(spec.label, seed): out / "runs" / spec.folder_name / f"seed{seed}" for spec, seed in runs}
+    # Every stored run's rows, so that each rewrite of results.csv keeps the runs not reached yet.
+    statuses, rows_by_run, failures = {}, {}, {}
+    for key, run_dir in run_dirs.items():
+        stored = load_run(run_dir, opts.epochs)
+        statuses[key], rows_by_run[key] = stored.status, stored.rows
+        if stored.error:
+            failures[key] = stored.error
     results_csv = out / "results.csv"
 
     def publish(run_key, rows):
         rows_by_run[run_key] = list(rows)
         write_results_csv(results_csv, sort_rows([r for rs in rows_by_run.values() for r in rs], labels))
 
-    runs = [(spec, seed) for spec in opts.loss_specs for seed in range(opts.seeds)]
     started = time.time()
     for index, (spec, seed) in enumerate(runs, 1):
-        run_dir = out / "runs" / spec.folder_name / f"seed{seed}"
-        status = run_status(run_dir, opts.epochs)
+        key = (spec.label, seed)
+        status = statuses[key]
         verb = {"new": "training", "partial": "resuming", "finished": "already done:", "failed": "failed before:"}[status]
         log(f"[{index}/{len(runs)}] {verb} {spec.label} seed {seed}")
-        seed_everything(seed, rank)
-        if opts.freeze_trunk:
-            trunk = FrozenFeatures(feature_size)
-        else:
-            trunk = build_trunk(opts.model, data.in_channels, opts.pretrained)
-        embedder = build_embedder(trunk.output_size, opts.embedding_size)
-        result = train_one(data, trunk, embedder, spec, seed, settings, run_dir,
-                           on_rows=lambda rows, key=(spec.label, seed): publish(key, rows))
-        if rank == 0:
-            publish((spec.label, seed), result.rows)
-        if result.error:
-            failures[f"{spec.label} seed {seed}"] = result.error
-            log(f"    run failed: {result.error}")
+        if status in ("new", "partial"):
+            checkpoint = load_run(run_dirs[key], opts.epochs).checkpoint if status == "partial" else None
+            seed_everything(seed, rank)
+            if opts.freeze_trunk:
+                trunk = FrozenFeatures(feature_size)
+            else:
+                trunk = build_trunk(opts.model, data.in_channels, opts.pretrained)
+            embedder = build_embedder(trunk.output_size, opts.embedding_size)
+            result = train_one(data, trunk, embedder, spec, seed, settings, run_dirs[key], checkpoint,
+                               on_rows=lambda rows, key=key: publish(key, rows))
+            rows_by_run[key] = result.rows
+            if result.error:
+                failures[key] = result.error
+        if key in failures:
+            log(f"    run failed: {failures[key]}")
 
     if rank == 0:
-        all_rows = sort_rows([r for rs in rows_by_run.values() for r in rs], labels)
+        write_results_csv(results_csv, sort_rows([r for rs in rows_by_run.values() for r in rs], labels))
+        # Failed runs keep their rows in results.csv but are no results: the table and plots leave them out.
+        kept_rows = sort_rows([r for key, rs in rows_by_run.items() if key not in failures for r in rs], labels)
         header.append(f"- wall time of this invocation: {time.time() - started:.0f} s")
-        table = write_summary(out / "summary.md", all_rows, labels, header, failures)
-        plots = write_plots(out / "plots", all_rows, labels) if all_rows else []
+        table = write_summary(out / "summary.md", kept_rows, labels, header, failures)
+        plots = write_plots(out / "plots", kept_rows, labels) if kept_rows else []
         log("\nTest metrics (%) at each run's best validation epoch, mean ± std over seeds:\n")
         log(table)
         if failures:
-            log("\nFailed runs:\n" + "\n".join(f"  {k}: {v}" for k, v in failures.items()))
+            log("\nFailed runs (left out of the table and plots):\n"
+                + "\n".join(f"  {label} seed {seed}: {error}" for (label, seed), error in failures.items()))
         log(f"\nWrote {results_csv}, {out / 'summary.md'}, " + ", ".join(str(p) for p in plots))
     if world > 1:
         torch.distributed.barrier()

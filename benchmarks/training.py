@@ -52,7 +52,17 @@ class TrainSettings:
 class RunResult:
     rows: List[dict]
     error: Optional[str] = None
-    skipped: bool = False
+
+
+@dataclasses.dataclass
+class StoredRun:
+    """What ``run_dir`` holds: status 'new', 'partial', 'finished' or 'failed', the rows so far,
+    the error of a failed run and the checkpoint of a partial or finished one."""
+
+    status: str
+    rows: List[dict]
+    error: Optional[str] = None
+    checkpoint: Optional[dict] = None
 
 
 def _world():
@@ -108,10 +118,6 @@ def _set_rng_state(state, sampler):
     sampler.labels = list(state["sampler_labels"])
 
 
-def _unwrap(module):
-    return module.module if isinstance(module, torch.nn.parallel.DistributedDataParallel) else module
-
-
 def accuracy_row(tester, spec_label: str, seed: int, epoch: int) -> dict:
     """One results row: test metrics under their names, validation metrics prefixed ``val_``."""
     row = {"loss": spec_label, "seed": seed, "epoch": epoch}
@@ -122,18 +128,16 @@ def accuracy_row(tester, spec_label: str, seed: int, epoch: int) -> dict:
     return row
 
 
-def _is_finished(checkpoint, epochs: int) -> bool:
-    return checkpoint["stopped_early"] or checkpoint["epoch"] >= epochs
-
-
-def run_status(run_dir: Path, epochs: int):
-    """'failed', 'finished', 'partial' or 'new' for the run stored in ``run_dir``."""
-    if (run_dir / FAILED).is_file():
-        return "failed"
-    if (run_dir / CHECKPOINT).is_file():
-        state = torch.load(run_dir / CHECKPOINT, map_location="cpu", weights_only=False)
-        return "finished" if _is_finished(state, epochs) else "partial"
-    return "new"
+def load_run(run_dir: Path, epochs: int) -> StoredRun:
+    """The run stored in ``run_dir``; it is finished once stopped early or trained ``epochs`` epochs."""
+    failure = read_json(run_dir / FAILED)
+    if failure is not None:
+        return StoredRun("failed", failure["rows"], error=failure["error"])
+    if not (run_dir / CHECKPOINT).is_file():
+        return StoredRun("new", [])
+    checkpoint = torch.load(run_dir / CHECKPOINT, map_location="cpu", weights_only=False)
+    finished = checkpoint["stopped_early"] or checkpoint["epoch"] >= epochs
+    return StoredRun("finished" if finished else "partial", checkpoint["rows"], checkpoint=checkpoint)
 
 
 def train_one(
@@ -144,31 +148,19 @@ def train_one(
     seed: int,
     settings: TrainSettings,
     run_dir: Path,
+    checkpoint: Optional[dict] = None,
     on_rows: Callable[[List[dict]], None] = lambda rows: None,
 ) -> RunResult:
-    """Train and evaluate one (loss, seed) run in ``run_dir``, resuming it if it was cut off.
+    """Train and evaluate one new (loss, seed) run in ``run_dir``, or resume it from ``checkpoint``.
 
-    ``trunk`` and ``embedder`` must be freshly built after ``seed_everything(seed)``.
+    ``trunk`` and ``embedder`` must be freshly built after ``seed_everything(seed)``; the
+    global batch size must split evenly across processes into multiples of m_per_class.
     ``on_rows`` receives every row so far after each evaluation (rank 0 only).
     """
     rank, world = _world()
     run_dir = Path(run_dir)
-    failure = read_json(run_dir / FAILED)
-    if failure is not None:
-        return RunResult(rows=failure["rows"], error=failure["error"], skipped=True)
-    checkpoint = None
-    if (run_dir / CHECKPOINT).is_file():
-        checkpoint = torch.load(run_dir / CHECKPOINT, map_location="cpu", weights_only=False)
-        if _is_finished(checkpoint, settings.epochs):
-            return RunResult(rows=checkpoint["rows"], skipped=True)
-
     device = torch.device(settings.device)
     per_rank_batch = settings.batch_size // world
-    if settings.batch_size % world or per_rank_batch % settings.m_per_class:
-        raise ValueError(
-            f"--batch-size {settings.batch_size} must split into {world} process(es) whose share "
-            f"is a multiple of --m-per-class {settings.m_per_class}"
-        )
     loss, miner = spec.build(num_classes=data.num_train_classes, embedding_size=embedder.out_features)
     trunk, embedder, loss = trunk.to(device), embedder.to(device), loss.to(device)
 

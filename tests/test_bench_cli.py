@@ -59,7 +59,7 @@ def test_bad_loss_specs(text, message):
         (["--epochs", "-1"], "--epochs must be an integer >= 0"),
         (["--seeds", "0"], "--seeds must be an integer >= 1"),
         (["--batch-size", "60", "--m-per-class", "16"], "--batch-size 60 must be a multiple of --m-per-class 16"),
-        (["--lr", "0"], "--lr must be > 0"),
+        (["--lr", "0"], "--lr must be a number > 0"),
         (["--batch-size", "128", "--m-per-class", "4"], "cannot fill a batch of 128"),
         (["--dataset", "fashion-mnist", "--data-root", "/nonexistent"], "apt-get install dataset-fashion-mnist"),
         (["--dataset", "emoji", "--data-root", "/nonexistent"], "npm install emoji-datasource-google@16.0.0"),
@@ -71,7 +71,18 @@ def test_bad_command_lines_fail_with_the_problem(capsys, tmp_path, argv, message
     code, captured = run_main(capsys, *argv, "--out", str(tmp_path / "out"))
     assert code == 2
     assert message in captured.err
+    # Nothing is written, so the corrected command may use the same --out.
     assert not (tmp_path / "out" / "results.csv").exists()
+    assert not (tmp_path / "out" / "config.json").exists()
+
+
+def test_batch_that_does_not_split_across_processes(capsys, tmp_path, monkeypatch):
+    monkeypatch.setattr(run, "_init_distributed", lambda opts: (0, 3))
+    code, captured = run_main(capsys, "--batch-size", "32", "--m-per-class", "8", "--out", str(tmp_path / "out"))
+    assert code == 2
+    assert "--batch-size 32 must split into 3 process(es) whose share is a multiple of --m-per-class 8" in captured.err
+    assert captured.out == ""
+    assert not (tmp_path / "out").exists()
 
 
 def test_unknown_option_and_choice_exit_with_usage(capsys):
@@ -100,6 +111,28 @@ def test_config_file_sets_options_and_command_line_wins(tmp_path):
     assert (opts.epochs, opts.seeds, opts.batch_size, opts.m_per_class) == (7, 1, 32, 16)
 
 
+@pytest.mark.parametrize(
+    "line, message",
+    [
+        ('dataset = "mnist"', "unknown dataset 'mnist'; valid datasets: digits"),
+        ('patience = "x"', "--patience must be an integer"),
+        ('lr = "abc"', "--lr must be a number > 0, got 'abc'"),
+        ("loss-lr = 0", "--loss-lr must be a number > 0"),
+        ("weight_decay = -0.1", "--weight-decay must be a number >= 0, got -0.1"),
+        ("image-size = 0", "--image-size must be an integer >= 1"),
+        ('limit-per-class = "5"', "--limit-per-class must be an integer >= 1, got '5'"),
+        ('val = "random"', "--val must be one of auto, classes, samples, got 'random'"),
+        ('freeze-trunk = "no"', "'freeze-trunk' must be true or false"),
+    ],
+)
+def test_config_file_with_bad_value(tmp_path, line, message):
+    config = tmp_path / "bench.toml"
+    config.write_text(line + "\n")
+    with pytest.raises(run.UsageError) as error:
+        run.resolve_options(["--config", str(config)])
+    assert message in str(error.value)
+
+
 def test_config_file_with_unknown_key(tmp_path):
     config = tmp_path / "bench.toml"
     config.write_text("epoch = 3\n")
@@ -107,11 +140,18 @@ def test_config_file_with_unknown_key(tmp_path):
         run.resolve_options(["--config", str(config)])
 
 
-def test_out_folder_refuses_other_settings(capsys, tmp_path):
+def test_out_folder_refuses_other_settings(capsys, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
     out = tmp_path / "out"
     common = ["--epochs", "0", "--seeds", "1", "--losses", "ice", "--limit-per-class", "20", "--out", str(out)]
-    code, _ = run_main(capsys, *common, "--embedding-size", "8")
+    code, _ = run_main(capsys, *common, "--embedding-size", "8", "--data-root", "a")
     assert code == 0
-    code, captured = run_main(capsys, *common)
+    code, captured = run_main(capsys, *common, "--data-root", "a")
     assert code == 2
     assert "holds runs made with other settings (embedding_size: 8 there, 64 now)" in captured.err
+    code, captured = run_main(capsys, *common, "--embedding-size", "8", "--data-root", "b")
+    assert code == 2
+    assert f"(data_root: '{tmp_path / 'a'}' there, '{tmp_path / 'b'}' now)" in captured.err
+    # The same folder written another way is the same experiment.
+    code, _ = run_main(capsys, *common, "--embedding-size", "8", "--data-root", str(tmp_path / "a"))
+    assert code == 0

@@ -55,13 +55,14 @@ def test_interrupted_run_resumes_to_the_same_rows(tmp_path, monkeypatch):
     argv = TINY + ["--epochs", "3", "--losses", "ice,ntxent"]
     assert run.main(argv + ["--out", str(tmp_path / "straight")]) == 0
 
-    calls = {"n": 0}
+    epoch_two_steps = {"n": 0}
     original = training.BenchmarkTrainer.forward_and_backward
 
     def killed_during_epoch_two(self):
-        calls["n"] += 1
-        if self.epoch == 2 and calls["n"] > 3:
-            raise KeyboardInterrupt("simulated kill")
+        if self.epoch == 2:
+            epoch_two_steps["n"] += 1
+            if epoch_two_steps["n"] > 3:  # after 3 of its 5 iterations
+                raise KeyboardInterrupt("simulated kill")
         original(self)
 
     monkeypatch.setattr(training.BenchmarkTrainer, "forward_and_backward", killed_during_epoch_two)
@@ -83,11 +84,27 @@ def test_interrupted_run_resumes_to_the_same_rows(tmp_path, monkeypatch):
     assert (tmp_path / "resumed" / "results.csv").read_text() == straight
 
 
-def test_more_epochs_extend_finished_runs(tmp_path):
+def test_more_epochs_extend_finished_runs(tmp_path, monkeypatch):
     out = str(tmp_path / "out")
-    assert run.main(TINY + ["--epochs", "1", "--losses", "ice", "--out", out]) == 0
-    assert run.main(TINY + ["--epochs", "2", "--losses", "ice", "--out", out]) == 0
-    assert [r["epoch"] for r in read_rows(Path(out) / "results.csv")] == ["0", "1", "2"]
+    argv = TINY + ["--losses", "ice,ntxent", "--out", out]
+    assert run.main(argv + ["--epochs", "1"]) == 0
+    original = training.BenchmarkTrainer.forward_and_backward
+
+    def killed_in_ntxent(self):
+        if self.loss_label == "ntxent":
+            raise KeyboardInterrupt("simulated kill")
+        original(self)
+
+    # Killed once ice has its epoch 2: results.csv still holds ntxent's earlier rows.
+    monkeypatch.setattr(training.BenchmarkTrainer, "forward_and_backward", killed_in_ntxent)
+    with pytest.raises(KeyboardInterrupt):
+        run.main(argv)
+    rows = read_rows(Path(out) / "results.csv")
+    assert [(r["loss"], r["epoch"]) for r in rows] == [("ice", "0"), ("ice", "1"), ("ice", "2"), ("ntxent", "0"), ("ntxent", "1")]
+    monkeypatch.setattr(training.BenchmarkTrainer, "forward_and_backward", original)
+    assert run.main(argv) == 0
+    rows = read_rows(Path(out) / "results.csv")
+    assert [(r["loss"], r["epoch"]) for r in rows] == [(loss, str(e)) for loss in ("ice", "ntxent") for e in (0, 1, 2)]
 
 
 def test_non_finite_loss_stops_only_that_run(tmp_path, capsys):
@@ -95,7 +112,11 @@ def test_non_finite_loss_stops_only_that_run(tmp_path, capsys):
     assert run.main(TINY + ["--losses", "ntxent:temperature=0.0,ice", "--out", str(out)]) == 0
     printed = capsys.readouterr().out
     assert "loss 'ntxent:temperature=0.0' is nan at epoch 1, iteration 0" in printed
-    assert "loss 'ntxent:temperature=0.0' is nan at epoch 1, iteration 0" in (out / "summary.md").read_text()
+    summary = (out / "summary.md").read_text()
+    assert "loss 'ntxent:temperature=0.0' is nan at epoch 1, iteration 0" in summary
+    # Its epoch-0 row is no result: the table and plots leave the failed run out.
+    assert "| `ice` | 1 |" in summary and "| `ntxent:temperature=0.0`" not in summary
+    assert "| `ntxent:temperature=0.0`" not in printed
     rows = read_rows(out / "results.csv")
     assert [(r["loss"], r["epoch"]) for r in rows] == [
         ("ntxent:temperature=0.0", "0"), ("ice", "0"), ("ice", "1"), ("ice", "2")
@@ -128,5 +149,4 @@ def test_two_processes_with_torchrun(tmp_path):
     rows = read_rows(out / "results.csv")
     assert [(r["loss"], r["epoch"]) for r in rows] == [("ice", "0"), ("ice", "1"), ("proxyanchor", "0"), ("proxyanchor", "1")]
     assert stdout.count("| `ice` | 1 |") == 1  # only rank 0 reports
-    assert run.IDENTITY_KEYS[-1] == "processes"
     assert '"processes": 2' in (out / "config.json").read_text()
