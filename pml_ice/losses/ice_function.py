@@ -125,6 +125,11 @@ class DistanceLogits(LogitsKernel):
             grad_refs.add_(grads[1])
 
 
+def chunk_ranges(num_rows, chunk_rows):
+    """``(start, end)`` of each chunk of anchor rows."""
+    return [(start, min(start + chunk_rows, num_rows)) for start in range(0, num_rows, chunk_rows)]
+
+
 class ChunkedPairs:
     """Flat (row-major) positions of a pair list inside a chunk of anchor rows."""
 
@@ -184,8 +189,7 @@ class ICEPairLosses(torch.autograd.Function):
         buffer = queries.new_empty(
             num_rows if save_exp else min(chunk_rows, num_rows), num_refs, dtype=acc_dtype
         )
-        for start in range(0, num_rows, chunk_rows):
-            end = min(start + chunk_rows, num_rows)
+        for start, end in chunk_ranges(num_rows, chunk_rows):
             out = buffer[start:end] if save_exp else buffer[: end - start]
             logits = kernel.logits(queries[start:end], refs, out)
             p0, p1 = positives.span(start, end)
@@ -251,8 +255,7 @@ class ICEPairLosses(torch.autograd.Function):
         shift = lse - torch.log(neg_coef.abs())
         flipped_rows = torch.nonzero(neg_coef < 0).flatten()
         buffer = lse.new_empty(min(ctx.chunk_rows, num_rows), num_refs)
-        for start in range(0, num_rows, ctx.chunk_rows):
-            end = min(start + ctx.chunk_rows, num_rows)
+        for start, end in chunk_ranges(num_rows, ctx.chunk_rows):
             grad_logits = ctx.kernel.logits(queries[start:end], refs, buffer[: end - start])
             restrict_to_negatives(grad_logits, masked, ctx.masked_are_negatives, start, end)
             grad_logits.sub_(shift[start:end, None]).exp_()
