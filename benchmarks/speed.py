@@ -136,8 +136,13 @@ def estimate_step_bytes(candidate, batch, ref_size, dim, per_class, dtype, devic
 
         params = dict(candidate.params)
         plan = plan_computation(batch, ref, device, params.get("memory_efficient"), params.get("chunk_size"))
-        rows = min(batch, plan.chunk_rows) if plan.memory_efficient else batch
-        return vectors + rows * ref * (9 + 2 * elem) + 64 * batch * per_class
+        if not plan.memory_efficient:
+            logits = batch * ref
+        elif plan.symmetric_tiles and not ref_size:
+            logits = 3 * min(batch, plan.tile_rows) ** 2
+        else:
+            logits = min(batch, plan.chunk_rows) * ref
+        return vectors + logits * (9 + 2 * elem) + 64 * batch * per_class
     if candidate.name == "ntxent":
         positives = batch * per_class if ref_size else batch * (per_class - 1)
         negatives = pairs - positives - (0 if ref_size else batch)

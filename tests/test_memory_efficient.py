@@ -9,6 +9,7 @@ from pytorch_metric_learning import miners
 from pytorch_metric_learning.distances import CosineSimilarity, LpDistance
 
 from pml_ice import losses, reducers
+from conftest import use_symmetric_tiles
 from pml_ice.losses.ice_function import ComputationPlan, plan_computation
 from reference import COSINE, DistanceSpec, ice_pair_losses
 
@@ -16,6 +17,13 @@ SCALE = 24.0
 BATCH = 10
 CHUNK_SIZES = [1, 3, 7]
 INPUT_MODES = ["labels", "pair_miner", "triplet_miner", "ref_emb", "ref_emb_miner"]
+
+
+@pytest.fixture(params=["row_chunks", "symmetric_tiles"])
+def labels_path(request, monkeypatch):
+    """Both chunked paths for labels within the batch, whatever this device would pick."""
+    use_symmetric_tiles(monkeypatch, request.param == "symmetric_tiles")
+    return request.param
 
 
 def pair_weight(anchor, positive):
@@ -109,7 +117,7 @@ def check_same(agreement, category, actual, expected, loss_rtol, grad_rtol):
 @pytest.mark.parametrize("chunk_size", CHUNK_SIZES)
 @pytest.mark.parametrize("mode", INPUT_MODES)
 def test_chunked_equals_dense_and_reference(
-    agreement, make_batch, distance_case, mode, chunk_size
+    agreement, make_batch, distance_case, mode, chunk_size, labels_path
 ):
     spec, make_distance = distance_case
     inputs = make_inputs(make_batch, mode)
@@ -124,7 +132,9 @@ def test_chunked_equals_dense_and_reference(
 
 @pytest.mark.parametrize("normalize", ["batch", "anchor"])
 @pytest.mark.parametrize("mode", ["labels", "triplet_miner", "ref_emb"])
-def test_chunked_reduced_loss_and_grads_equal_dense(agreement, make_batch, mode, normalize):
+def test_chunked_reduced_loss_and_grads_equal_dense(
+    agreement, make_batch, mode, normalize, labels_path
+):
     embeddings, labels, indices_tuple, ref_emb, ref_labels = make_inputs(
         make_batch, mode, torch.float32
     )
@@ -226,5 +236,32 @@ def test_plan_chooses_the_path_and_chunk_per_device():
     assert plan_computation(16385, 16384, gpu).memory_efficient
     assert plan_computation(100, 2**20, cpu).chunk_rows == 2**4
     assert plan_computation(100, 2**20, gpu).chunk_rows == 2**7
-    assert plan_computation(100, 100, cpu, memory_efficient=True, chunk_size=7) == ComputationPlan(True, 7)
+    assert plan_computation(100, 100, cpu).tile_rows == 2**12
+    assert plan_computation(100, 100, gpu).symmetric_tiles and not plan_computation(100, 100, cpu).symmetric_tiles
+    assert plan_computation(100, 100, cpu, memory_efficient=True, chunk_size=7) == ComputationPlan(True, 7, False, 7)
     assert not plan_computation(10**6, 10**6, cpu, memory_efficient=False).memory_efficient
+
+
+@pytest.mark.parametrize("memory_efficient", [True, False], ids=["tiles", "dense"])
+def test_signed_upstream_gradients_match_the_reference(
+    agreement, make_batch, memory_efficient, labels_path
+):
+    """Per-pair gradients of either sign (some zero): the tiles' sign handling and rows
+    without a loss term, on uneven 5-row tiles of a 23-sample batch."""
+    embeddings, labels = make_batch(n=23, n_classes=5, seed=31, dtype=torch.float64)
+
+    def weight(anchor, positive):
+        return float((7 * anchor + 3 * positive) % 5 - 2)
+
+    leaf = embeddings.clone().requires_grad_()
+    loss_func = losses.ICELoss(scale=SCALE, reducer=reducers.DoNothingReducer(),
+                               memory_efficient=memory_efficient, chunk_size=5)
+    info = loss_func(leaf, labels)["loss"]
+    pairs = list(zip(*(t.tolist() for t in info["indices"])))
+    sum(weight(a, p) * value for (a, p), value in zip(pairs, info["losses"])).backward()
+
+    reference_leaf = embeddings.detach().cpu().requires_grad_()
+    expected = ice_pair_losses(reference_leaf, labels.cpu(), scale=SCALE)
+    assert set(expected) == set(pairs)
+    sum(weight(a, p) * value for (a, p), value in expected.items()).backward()
+    agreement.check("signed upstream grad embeddings float64", leaf.grad, reference_leaf.grad, 1e-9)

@@ -16,6 +16,7 @@ chunk (one extra product, one sub and one exp), so that no (anchors x references
 matrix is held whole.
 """
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -28,26 +29,42 @@ import torch
 # floor and 1024-row chunks 1.3x.
 DENSE_LOGITS_LIMIT = {"cpu": 2**26, "accelerator": 2**28}
 CHUNK_LOGITS = {"cpu": 2**24, "accelerator": 2**27}
+# Symmetric tiles (two matrix products instead of four, more elementwise passes) for
+# labels within the batch on the chunked path. On 2 CPU cores they were slower than row
+# chunks (batch 16384, D = 128: 11.8 s against 7.7 s), so a CPU keeps the row chunks.
+SYMMETRIC_TILES = {"cpu": False, "accelerator": True}
 
 
 @dataclass(frozen=True)
 class ComputationPlan:
     """How ICE computes its logits: whole (``memory_efficient=False``, memory
-    ``anchors x references``) or in chunks of ``chunk_rows`` anchors recomputed in backward."""
+    ``anchors x references``) or, recomputed in backward, in chunks of ``chunk_rows``
+    anchors or, with ``symmetric_tiles`` and labels within the batch, in
+    ``tile_rows`` x ``tile_rows`` tiles."""
 
     memory_efficient: bool
     chunk_rows: int
+    symmetric_tiles: bool
+    tile_rows: int
 
 
 def plan_computation(num_anchors, num_refs, device, memory_efficient=None, chunk_size=None):
     """The one place that chooses ICE's path and chunk size (``ICELoss`` and
     ``benchmarks/speed.py`` both ask it). ``memory_efficient=None`` chunks above the
-    device's ``DENSE_LOGITS_LIMIT``; ``chunk_size`` overrides the rows per chunk."""
+    device's ``DENSE_LOGITS_LIMIT``; ``chunk_size`` overrides the rows per chunk and
+    per tile side."""
     kind = "cpu" if torch.device(device).type == "cpu" else "accelerator"
     if memory_efficient is None:
         memory_efficient = num_anchors * num_refs > DENSE_LOGITS_LIMIT[kind]
     chunk_rows = chunk_size or max(1, CHUNK_LOGITS[kind] // max(num_refs, 1))
-    return ComputationPlan(memory_efficient, chunk_rows)
+    tile_rows = chunk_size or math.isqrt(CHUNK_LOGITS[kind])
+    return ComputationPlan(memory_efficient, chunk_rows, SYMMETRIC_TILES[kind], tile_rows)
+
+
+def sparse_positives_pay_off(device):
+    """Whether backward should put the positives into a sparse matrix (a CPU) rather
+    than into the dense gradient of the logits (a GPU); see ``add_grads_from_exp``."""
+    return device.type == "cpu"
 
 
 def accumulation_dtype(dtype):
@@ -92,7 +109,12 @@ class InnerProductLogits(LogitsKernel):
         return out.copy_(torch.mm(queries, refs.T)).mul_(self.coef)
 
     def add_grads(self, queries, refs, grad_logits, grad_queries, grad_refs):
-        """Add the gradients of ``sum(grad_logits * Z)`` to ``grad_queries`` and ``grad_refs``."""
+        """Add the gradients of ``sum(grad_logits * Z)`` to ``grad_queries`` and ``grad_refs``.
+        When the references are the queries (``Z = c Q Q^T``, one gradient buffer),
+        ``dQ = c (G + G^T) Q``: one product instead of two."""
+        if refs is queries and grad_refs is grad_queries:
+            add_matmul(grad_queries, grad_logits + grad_logits.T, queries, self.coef)
+            return
         add_matmul(grad_queries, grad_logits, refs, self.coef)
         if grad_refs is not None:
             add_matmul(grad_refs, grad_logits.T, queries, self.coef)
@@ -104,7 +126,7 @@ class InnerProductLogits(LogitsKernel):
         sparse matrix, so no elementwise pass over ``exp_logits`` is needed: two products.
         On a GPU that pass is cheap and the sparse matrix's coalescing is not (0.6 ms of
         host time per step at batch 1024 on an H200), so the generic form is used."""
-        if exp_logits.device.type != "cpu":
+        if not sparse_positives_pay_off(exp_logits.device):
             return super().add_grads_from_exp(
                 queries, refs, exp_logits, exp_factor, positives, pos_grad, grad_queries, grad_refs
             )
@@ -231,7 +253,7 @@ class ICEPairLosses(torch.autograd.Function):
             torch.sum(logits.sub_(chunk_max[:, None]).exp_(), dim=1, out=row_sum[start:end])
         lse = row_max + torch.log(row_sum)
         margin = lse[positives.anchors] - pos_logits
-        ctx.kernel, ctx.chunk_rows = kernel, chunk_rows
+        ctx.kernel, ctx.chunk_rows, ctx.refs_are_queries = kernel, chunk_rows, refs is queries
         ctx.positives, ctx.masked = positives, masked
         ctx.masked_are_negatives = pairs.masked_are_negatives
         ctx.save_for_backward(
@@ -246,11 +268,12 @@ class ICEPairLosses(torch.autograd.Function):
         pos_grad = grad_losses.to(lse.dtype) * one_minus_p
         neg_coef = torch.zeros_like(lse).index_add_(0, positives.anchors, pos_grad)
         grad_queries = torch.zeros(queries.shape, dtype=lse.dtype, device=queries.device)
-        grad_refs = (
-            torch.zeros(refs.shape, dtype=lse.dtype, device=refs.device)
-            if ctx.needs_input_grad[1]
-            else None
-        )
+        if ctx.refs_are_queries:  # one tensor, one gradient buffer for both roles
+            refs, grad_refs = queries, grad_queries
+        elif ctx.needs_input_grad[1]:
+            grad_refs = torch.zeros(refs.shape, dtype=lse.dtype, device=refs.device)
+        else:
+            grad_refs = None
         if saved_exp is None:
             ICEPairLosses.add_recomputed_grads(
                 ctx, queries, refs, lse, neg_coef, pos_grad, grad_queries, grad_refs
@@ -268,7 +291,7 @@ class ICEPairLosses(torch.autograd.Function):
             )
         return (
             grad_queries.to(queries.dtype),
-            None if grad_refs is None else grad_refs.to(refs.dtype),
+            None if grad_refs is None or ctx.refs_are_queries else grad_refs.to(refs.dtype),
             None,
             None,
             None,

@@ -40,7 +40,7 @@ class ICELabelLosses(ICEPairLosses):
             row_sum = exp_logits.sum(dim=1).clamp_min_(torch.finfo(acc_dtype).tiny)
             lse = row_max + torch.log(row_sum)
             margin = lse[positives[0]] - pos_logits
-            ctx.kernel = kernel
+            ctx.kernel, ctx.refs_are_queries = kernel, refs is queries
             ctx.positives = SimpleNamespace(anchors=positives[0], refs=positives[1])
             ctx.save_for_backward(
                 queries, refs, lse, row_sum, torch.sigmoid(margin), exp_logits

@@ -7,6 +7,7 @@ from ..checks import check_positive_real
 from ..reducers.ice_reweight_reducer import ICEReweightReducer
 from .ice_function import DistanceLogits, ICEPairLosses, InnerProductLogits, plan_computation
 from .ice_label_losses import ICELabelLosses, label_positives
+from .ice_symmetric_tiles import ICESymmetricTiles
 from .ice_pairs import ICEPairs, PairList, pairs_from_indices_tuple, pairs_from_labels
 
 
@@ -68,10 +69,18 @@ class ICELoss(BaseMetricLossFunction):
             len(embeddings), len(ref_emb), embeddings.device, self.memory_efficient, self.chunk_size
         )
         queries, refs, kernel = self.logits_kernel(embeddings, ref_emb)
+        ref_is_batch = ref_emb is embeddings
         if indices_tuple is None and not plan.memory_efficient:
             losses, indices = self.losses_from_label_mask(
-                queries, refs, kernel, labels, ref_labels, ref_emb is embeddings
+                queries, refs, kernel, labels, ref_labels, ref_is_batch
             )
+        elif (
+            indices_tuple is None
+            and ref_is_batch
+            and plan.symmetric_tiles
+            and isinstance(kernel, InnerProductLogits)
+        ):
+            losses, indices = self.losses_from_symmetric_tiles(queries, kernel, labels, plan)
         else:
             losses, indices = self.losses_from_pair_lists(
                 queries, refs, kernel, plan, labels, indices_tuple, ref_labels, ref_emb is embeddings
@@ -95,6 +104,20 @@ class ICELoss(BaseMetricLossFunction):
         if len(positives[0]) == 0:
             return None, None
         return ICELabelLosses.apply(queries, refs, kernel, same_label, positives), positives
+
+    def losses_from_symmetric_tiles(self, queries, kernel, labels, plan):
+        """The chunked path for pairs from labels within the batch: ``Z`` is symmetric,
+        so square tiles serve two blocks of rows each (two matrix products in all)."""
+        pairs = pairs_from_labels(labels, labels, ref_is_batch=True)
+        positives = pairs.positives
+        if self.collect_stats:
+            has_positive = positives.counts() > 0
+            self.num_neg_pairs = int(pairs.num_negatives[has_positive].sum())
+        if len(positives.anchors) == 0:
+            return None, None
+        indices = (positives.anchors, positives.refs)
+        losses = ICESymmetricTiles.apply(queries, kernel, labels, indices, plan.tile_rows)
+        return losses, indices
 
     def losses_from_pair_lists(
         self, queries, refs, kernel, plan, labels, indices_tuple, ref_labels, ref_is_batch
