@@ -1,4 +1,7 @@
-"""Atomic file writes: a reader (or a rerun after a kill) sees the old file or the new one."""
+"""Atomic file writes: a reader (or a rerun after a kill) sees the old file or the new one.
+
+Files get the mode a plain ``open`` would give them (0666 less the umask), not mkstemp's 0600.
+"""
 
 import io
 import json
@@ -9,12 +12,19 @@ from pathlib import Path
 import torch
 
 
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
 def atomic_write_bytes(path, data: bytes) -> None:
     """Write ``data`` to a temporary file beside ``path``, flush it to disk, then rename."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix="." + path.name + ".", suffix=".tmp", dir=path.parent)
     try:
+        os.fchmod(fd, 0o666 & ~_umask())
         with os.fdopen(fd, "wb") as f:
             f.write(data)
             f.flush()
@@ -40,9 +50,17 @@ def atomic_torch_save(path, obj) -> None:
     atomic_write_bytes(path, buffer.getvalue())
 
 
+class BrokenFile(ValueError):
+    """A stored file cannot be read; the message names it."""
+
+
 def read_json(path, default=None):
+    """The JSON in ``path``, ``default`` when there is no such file; ``BrokenFile`` when unreadable."""
     path = Path(path)
     if not path.is_file():
         return default
-    with open(path, encoding="utf-8") as f:
-        return json.load(f)
+    try:
+        with open(path, encoding="utf-8") as f:
+            return json.load(f)
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
+        raise BrokenFile(f"{path} cannot be read ({type(error).__name__}: {error})") from error
