@@ -1,0 +1,100 @@
+"""The settings dataclass, the dataset registry, the console and --amp."""
+
+import dataclasses
+import re
+from pathlib import Path
+
+import pytest
+import torch
+
+from benchmarks import registry, run, settings, training
+from benchmarks.registry import DATASETS
+
+README = Path(__file__).resolve().parents[1] / "benchmarks" / "README.md"
+TINY = ["--epochs", "1", "--seeds", "1", "--limit-per-class", "20", "--batch-size", "16", "--m-per-class", "4",
+        "--patience", "-1"]
+
+
+def test_every_setting_has_a_default_help_a_check_and_an_identity_flag():
+    for field in dataclasses.fields(settings.Settings):
+        assert field.default is not dataclasses.MISSING, field.name
+        assert field.metadata["help"] and callable(field.metadata["check"]), field.name
+        assert isinstance(field.metadata["identity"], bool), field.name
+
+
+def test_settings_are_frozen():
+    resolved = settings.resolve([])
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        resolved.epochs = 3
+
+
+def test_config_json_holds_exactly_the_identifying_settings():
+    assert list(settings.resolve([]).identity()) == [
+        "dataset", "data_root", "model", "pretrained", "freeze_trunk", "embedding_size", "batch_size",
+        "m_per_class", "lr", "loss_lr", "weight_decay", "image_size", "limit_per_class", "val", "amp"]
+
+
+@pytest.mark.parametrize("name", sorted(DATASETS))
+def test_per_dataset_defaults_come_from_the_registry(name):
+    entry = DATASETS[name]
+    resolved = settings.resolve(["--dataset", name])
+    assert {k: getattr(resolved, k) for k in entry.training} == entry.training
+    assert (resolved.model, resolved.image_size) == (entry.default_model, entry.image_size)
+    assert resolved.out == f"results/{name}"
+    # Any option overrides the dataset's default.
+    assert settings.resolve(["--dataset", name, "--epochs", "2"]).epochs == 2
+
+
+def test_help_lists_every_dataset_with_its_defaults_and_install_hint(capsys):
+    with pytest.raises(SystemExit):
+        settings.resolve(["--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    for name, entry in DATASETS.items():
+        assert f"{name} ({entry.size};" in text
+        assert f"epochs={entry.training['epochs']}" in text
+
+
+def test_readme_dataset_table_matches_the_registry():
+    assert registry.readme_table() in README.read_text()
+
+
+def test_registry_loader_gets_only_the_options_it_takes():
+    data = registry.load_dataset("digits", root="/ignored", image_size=99, limit=20)
+    assert len(data.test) == 100 and data.in_channels == DATASETS["digits"].channels
+
+
+def console_of(capsys, tmp_path, *extra):
+    assert run.main(TINY + ["--losses", "ice,ntxent", "--out", str(tmp_path / "out"), *extra]) == 0
+    return capsys.readouterr()
+
+
+def test_console_prints_one_line_per_run_and_no_pml_bars(capsys, tmp_path):
+    captured = console_of(capsys, tmp_path)
+    lines = captured.out.splitlines()
+    assert len([line for line in lines if re.match(r"(ice|ntxent) seed 0: best epoch \d, val MAP@R [\d.]+, "
+                                                   r"test MAP@R [\d.]+, [\d.]+ s$", line)]) == 2
+    assert len(lines) <= 25
+    assert "total_loss=" not in captured.err and "it/s" not in captured.err
+
+
+def test_verbose_adds_a_line_per_epoch_and_quiet_prints_only_the_table(capsys, tmp_path):
+    verbose = console_of(capsys, tmp_path, "--verbose").out
+    assert re.search(r"ice seed 0 epoch 1: val MAP@R [\d.]+, test MAP@R [\d.]+", verbose)
+    quiet = console_of(capsys, tmp_path, "--quiet").out  # finished runs: prints the table again
+    assert quiet.lstrip().startswith("Test metrics") and "| `ntxent` | 1 |" in quiet
+    assert "seed 0" not in quiet and "Wrote" not in quiet
+
+
+def test_amp_bf16_autocasts_training_on_the_cpu(tmp_path, monkeypatch):
+    dtypes = []
+    original = training.BenchmarkTrainer.compute_embeddings
+
+    def record_dtype(self, data):
+        embeddings = original(self, data)
+        dtypes.append(embeddings.dtype)
+        return embeddings
+
+    monkeypatch.setattr(training.BenchmarkTrainer, "compute_embeddings", record_dtype)
+    assert run.main(TINY + ["--amp", "bf16", "--device", "cpu", "--losses", "ice", "--out", str(tmp_path / "o")]) == 0
+    assert dtypes and set(dtypes) == {torch.bfloat16}
+    assert '"amp": "bf16"' in (tmp_path / "o" / "config.json").read_text()
