@@ -16,6 +16,7 @@ import logging
 import os
 import sys
 import warnings
+from typing import Optional, Tuple
 
 import numpy as np
 import torch
@@ -67,33 +68,42 @@ def prepare_data(settings: Settings, processes: int) -> BenchmarkData:
     return data
 
 
+class _DropFrozenTrunkWarning(logging.Filter):
+    """A frozen (cached-feature) trunk has no optimizer by design; PML warns about it."""
+
+    def filter(self, record):
+        return 'missing "trunk_optimizer"' not in record.getMessage()
+
+
 def _quiet_known_warnings() -> None:
     # PML's progress bar formats the loss tensor itself; DDP's buffers are kept rank-local on purpose.
     warnings.filterwarnings("ignore", message="Converting a tensor with requires_grad=True to a scalar")
     warnings.filterwarnings("ignore", message=".*broadcast_buffers.*is deprecated")
-    # A frozen (cached-feature) trunk has no optimizer by design; PML warns about it.
-    logging.getLogger("PML").setLevel(logging.ERROR)
+    pml_logger = logging.getLogger("PML")
+    if not any(isinstance(f, _DropFrozenTrunkWarning) for f in pml_logger.filters):
+        pml_logger.addFilter(_DropFrozenTrunkWarning())
     silence_pml_progress_bars()
 
 
-def experiment(settings: Settings, console: Console, rank: int, processes: int) -> None:
-    """Check the data, then, holding the --out folder's lock, check its identity and run every
-    (loss, seed) in it."""
-    data = prepare_data(settings, processes)
-    folder = OutFolder(settings.out)
-    with folder.lock(console.say) if rank == 0 else contextlib.nullcontext():
-        if processes > 1:
-            torch.distributed.barrier()  # the other ranks read the folder once rank 0 holds it
-        identity = dict(settings.identity(), processes=processes)
-        folder.check_identity(identity)
-        if rank == 0:
-            folder.write_identity(identity)
-        console.say("\n".join(settings_lines(settings, data, processes, [s.label for s in settings.losses])))
-        feature_size = None
-        if settings.freeze_trunk:
-            data = cached_features(settings, data, folder.path, rank, processes, console.say)
-            feature_size = data.train.images.shape[1]
-        Experiment(settings, data, folder, console, rank, processes, feature_size).run()
+def open_folder(settings: Settings, folder: OutFolder, data: BenchmarkData, console: Console, rank: int,
+                processes: int) -> Tuple[BenchmarkData, Optional[int]]:
+    """Check and claim the --out folder; return the data to train on and, for a frozen trunk,
+    its feature size (the data are then the trunk's cached features)."""
+    identity = dict(settings.identity(), processes=processes)
+    folder.check_identity(identity)
+    if rank == 0:
+        folder.write_identity(identity)
+    console.say("\n".join(settings_lines(settings, data, processes, [s.label for s in settings.losses])))
+    if not settings.freeze_trunk:
+        return data, None
+    data = cached_features(settings, data, folder.path, rank, processes, console.say)
+    return data, data.train.images.shape[1]
+
+
+def _refuse(error: Exception, console: Console) -> int:
+    console.stop()
+    print(f"python -m benchmarks.run: error: {error}", file=sys.stderr)
+    return 2
 
 
 def main(argv=None) -> int:
@@ -101,16 +111,22 @@ def main(argv=None) -> int:
     try:
         settings = resolve(argv)
     except UsageError as error:
-        print(f"python -m benchmarks.run: error: {error}", file=sys.stderr)
-        return 2
+        return _refuse(error, Console(enabled=True, verbose=False, quiet=False))
     rank, processes = start_processes(settings)
     console = Console(enabled=rank == 0, verbose=settings.verbose, quiet=settings.quiet)
     try:
-        experiment(settings, console, rank, processes)
+        data = prepare_data(settings, processes)
     except USER_ERRORS as error:
-        console.stop()
-        print(f"python -m benchmarks.run: error: {error}", file=sys.stderr)
-        return 2
+        return _refuse(error, console)
+    folder = OutFolder(settings.out)
+    with folder.lock(console.say) if rank == 0 else contextlib.nullcontext():
+        if processes > 1:
+            torch.distributed.barrier()  # the other ranks read the folder once rank 0 holds it
+        try:
+            data, feature_size = open_folder(settings, folder, data, console, rank, processes)
+        except USER_ERRORS as error:
+            return _refuse(error, console)
+        Experiment(settings, data, folder, console, rank, processes, feature_size).run()
     if processes > 1:
         torch.distributed.barrier()
         torch.distributed.destroy_process_group()
