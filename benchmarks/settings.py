@@ -215,21 +215,23 @@ def build_parser() -> argparse.ArgumentParser:
                         help="TOML file with any of these options as keys (dashes or underscores); the command line wins")
     parser.add_argument("--list-losses", action="store_true", help="print the losses and their parameters, then exit")
     for name, field in FIELDS.items():
-        meta = field.metadata
-        check = meta["check"]
-        help_line = meta["help"] + (" (default: per dataset)" if meta["per_dataset"] else "")
-        if isinstance(check, Boolean):
-            if check.cli == "off":
-                parser.add_argument("--no-" + name.replace("_", "-"), dest=name, action="store_false", default=None,
-                                    help=help_line)
-            else:
-                action = argparse.BooleanOptionalAction if check.cli == "both" else "store_true"
-                parser.add_argument(flag(name), action=action, default=None, help=help_line)
-        else:
-            choices = check.choices if isinstance(check, OneOf) else None
-            parser.add_argument(flag(name), type=check.cli_type, choices=choices, metavar=meta["metavar"],
-                                help=help_line)
+        _add_option(parser, name, field.metadata)
     return parser
+
+
+def _add_option(parser: argparse.ArgumentParser, name: str, meta) -> None:
+    """The command-line option of one field; absent options stay None so that defaults can be merged."""
+    check = meta["check"]
+    help_line = meta["help"] + (" (default: per dataset)" if meta["per_dataset"] else "")
+    if isinstance(check, Boolean) and check.cli == "off":
+        parser.add_argument("--no-" + name.replace("_", "-"), dest=name, action="store_false", default=None,
+                            help=help_line)
+    elif isinstance(check, Boolean):
+        action = argparse.BooleanOptionalAction if check.cli == "both" else "store_true"
+        parser.add_argument(flag(name), action=action, default=None, help=help_line)
+    else:
+        choices = check.choices if isinstance(check, OneOf) else None
+        parser.add_argument(flag(name), type=check.cli_type, choices=choices, metavar=meta["metavar"], help=help_line)
 
 
 def _read_toml(path) -> dict:
