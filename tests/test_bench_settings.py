@@ -63,24 +63,19 @@ def test_registry_loader_gets_only_the_options_it_takes():
     assert len(data.test) == 100 and data.in_channels == DATASETS["digits"].channels
 
 
-def console_of(capsys, tmp_path, *extra):
-    assert run.main(TINY + ["--losses", "ice,ntxent", "--out", str(tmp_path / "out"), *extra]) == 0
-    return capsys.readouterr()
-
-
-def test_console_prints_one_line_per_run_and_no_pml_bars(capsys, tmp_path):
-    captured = console_of(capsys, tmp_path)
+def test_console_one_line_per_run_verbose_epochs_quiet_table_and_no_pml_bars(capsys, tmp_path):
+    argv = TINY + ["--losses", "ice,ntxent", "--out", str(tmp_path / "out")]
+    assert run.main(argv + ["--verbose"]) == 0
+    captured = capsys.readouterr()
     lines = captured.out.splitlines()
     assert len([line for line in lines if re.match(r"(ice|ntxent) seed 0: best epoch \d, val MAP@R [\d.]+, "
                                                    r"test MAP@R [\d.]+, [\d.]+ s$", line)]) == 2
-    assert len(lines) <= 25
+    assert len([line for line in lines if re.match(r"    (ice|ntxent) seed 0 epoch [01]: val MAP@R [\d.]+, "
+                                                   r"test MAP@R [\d.]+$", line)]) == 4
+    assert len(lines) <= 30
     assert "total_loss=" not in captured.err and "it/s" not in captured.err
-
-
-def test_verbose_adds_a_line_per_epoch_and_quiet_prints_only_the_table(capsys, tmp_path):
-    verbose = console_of(capsys, tmp_path, "--verbose").out
-    assert re.search(r"ice seed 0 epoch 1: val MAP@R [\d.]+, test MAP@R [\d.]+", verbose)
-    quiet = console_of(capsys, tmp_path, "--quiet").out  # finished runs: prints the table again
+    assert run.main(argv + ["--quiet"]) == 0  # finished runs: prints the table again
+    quiet = capsys.readouterr().out
     assert quiet.lstrip().startswith("Test metrics") and "| `ntxent` | 1 |" in quiet
     assert "seed 0" not in quiet and "Wrote" not in quiet
 
