@@ -81,6 +81,8 @@ class RunStore:
     def _set_aside(self, error: BrokenFile) -> str:
         """Move the unreadable files to ``*.broken`` so that the run restarts cleanly."""
         for path in (self.failure_path, self.checkpoint_path):
-            if path.exists():
+            try:
                 path.replace(path.with_name(path.name + ".broken"))
+            except FileNotFoundError:  # absent, or moved by another process of this command
+                pass
         return f"{error}; moved aside to *.broken, the run starts again"

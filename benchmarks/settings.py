@@ -53,7 +53,7 @@ class Number:
         is_number = isinstance(value, (int, float)) and not isinstance(value, bool)
         if not is_number or not (value > 0 if self.above_zero else value >= 0):
             raise UsageError(f"{flag(name)} must be a number {'>' if self.above_zero else '>='} 0, got {value!r}")
-        return float(value) if isinstance(value, float) else value
+        return value
 
 
 @dataclasses.dataclass(frozen=True)
