@@ -178,7 +178,7 @@ class Settings:
                        "(auto: classes when >= 10 training classes)", OneOf(("auto", "classes", "samples")),
                        identity=True)
     amp: Optional[str] = setting(None, "mixed precision: autocast the forward pass and the loss (fp16 adds a "
-                                 "GradScaler; needs a GPU)", OneOf(("bf16", "fp16"), optional=True), identity=True)
+                                 "GradScaler)", OneOf(("bf16", "fp16"), optional=True), identity=True)
     eval_batch_size: int = setting(256, "batch size when computing embeddings for evaluation (default 256)",
                                    Integer(1), metavar="B")
     device: str = setting("auto", "cpu, cuda, cuda:1, ... (default: cuda when available)", Device())
@@ -289,9 +289,6 @@ def _check_together(settings: Settings) -> None:
                          "channel(s); use --model cnn")
     if settings.verbose and settings.quiet:
         raise UsageError("--verbose and --quiet exclude each other")
-    if settings.amp == "fp16" and not settings.device.startswith("cuda"):
-        raise UsageError("--amp fp16 needs a CUDA device (float16 autocast is not supported on the CPU); "
-                         "use --amp bf16 on a CPU")
     if Path(settings.out).exists() and not Path(settings.out).is_dir():
         raise UsageError(f"--out {settings.out} is a file, not a folder; choose another --out")
 

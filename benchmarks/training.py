@@ -47,13 +47,14 @@ def world() -> tuple:
 
 class BenchmarkTrainer(trainers.MetricLossOnly):
     """MetricLossOnly that stops on a non-finite loss, averages proxy gradients across ranks
-    and optionally autocasts the forward pass and the loss (``amp``: 'bf16' or 'fp16', the
-    latter with a GradScaler)."""
+    and optionally autocasts the forward pass and the loss (``amp``: 'bf16' or 'fp16'; fp16
+    needs a ``scaler``, a GradScaler)."""
 
-    def __init__(self, *args, loss_label: str = "loss", amp: Optional[str] = None, **kwargs):
+    def __init__(self, *args, loss_label: str = "loss", amp: Optional[str] = None,
+                 scaler: Optional[torch.amp.GradScaler] = None, **kwargs):
         self.loss_label = loss_label
         self.amp_dtype = AMP_DTYPES.get(amp)
-        self.scaler = torch.amp.GradScaler("cuda") if amp == "fp16" else None
+        self.scaler = scaler
         super().__init__(*args, **kwargs)
 
     def calculate_loss(self, curr_batch):
@@ -193,6 +194,7 @@ class Run:
             labels, settings.m_per_class, batch_size=self.per_rank_batch,
             length_before_new_iter=max(self.per_rank_batch, len(labels) // self.world),
         )
+        self.scaler = torch.amp.GradScaler(self.device.type) if settings.amp == "fp16" else None
         self.checkpoint = stored.checkpoint
         self.rows = list(stored.rows) if self.checkpoint else []
         self.hooks = self.tester = None
@@ -210,6 +212,8 @@ class Run:
         self.loss.load_state_dict(self.checkpoint["loss"])
         for name, optimizer in self.optimizers.items():
             optimizer.load_state_dict(self.checkpoint["optimizers"][name])
+        if self.scaler is not None:
+            self.scaler.load_state_dict(self.checkpoint["scaler"])
         _set_rng_state(self.checkpoint["rng"][self.rank], self.sampler)
         return self.checkpoint["epoch"] + 1
 
@@ -229,6 +233,7 @@ class Run:
                 "optimizers": {k: v.state_dict() for k, v in self.optimizers.items()},
                 "loss": self.loss.state_dict(),
                 "rng": rng_states,
+                "scaler": self.scaler.state_dict() if self.scaler is not None else None,
             })
             self.on_rows(self.rows)
 
@@ -277,6 +282,7 @@ class Run:
             end_of_epoch_hook=self.end_of_epoch_hook(),
             loss_label=self.spec.label,
             amp=self.settings.amp,
+            scaler=self.scaler,
         )
 
     def execute(self) -> RunResult:

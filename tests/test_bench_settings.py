@@ -80,7 +80,8 @@ def test_console_one_line_per_run_verbose_epochs_quiet_table_and_no_pml_bars(cap
     assert "seed 0" not in quiet and "Wrote" not in quiet
 
 
-def test_amp_bf16_autocasts_training_on_the_cpu(tmp_path, monkeypatch):
+@pytest.mark.parametrize("amp, dtype", [("bf16", torch.bfloat16), ("fp16", torch.float16)])
+def test_amp_autocasts_training_on_the_cpu(tmp_path, monkeypatch, amp, dtype):
     dtypes = []
     original = training.BenchmarkTrainer.compute_embeddings
 
@@ -90,6 +91,8 @@ def test_amp_bf16_autocasts_training_on_the_cpu(tmp_path, monkeypatch):
         return embeddings
 
     monkeypatch.setattr(training.BenchmarkTrainer, "compute_embeddings", record_dtype)
-    assert run.main(TINY + ["--amp", "bf16", "--device", "cpu", "--losses", "ice", "--out", str(tmp_path / "o")]) == 0
-    assert dtypes and set(dtypes) == {torch.bfloat16}
-    assert '"amp": "bf16"' in (tmp_path / "o" / "config.json").read_text()
+    assert run.main(TINY + ["--amp", amp, "--device", "cpu", "--losses", "ice", "--out", str(tmp_path / "o")]) == 0
+    assert dtypes and set(dtypes) == {dtype}
+    assert f'"amp": "{amp}"' in (tmp_path / "o" / "config.json").read_text()
+    checkpoint = torch.load(tmp_path / "o" / "runs" / "ice" / "seed0" / "checkpoint.pth", weights_only=False)
+    assert (checkpoint["scaler"] is not None) == (amp == "fp16")  # the GradScaler's state resumes with the run

@@ -96,7 +96,6 @@ def test_output_files_respect_the_umask(tmp_path):
     [
         (["--m-per-class", "1", "--batch-size", "16"], "--m-per-class must be an integer >= 2"),
         (["--device", "foo"], "--device must be cpu, cuda, cuda:N or auto, got 'foo'"),
-        (["--amp", "fp16", "--device", "cpu"], "--amp fp16 needs a CUDA device"),
         (["--verbose", "--quiet"], "--verbose and --quiet exclude each other"),
         (["--model", "resnet18"], "model 'resnet18' takes RGB images, dataset 'digits' has 1 channel(s)"),
     ],
