@@ -6,7 +6,7 @@ import torch
 from pytorch_metric_learning import testers
 
 from .datasets import BenchmarkData, TensorImageDataset
-from .files import BrokenFile, atomic_torch_save
+from .files import BrokenFile, atomic_torch_save, read_torch
 from .models import build_trunk
 from .settings import Settings
 from .training import seed_everything
@@ -20,7 +20,7 @@ class FrozenFeatures(torch.nn.Identity):
         self.output_size = output_size
 
 
-def _compute_features(settings: Settings, data: BenchmarkData, cache: Path) -> None:
+def _compute_features(settings: Settings, data: BenchmarkData, cache: Path) -> dict:
     seed_everything(0)
     trunk = build_trunk(settings.model, data.in_channels, settings.pretrained).to(settings.device).eval()
     tester = testers.GlobalEmbeddingSpaceTester(
@@ -32,20 +32,27 @@ def _compute_features(settings: Settings, data: BenchmarkData, cache: Path) -> N
         embeddings, _ = tester.get_all_embeddings(getattr(data, split), trunk)
         features[split] = embeddings.cpu()
     atomic_torch_save(cache, features)
+    return features
 
 
 def cached_features(settings: Settings, data: BenchmarkData, out: Path, rank: int, world: int, log) -> BenchmarkData:
-    """``data`` with its images replaced by the frozen trunk's features (rank 0 computes them)."""
+    """``data`` with its images replaced by the frozen trunk's features, computed by rank 0
+    when the cache is missing or cannot be read."""
     cache = out / "cache" / "trunk_features.pt"
-    if rank == 0 and not cache.is_file():
-        log(f"computing {settings.model} features of {len(data.train) + len(data.val) + len(data.test)} images once")
-        _compute_features(settings, data, cache)
+    features = None
+    if rank == 0:
+        try:
+            features = read_torch(cache) if cache.is_file() else None
+        except BrokenFile as error:
+            log(f"{error}; computing the features again")
+        if features is None:
+            log(f"computing {settings.model} features of {len(data.train) + len(data.val) + len(data.test)} "
+                "images once")
+            features = _compute_features(settings, data, cache)
     if world > 1:
         torch.distributed.barrier()
-    try:
-        features = torch.load(cache, map_location="cpu")
-    except (RuntimeError, EOFError, OSError) as error:
-        raise BrokenFile(f"{cache} cannot be read ({error}); delete it and it is computed again") from error
+    if features is None:
+        features = read_torch(cache)
     return BenchmarkData(
         train=TensorImageDataset(features["train"], data.train.labels),
         val=TensorImageDataset(features["val"], data.val.labels),

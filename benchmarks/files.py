@@ -6,7 +6,9 @@ Files get the mode a plain ``open`` would give them (0666 less the umask), not m
 import io
 import json
 import os
+import pickle
 import tempfile
+import zipfile
 from pathlib import Path
 
 import torch
@@ -63,4 +65,12 @@ def read_json(path, default=None):
         with open(path, encoding="utf-8") as f:
             return json.load(f)
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
+        raise BrokenFile(f"{path} cannot be read ({type(error).__name__}: {error})") from error
+
+
+def read_torch(path):
+    """What ``torch.save`` stored in ``path`` (on the CPU); ``BrokenFile`` when it cannot be read."""
+    try:
+        return torch.load(path, map_location="cpu", weights_only=False)
+    except (RuntimeError, EOFError, OSError, pickle.UnpicklingError, zipfile.BadZipFile) as error:
         raise BrokenFile(f"{path} cannot be read ({type(error).__name__}: {error})") from error

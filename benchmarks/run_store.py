@@ -7,14 +7,10 @@ to ``<name>.broken`` and the run starts again from scratch: ``StoredRun.note`` s
 """
 
 import dataclasses
-import pickle
-import zipfile
 from pathlib import Path
 from typing import List, Optional
 
-import torch
-
-from .files import BrokenFile, atomic_torch_save, atomic_write_json, read_json
+from .files import BrokenFile, atomic_torch_save, atomic_write_json, read_json, read_torch
 
 CHECKPOINT_KEYS = ("epoch", "stopped_early", "rows", "models", "optimizers", "loss", "rng")
 
@@ -70,10 +66,7 @@ class RunStore:
     def _read_checkpoint(self) -> Optional[dict]:
         if not self.checkpoint_path.is_file():
             return None
-        try:
-            checkpoint = torch.load(self.checkpoint_path, map_location="cpu", weights_only=False)
-        except (RuntimeError, EOFError, OSError, pickle.UnpicklingError, zipfile.BadZipFile) as error:
-            raise BrokenFile(f"{self.checkpoint_path} cannot be read ({type(error).__name__}: {error})") from error
+        checkpoint = read_torch(self.checkpoint_path)
         if not (isinstance(checkpoint, dict) and set(CHECKPOINT_KEYS) <= set(checkpoint)):
             raise BrokenFile(f"{self.checkpoint_path} is not a checkpoint of this harness")
         return checkpoint

@@ -71,6 +71,20 @@ def test_broken_run_file_restarts_that_run_and_the_others_carry_on(tmp_path, cap
     assert RunStore(out / "runs" / "triplet" / "seed0").load(1).status == "finished"
 
 
+def test_broken_feature_cache_is_computed_again(tmp_path, capsys):
+    out = tmp_path / "out"
+    argv = TINY + ["--freeze-trunk", "--losses", "ice", "--out", str(out)]
+    assert run.main(argv) == 0
+    expected = (out / "results.csv").read_text()
+    cache = out / "cache" / "trunk_features.pt"
+    cache.write_bytes(b"")
+    (out / "runs" / "ice" / "seed0" / "checkpoint.pth").unlink()
+    capsys.readouterr()
+    assert run.main(argv) == 0
+    assert f"{cache} cannot be read" in capsys.readouterr().out
+    assert (out / "results.csv").read_text() == expected
+
+
 def test_broken_config_json_names_the_file_and_what_to_do(tmp_path, capsys):
     out = tmp_path / "out"
     out.mkdir()
