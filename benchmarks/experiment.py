@@ -61,9 +61,9 @@ class Experiment:
     def _add_earlier_runs(self, stores: List[RunStore]) -> None:
         """Rows and failures of run folders that this command does not run."""
         for store in stores:
-            stored = store.load(self.settings.epochs)
+            stored = store.load(self.settings.epochs, restart_broken=False)
             if stored.note:
-                self.console.say(f"earlier run in {store.folder}: {stored.note}")
+                self.console.say(f"earlier run: {stored.note}")
             if not stored.rows:
                 continue
             key = (stored.rows[0]["loss"], stored.rows[0]["seed"])

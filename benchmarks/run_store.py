@@ -37,14 +37,17 @@ class RunStore:
         self.logs = self.folder / "logs"
         self.tensorboard = self.folder / "tensorboard"
 
-    def load(self, epochs: int) -> StoredRun:
-        """Read the folder once; a run is finished once stopped early or trained ``epochs`` epochs."""
+    def load(self, epochs: int, restart_broken: bool = True) -> StoredRun:
+        """Read the folder once; a run is finished once stopped early or trained ``epochs`` epochs.
+        A broken file is set aside for a restart, or (``restart_broken=False``) only reported."""
         try:
             failure = self._read_failure()
             if failure is not None:
                 return StoredRun("failed", failure["rows"], error=failure["error"])
             checkpoint = self._read_checkpoint()
         except BrokenFile as error:
+            if not restart_broken:
+                return StoredRun("new", [], note=f"{error}; its rows are left out until a command that runs it")
             return StoredRun("new", [], note=self._set_aside(error))
         if checkpoint is None:
             return StoredRun("new", [])

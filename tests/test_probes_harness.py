@@ -69,6 +69,11 @@ def test_broken_run_file_restarts_that_run_and_the_others_carry_on(tmp_path, cap
     assert broken.with_name(broken_file + ".broken").read_bytes() == content
     assert (out / "results.csv").read_text() == expected  # retrained to the same rows
     assert RunStore(out / "runs" / "triplet" / "seed0").load(1).status == "finished"
+    # A broken run of an earlier command (not run now) is only reported, its files stay.
+    broken.write_bytes(content)
+    assert run.main(TINY + ["--losses", "triplet", "--out", str(out)]) == 0
+    assert f"earlier run: {broken} cannot be read" in capsys.readouterr().out
+    assert broken.read_bytes() == content
 
 
 def test_broken_feature_cache_is_computed_again(tmp_path, capsys):
