@@ -76,7 +76,7 @@ class Experiment:
     def epochs_to_evaluate(self) -> int:
         """Evaluations left in this command (epoch 0 of new runs included), for the progress bar."""
         total = 0
-        for key, stored in self.stored.items():
+        for stored in self.stored.values():
             if stored.status == "new":
                 total += self.settings.epochs + 1
             elif stored.status == "partial":
