@@ -26,6 +26,10 @@ def labels_path(request, monkeypatch):
     return request.param
 
 
+# Every input mode on the row chunks; labels within the batch on the symmetric tiles too.
+MODES_AND_PATHS = [(mode, "row_chunks") for mode in INPUT_MODES] + [("labels", "symmetric_tiles")]
+
+
 def pair_weight(anchor, positive):
     """A fixed, pair-specific coefficient, so that the gradient of the weighted sum
     of the per-pair losses checks every pair's gradient."""
@@ -115,10 +119,11 @@ def check_same(agreement, category, actual, expected, loss_rtol, grad_rtol):
 
 
 @pytest.mark.parametrize("chunk_size", CHUNK_SIZES)
-@pytest.mark.parametrize("mode", INPUT_MODES)
+@pytest.mark.parametrize("mode, path", MODES_AND_PATHS)
 def test_chunked_equals_dense_and_reference(
-    agreement, make_batch, distance_case, mode, chunk_size, labels_path
+    agreement, make_batch, distance_case, mode, path, chunk_size, monkeypatch
 ):
+    use_symmetric_tiles(monkeypatch, path == "symmetric_tiles")
     spec, make_distance = distance_case
     inputs = make_inputs(make_batch, mode)
     chunked = ice_pairs_and_grads(
@@ -131,10 +136,15 @@ def test_chunked_equals_dense_and_reference(
 
 
 @pytest.mark.parametrize("normalize", ["batch", "anchor"])
-@pytest.mark.parametrize("mode", ["labels", "triplet_miner", "ref_emb"])
+@pytest.mark.parametrize(
+    "mode, path",
+    [("labels", "row_chunks"), ("labels", "symmetric_tiles"), ("triplet_miner", "row_chunks"),
+     ("ref_emb", "row_chunks")],
+)
 def test_chunked_reduced_loss_and_grads_equal_dense(
-    agreement, make_batch, mode, normalize, labels_path
+    agreement, make_batch, mode, path, normalize, monkeypatch
 ):
+    use_symmetric_tiles(monkeypatch, path == "symmetric_tiles")
     embeddings, labels, indices_tuple, ref_emb, ref_labels = make_inputs(
         make_batch, mode, torch.float32
     )
