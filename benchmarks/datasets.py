@@ -17,7 +17,7 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
-DATASETS = ("digits", "fashion-mnist", "emoji", "cub200", "cars196", "sop", "folder")
+DATASETS = ("digits", "glyphs", "fashion-mnist", "emoji", "cub200", "cars196", "sop", "folder")
 FASHION_MNIST_DEFAULT_ROOT = "/usr/share/datasets/fashion-mnist"
 FASHION_MNIST_FILES = (
     "train-images-idx3-ubyte.gz",
@@ -377,6 +377,10 @@ def load_dataset(name: str, root=None, download=False, image_size=None, val_mode
     """Load a dataset by name (one of ``DATASETS``)."""
     if name == "digits":
         return load_digits_dataset(val_mode, limit)
+    if name == "glyphs":
+        from .glyphs import load_glyphs
+
+        return load_glyphs(root, val_mode, limit)
     if name == "fashion-mnist":
         return load_fashion_mnist(root, val_mode, limit)
     if name == "emoji":

@@ -28,6 +28,7 @@ from .training import TrainSettings, load_run, seed_everything, train_one
 # Per-dataset defaults of the settings whose good value depends on the data.
 DATASET_DEFAULTS = {
     "digits": dict(epochs=15, batch_size=64, m_per_class=16, embedding_size=64, lr=1e-3, freeze_trunk=False),
+    "glyphs": dict(epochs=2, batch_size=128, m_per_class=4, embedding_size=64, lr=1e-3, freeze_trunk=False),
     "fashion-mnist": dict(epochs=5, batch_size=128, m_per_class=32, embedding_size=64, lr=1e-3, freeze_trunk=False),
     "emoji": dict(epochs=30, batch_size=128, m_per_class=2, embedding_size=128, lr=1e-4, freeze_trunk=True, image_size=128),
     "cub200": dict(epochs=50, batch_size=128, m_per_class=4, embedding_size=128, lr=1e-5, freeze_trunk=False),
