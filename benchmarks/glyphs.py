@@ -207,12 +207,15 @@ def cached_glyph_set(cache_dir=None, font_dir=None, fonts: Sequence[str] = GLYPH
         return stored["code_points"], stored["images"], stored["present"]
 
 
-def alternating_split(num_classes: int):
-    """Class indices of (train, val, test): odd positions test, every fifth remaining class validates."""
+def alternating_split(num_classes: int, test_every: int = 1):
+    """Class indices of (train, val, test) in code-point order: even positions train and every
+    fifth of them validates; odd positions test, of which every ``test_every``-th is kept."""
     if num_classes < 10:
         raise ValueError(f"glyphs: the alternating split needs at least 10 classes, got {num_classes}")
+    if test_every < 1:
+        raise ValueError(f"glyphs: test_every must be at least 1, got {test_every}")
     train = np.arange(0, num_classes, 2)
-    test = np.arange(1, num_classes, 2)
+    test = np.arange(1, num_classes, 2)[::test_every]
     in_val = np.zeros(len(train), dtype=bool)
     in_val[4::5] = True
     return train[~in_val], train[in_val], test
@@ -259,20 +262,21 @@ class RandomAffineImages(TensorImageDataset):
                                   self.scale, self.translate)
 
 
-def load_glyphs(root=None, val_mode="auto", limit=None, *, font_dir=None, fonts: Sequence[str] = GLYPH_FONTS,
+def load_glyphs(root=None, val_mode="auto", limit=None, test_every=2, *, font_dir=None, fonts: Sequence[str] = GLYPH_FONTS,
                 code_points: Optional[Sequence[int]] = None) -> BenchmarkData:
     """Glyphs: ``root`` is the cache folder (default ~/.cache/pml-ice/glyphs); ``limit`` fonts per class.
 
     ``val_mode`` "auto" or "classes" validates on every fifth training class, "samples" on
-    every fifth image of each training class. ``font_dir``, ``fonts`` and ``code_points``
-    select a subset (tests).
+    every fifth image of each training class. The test split keeps every ``test_every``-th
+    test class: 2 (the default) halves the cost of evaluating every epoch, 1 keeps all.
+    ``font_dir``, ``fonts`` and ``code_points`` select a subset (tests).
     """
     code_points, images, present = cached_glyph_set(root, font_dir, fonts, code_points)
     class_of, font_of = np.nonzero(present)
     pixels = torch.from_numpy(images[class_of, font_of]).float().unsqueeze(1)
     keep = limit_per_class(class_of, limit)
     pixels, labels = (pixels[keep] / 255.0 - 0.5) / 0.5, class_of[keep]
-    train_classes, val_classes, test_classes = alternating_split(len(code_points))
+    train_classes, val_classes, test_classes = alternating_split(len(code_points), test_every)
     if val_mode == "samples":
         train_classes = np.sort(np.concatenate([train_classes, val_classes]))
     elif val_mode not in ("auto", "classes"):

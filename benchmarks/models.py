@@ -40,7 +40,7 @@ class GlyphCNN(nn.Module):
     convolution has stride 2 and max-pooling follows the next two, so the last block sees
     the whole character at a quarter of the cost of a full-resolution first block."""
 
-    def __init__(self, in_channels: int = 1, widths=(32, 64, 128, 256)):
+    def __init__(self, in_channels: int = 1, widths=(16, 32, 64, 128)):
         super().__init__()
         layers, cin = [], in_channels
         for index, cout in enumerate(widths):
