@@ -113,7 +113,8 @@ def render_fonts(paths: Sequence[Path], code_points: Optional[Sequence[int]] = N
         for covered in per_font:
             for c in covered:
                 counts[c] = counts.get(c, 0) + 1
-        code_points = sorted(c for c, n in counts.items() if n >= MIN_FONTS)
+        code_points = [c for c, n in counts.items() if n >= MIN_FONTS]
+    code_points = sorted(set(code_points))
     images = np.zeros((len(code_points), len(paths), IMAGE_SIZE, IMAGE_SIZE), dtype=np.uint8)
     for f, (path, covered) in enumerate(zip(paths, per_font)):
         for i, c in enumerate(code_points):

@@ -69,7 +69,8 @@ def build_parser() -> argparse.ArgumentParser:
             "'ice:scale=32,lam=1,ntxent:temperature=0.05'; miner parameters start with miner_):\n"
             + loss_specs.losses_help()
             + "\n\nPer-dataset defaults (any option overrides them):\n" + dataset_lines
-            + "\n\nDatasets: digits (bundled with scikit-learn); fashion-mnist (apt-get install "
+            + "\n\nDatasets: digits (bundled with scikit-learn); glyphs (rendered once from matplotlib's fonts, "
+            "cached in --data-root, default ~/.cache/pml-ice/glyphs); fashion-mnist (apt-get install "
             "dataset-fashion-mnist, or --data-root);\nemoji (npm install emoji-datasource-google@16.0.0 "
             "emoji-datasource-twitter@16.0.0, found under node_modules or --data-root);\ncub200, cars196, "
             "sop (PML datasets: --data-root DIR, --download to fetch); folder (--data-root with one "
@@ -81,7 +82,7 @@ def build_parser() -> argparse.ArgumentParser:
     add = parser.add_argument
     add("--config", metavar="FILE", help="TOML file with any of these options as keys (dashes or underscores); the command line wins")
     add("--dataset", choices=DATASETS, help="dataset (default: digits)")
-    add("--data-root", metavar="PATH", help="where the dataset lives (fashion-mnist, emoji, cub200, cars196, sop, folder)")
+    add("--data-root", metavar="PATH", help="where the dataset lives (glyphs: its cache folder; fashion-mnist, emoji, cub200, cars196, sop, folder)")
     add("--download", action="store_true", default=None, help="let PML download cub200/cars196/sop into --data-root")
     add("--losses", metavar="SPECS", help=f"losses to compare (default: {loss_specs.DEFAULT_LOSSES})")
     add("--list-losses", action="store_true", help="print the losses and their parameters, then exit")
@@ -89,7 +90,7 @@ def build_parser() -> argparse.ArgumentParser:
     add("--patience", type=int, metavar="N", help="stop a run when validation MAP@R has not improved for N epochs (default 5; -1 = never)")
     add("--seeds", type=int, metavar="K", help="seeds 0..K-1 per loss (default 3)")
     add("--out", metavar="DIR", help="output folder (default: results/<dataset>)")
-    add("--model", choices=("auto",) + MODELS, help="trunk; auto = cnn for grey-scale sets, efficientnet-lite0 for emoji/folder, resnet50 for cub200/cars196/sop")
+    add("--model", choices=("auto",) + MODELS, help="trunk; auto = cnn4 for glyphs, cnn for other grey-scale sets, efficientnet-lite0 for emoji/folder, resnet50 for cub200/cars196/sop")
     add("--no-pretrained", dest="pretrained", action="store_false", default=None, help="random trunk weights instead of ImageNet ones")
     add("--freeze-trunk", action=argparse.BooleanOptionalAction, default=None,
         help="keep the trunk fixed and train only the embedder on cached trunk features (default: on for emoji)")
@@ -343,7 +344,7 @@ def main(argv=None) -> int:
     labels = [s.label for s in opts.loss_specs]
     header = [
         f"- dataset: {opts.dataset} ({'; '.join(split_sizes(data))})",
-        f"- model: {opts.model}{' (pretrained)' if opts.pretrained and opts.model != 'cnn' else ''}"
+        f"- model: {opts.model}{' (pretrained)' if opts.pretrained and opts.model not in ('cnn', 'cnn4') else ''}"
         f"{', trunk frozen' if opts.freeze_trunk else ''}, embedding {opts.embedding_size}",
         f"- training: up to {opts.epochs} epochs, patience {opts.patience}, batch {opts.batch_size} "
         f"({opts.m_per_class} per class), Adam lr {opts.lr}, {world} process(es), device {opts.device}",
