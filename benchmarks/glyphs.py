@@ -44,7 +44,7 @@ MIN_FONTS = 8
 MIN_INK = 8  # a glyph with less total ink (in units of one full pixel) is empty
 HOMOGLYPH_THRESHOLD = 0.01
 EXCLUDED_CATEGORIES = ("Cc", "Cf", "Cs", "Co", "Cn", "Zs", "Zl", "Zp", "Mn", "Mc", "Me")
-RENDER_VERSION = 1  # raise when the rendering code changes what it draws
+RENDER_VERSION = 2  # raise when the rendering code changes what it draws
 DEFAULT_CACHE = Path.home() / ".cache" / "pml-ice" / "glyphs"
 
 
@@ -105,16 +105,18 @@ def render_glyph(path: Path, character: str) -> np.ndarray:
 def render_fonts(paths: Sequence[Path], code_points: Optional[Sequence[int]] = None):
     """Code points (C,), their images in each font (C, F, S, S; zeros where absent) and presence (C, F).
 
-    ``code_points`` defaults to every code point drawable by at least ``MIN_FONTS`` fonts.
+    By default every code point that at least ``MIN_FONTS`` fonts draw (not empty); given
+    ``code_points`` are kept when one font draws them.
     """
     per_font = [set(drawable_code_points(p)) for p in paths]
+    min_fonts = MIN_FONTS if code_points is None else 1
     if code_points is None:
         counts: Dict[int, int] = {}
         for covered in per_font:
             for c in covered:
                 counts[c] = counts.get(c, 0) + 1
-        code_points = [c for c, n in counts.items() if n >= MIN_FONTS]
-    code_points = sorted(set(code_points))
+        code_points = [c for c, n in counts.items() if n >= min_fonts]
+    code_points = np.array(sorted(set(code_points)), dtype=np.int64)
     images = np.zeros((len(code_points), len(paths), IMAGE_SIZE, IMAGE_SIZE), dtype=np.uint8)
     for f, (path, covered) in enumerate(zip(paths, per_font)):
         for i, c in enumerate(code_points):
@@ -122,7 +124,8 @@ def render_fonts(paths: Sequence[Path], code_points: Optional[Sequence[int]] = N
                 images[i, f] = render_glyph(path, chr(c))
     present = images.reshape(len(code_points), len(paths), -1).sum(axis=2, dtype=np.int64) >= MIN_INK * 255
     images[~present] = 0
-    return np.asarray(code_points, dtype=np.int64), images, present
+    keep = present.sum(axis=1) >= min_fonts
+    return code_points[keep], images[keep], present[keep]
 
 
 def homoglyph_groups(images: np.ndarray, present: np.ndarray, threshold: float = HOMOGLYPH_THRESHOLD) -> np.ndarray:
