@@ -21,7 +21,7 @@ from .training import Run, seed_everything
 
 def settings_lines(settings: Settings, data: BenchmarkData, processes: int, labels: List[str]) -> List[str]:
     """The settings block of summary.md and of the console."""
-    pretrained = " (pretrained)" if settings.pretrained and settings.model != "cnn" else ""
+    pretrained = " (pretrained)" if settings.pretrained and settings.model not in FROM_SCRATCH_MODELS else ""
     lines = [
         f"- dataset: {settings.dataset} ({'; '.join(split_sizes(data))})",
         f"- model: {settings.model}{pretrained}{', trunk frozen' if settings.freeze_trunk else ''}, "

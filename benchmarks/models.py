@@ -3,7 +3,9 @@
 import torch
 from torch import nn
 
-MODELS = ("cnn", "efficientnet-lite0", "resnet18", "resnet50")
+MODELS = ("cnn", "cnn4", "efficientnet-lite0", "resnet18", "resnet50")
+# Small networks trained from scratch on images of any number of channels; the others are ImageNet RGB trunks.
+FROM_SCRATCH_MODELS = ("cnn", "cnn4")
 
 
 class WeightsUnavailable(RuntimeError):
@@ -30,6 +32,27 @@ class SmallCNN(nn.Module):
             nn.Flatten(),
         )
         self.output_size = 128
+
+    def forward(self, x):
+        return self.features(x)
+
+
+class GlyphCNN(nn.Module):
+    """Four conv-BN-ReLU blocks and global average pooling, for 32-pixel glyphs: the first
+    convolution has stride 2 and max-pooling follows the next two, so the last block sees
+    the whole character at a quarter of the cost of a full-resolution first block."""
+
+    def __init__(self, in_channels: int = 1, widths=(16, 32, 64, 128)):
+        super().__init__()
+        layers, cin = [], in_channels
+        for index, cout in enumerate(widths):
+            stride = 2 if index == 0 else 1
+            layers += [nn.Conv2d(cin, cout, 3, stride=stride, padding=1, bias=False), nn.BatchNorm2d(cout), nn.ReLU(inplace=True)]
+            if 0 < index < len(widths) - 1:
+                layers.append(nn.MaxPool2d(2))
+            cin = cout
+        self.features = nn.Sequential(*layers, nn.AdaptiveAvgPool2d(1), nn.Flatten())
+        self.output_size = cin
 
     def forward(self, x):
         return self.features(x)
@@ -77,6 +100,8 @@ def build_trunk(name: str, in_channels: int, pretrained: bool = True) -> nn.Modu
     """The trunk ``name``; it has an ``output_size`` attribute (its feature dimension)."""
     if name == "cnn":
         return SmallCNN(in_channels)
+    if name == "cnn4":
+        return GlyphCNN(in_channels)
     if in_channels != 3:
         raise ValueError(f"model '{name}' takes RGB images, this dataset has {in_channels} channel(s); use --model cnn")
     if name == "efficientnet-lite0":
@@ -91,3 +116,4 @@ def build_embedder(input_size: int, embedding_size: int) -> nn.Module:
     if embedding_size < 1:
         raise ValueError(f"--embedding-size must be positive, got {embedding_size}")
     return nn.Linear(input_size, embedding_size)
+

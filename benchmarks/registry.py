@@ -11,7 +11,7 @@ import functools
 import inspect
 from typing import Any, Callable, Dict, Optional
 
-from . import datasets
+from . import datasets, glyphs
 from .datasets import BenchmarkData
 
 
@@ -50,6 +50,15 @@ DATASETS: Dict[str, DatasetEntry] = {
         loader=datasets.load_digits_dataset, channels=1, default_model="cnn", image_size=None,
         training=_training(15, 64, 16, 64, 1e-3),
         size="1,797 8x8 images, 10 classes", install="bundled with scikit-learn", licence="CC BY 4.0 (UCI)",
+        command="python -m benchmarks.run --dataset digits",
+    ),
+    "glyphs": DatasetEntry(
+        loader=glyphs.load_glyphs, channels=1, default_model="cnn4", image_size=None,
+        training=_training(2, 128, 4, 64, 1e-3),
+        size="35,645 32x32 images, 2,958 classes (one character in 8 to 16 fonts)",
+        install="nothing: rendered once from the fonts matplotlib ships, cached under `--data-root` "
+        "(default `~/.cache/pml-ice/glyphs`)",
+        licence="DejaVu fonts: Bitstream Vera licence; STIX fonts: SIL OFL 1.1",
         command="python -m benchmarks.run",
     ),
     "fashion-mnist": DatasetEntry(

@@ -17,7 +17,7 @@ from typing import Any, Optional, Tuple
 import torch
 
 from . import loss_specs
-from .models import MODELS
+from .models import FROM_SCRATCH_MODELS, MODELS
 from .registry import DATASETS, help_text
 
 
@@ -137,7 +137,7 @@ def setting(default, help, check, identity=False, per_dataset=False, metavar=Non
 class Settings:
     """Every setting of ``python -m benchmarks.run``."""
 
-    dataset: str = setting("digits", "dataset", OneOf(tuple(DATASETS), noun="dataset"), identity=True)
+    dataset: str = setting("glyphs", "dataset", OneOf(tuple(DATASETS), noun="dataset"), identity=True)
     data_root: Optional[str] = setting(None, "where the dataset lives (fashion-mnist, emoji, cub200, cars196, sop, "
                                        "folder)", PathText(), identity=True, metavar="PATH")
     download: bool = setting(False, "let PML download cub200/cars196/sop into --data-root", Boolean())
@@ -284,9 +284,9 @@ def _check_together(settings: Settings) -> None:
     if settings.batch_size % settings.m_per_class:
         raise UsageError(f"--batch-size {settings.batch_size} must be a multiple of --m-per-class {settings.m_per_class}")
     channels = DATASETS[settings.dataset].channels
-    if settings.model != "cnn" and channels != 3:
+    if settings.model not in FROM_SCRATCH_MODELS and channels != 3:
         raise UsageError(f"model '{settings.model}' takes RGB images, dataset '{settings.dataset}' has {channels} "
-                         "channel(s); use --model cnn")
+                         f"channel(s); use --model {' or '.join(FROM_SCRATCH_MODELS)}")
     if settings.verbose and settings.quiet:
         raise UsageError("--verbose and --quiet exclude each other")
     if Path(settings.out).exists() and not Path(settings.out).is_dir():
