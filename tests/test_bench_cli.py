@@ -6,6 +6,9 @@ from benchmarks import loss_specs, run, settings
 
 
 def run_main(capsys, *argv):
+    """``run.main`` on digits (the fast dataset) unless ``argv`` names one."""
+    if "--dataset" not in argv:
+        argv = ("--dataset", "digits") + argv
     code = run.main(list(argv))
     return code, capsys.readouterr()
 
@@ -106,7 +109,7 @@ def test_help_documents_datasets_losses_and_outputs(capsys):
 def test_config_file_sets_options_and_command_line_wins(tmp_path):
     config = tmp_path / "bench.toml"
     config.write_text('losses = ["ice:scale=8", "supcon"]\nepochs = 7\nseeds = 2\nbatch-size = 32\n')
-    opts = settings.resolve(["--config", str(config), "--seeds", "1"])
+    opts = settings.resolve(["--config", str(config), "--seeds", "1", "--dataset", "digits"])
     assert [s.label for s in opts.losses] == ["ice:scale=8", "supcon"]
     assert (opts.epochs, opts.seeds, opts.batch_size, opts.m_per_class) == (7, 1, 32, 16)
 

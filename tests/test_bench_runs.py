@@ -14,7 +14,7 @@ from benchmarks import run, training
 from benchmarks.metrics import METRICS
 
 REPO = Path(__file__).resolve().parents[1]
-TINY = ["--epochs", "2", "--seeds", "1", "--limit-per-class", "40", "--batch-size", "32", "--m-per-class", "8", "--patience", "-1"]
+TINY = ["--dataset", "digits", "--epochs", "2", "--seeds", "1", "--limit-per-class", "40", "--batch-size", "32", "--m-per-class", "8", "--patience", "-1"]
 
 
 def read_rows(path):

@@ -11,7 +11,7 @@ from benchmarks import registry, run, settings, training
 from benchmarks.registry import DATASETS
 
 README = Path(__file__).resolve().parents[1] / "benchmarks" / "README.md"
-TINY = ["--epochs", "1", "--seeds", "1", "--limit-per-class", "20", "--batch-size", "16", "--m-per-class", "4",
+TINY = ["--dataset", "digits", "--epochs", "1", "--seeds", "1", "--limit-per-class", "20", "--batch-size", "16", "--m-per-class", "4",
         "--patience", "-1"]
 
 

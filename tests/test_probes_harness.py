@@ -14,7 +14,7 @@ from benchmarks import run, settings
 from benchmarks.run_store import RunStore
 
 REPO = Path(__file__).resolve().parents[1]
-TINY = ["--epochs", "1", "--seeds", "1", "--limit-per-class", "20", "--batch-size", "16", "--m-per-class", "4",
+TINY = ["--dataset", "digits", "--epochs", "1", "--seeds", "1", "--limit-per-class", "20", "--batch-size", "16", "--m-per-class", "4",
         "--patience", "-1"]
 
 
@@ -120,7 +120,7 @@ def test_output_files_respect_the_umask(tmp_path):
     ],
 )
 def test_bad_option_values_are_refused(capsys, tmp_path, argv, message):
-    assert run.main(argv + ["--out", str(tmp_path / "out")]) == 2
+    assert run.main(["--dataset", "digits"] + argv + ["--out", str(tmp_path / "out")]) == 2
     error = capsys.readouterr().err
     assert message in error and "Traceback" not in error
     assert not (tmp_path / "out").exists()
