@@ -18,7 +18,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from . import loss_specs
+from . import loss_specs, significance
 from .datasets import DATASETS, BenchmarkData, DatasetNotInstalled, TensorImageDataset, load_dataset, split_sizes
 from .files import atomic_torch_save, atomic_write_json, read_json
 from .models import MODELS, WeightsUnavailable, build_embedder, build_trunk
@@ -395,10 +395,16 @@ def main(argv=None) -> int:
         # Failed runs keep their rows in results.csv but are no results: the table and plots leave them out.
         kept_rows = sort_rows([r for key, rs in rows_by_run.items() if key not in failures for r in rs], labels)
         header.append(f"- wall time of this invocation: {time.time() - started:.0f} s")
-        table = write_summary(out / "summary.md", kept_rows, labels, header, failures)
+        # significance: each loss against ICE and against the best loss, paired over test queries
+        scores = significance.load_run_scores({key: d for key, d in run_dirs.items() if key not in failures})
+        ice_label = next((spec.label for spec in opts.loss_specs if spec.name == "ice"), None)
+        comparison = significance.comparison_table(scores, ice_label)
+        table = write_summary(out / "summary.md", kept_rows, labels, header, failures, comparison)
         plots = write_plots(out / "plots", kept_rows, labels) if kept_rows else []
         log("\nTest metrics (%) at each run's best validation epoch, mean ± std over seeds:\n")
         log(table)
+        if comparison:
+            log("\n" + comparison)
         if failures:
             log("\nFailed runs (left out of the table and plots):\n"
                 + "\n".join(f"  {label} seed {seed}: {error}" for (label, seed), error in failures.items()))

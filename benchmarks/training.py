@@ -15,7 +15,7 @@ from typing import Callable, List, Optional
 
 import numpy as np
 import torch
-from pytorch_metric_learning import samplers, testers, trainers
+from pytorch_metric_learning import samplers, trainers
 from pytorch_metric_learning.utils import logging_presets
 from pytorch_metric_learning.utils import distributed as pml_dist
 from pytorch_metric_learning.utils.inference import FaissKMeans
@@ -23,6 +23,7 @@ from pytorch_metric_learning.utils.inference import FaissKMeans
 from .files import atomic_torch_save, atomic_write_json, read_json
 from .loss_specs import LossSpec, has_trainable_parameters
 from .metrics import METRICS, PRIMARY_METRIC, RecallAccuracyCalculator
+from .significance import KeepEmbeddingsTester, keep_best_test_scores
 
 CHECKPOINT = "checkpoint.pth"
 FAILED = "failed.json"
@@ -122,6 +123,8 @@ def accuracy_row(tester, spec_label: str, seed: int, epoch: int) -> dict:
     """One results row: test metrics under their names, validation metrics prefixed ``val_``."""
     row = {"loss": spec_label, "seed": seed, "epoch": epoch}
     for split, prefix in (("test", ""), ("val", "val_")):
+        if split not in tester.all_accuracies:  # significance/tuning: no test split while tuning
+            continue
         accuracies = tester.all_accuracies[split]
         for metric in METRICS:
             row[prefix + metric] = float(accuracies[tester.accuracies_keyname(metric, label_hierarchy_level=0)])
@@ -199,7 +202,8 @@ def train_one(
         train_labels, settings.m_per_class, batch_size=per_rank_batch,
         length_before_new_iter=max(per_rank_batch, len(train_labels) // world),
     )
-    dataset_dict = {"val": data.val, "test": data.test}
+    # significance/tuning: data.test is None while tuning, so only validation is evaluated.
+    dataset_dict = {"val": data.val} if data.test is None else {"val": data.val, "test": data.test}
     hooks, tester = None, None
     if rank == 0:
         record_keeper, _, _ = logging_presets.get_record_keeper(
@@ -209,7 +213,7 @@ def train_one(
             record_keeper, primary_metric=PRIMARY_METRIC, validation_split_name="val",
             save_models=False, log_freq=10,
         )
-        tester = testers.GlobalEmbeddingSpaceTester(
+        tester = KeepEmbeddingsTester(  # significance: PML's tester, keeping the test embeddings
             end_of_testing_hook=hooks.end_of_testing_hook,
             accuracy_calculator=RecallAccuracyCalculator(device=device, kmeans_func=FaissKMeans(niter=20, gpu=device.type == "cuda", min_points_per_centroid=1)),
             batch_size=settings.eval_batch_size,
@@ -238,6 +242,7 @@ def train_one(
     def evaluate(epoch: int):
         tester.test(dataset_dict, epoch, trunk, embedder)
         rows.append(accuracy_row(tester, spec.label, seed, epoch))
+        keep_best_test_scores(run_dir, tester, rows)  # significance: per-query scores at the best epoch
 
     if checkpoint is None:
         if rank == 0:
@@ -259,6 +264,7 @@ def train_one(
         if rank == 0:
             keep_going[0] = pml_hook(trainer) is not False
             rows.append(accuracy_row(tester, spec.label, seed, trainer.epoch))
+            keep_best_test_scores(run_dir, tester, rows)  # significance: per-query scores at the best epoch
         if world > 1:
             torch.distributed.broadcast_object_list(keep_going, src=0)
         save_checkpoint(trainer.epoch, stopped_early=not keep_going[0])
