@@ -133,8 +133,8 @@ def parse_loss_names(text: str) -> List[str]:
     names = [n.strip().lower() for n in text.split(",") if n.strip()]
     unknown = [n for n in names if n not in SEARCH_SPACES]
     if unknown or not names:
-        raise UsageError(f"no search space for {', '.join(unknown) or 'an empty list'}; "
-                         f"losses that can be tuned: {', '.join(SEARCH_SPACES)}")
+        raise UsageError(f"no search space for {', '.join(unknown) or 'an empty list'}; --losses takes "
+                         f"names of losses that can be tuned: {', '.join(SEARCH_SPACES)}")
     if len(set(names)) < len(names):
         raise UsageError(f"loss given twice in --losses {text!r}")
     trainable = [n for n in names if loss_specs.has_trainable_parameters(
@@ -160,14 +160,21 @@ def trial_spec(loss: str, trial) -> Tuple[loss_specs.LossSpec, Dict[str, float]]
 def open_storage(url: str):
     """An Optuna RDB storage (SQLite waits up to a minute for a lock held by another process)."""
     import optuna
+    from sqlalchemy.exc import IntegrityError, OperationalError
 
     engine_kwargs = {"connect_args": {"timeout": 60}} if url.startswith("sqlite") else {}
-    try:
-        return optuna.storages.RDBStorage(url, engine_kwargs=engine_kwargs)
-    except Exception as error:  # SQLAlchemy raises ArgumentError, OperationalError, a missing driver's ImportError, ...
-        raise UsageError(f"--storage {url!r}: optuna cannot open this database ({type(error).__name__}: {error}); "
-                         "give a SQLAlchemy URL such as sqlite:////abs/path/tuning.db or "
-                         "postgresql://user:password@host/database") from error
+    for _ in range(3):
+        try:
+            return optuna.storages.RDBStorage(url, engine_kwargs=engine_kwargs)
+        except (IntegrityError, OperationalError) as error:  # also seen while another process creates the same new database
+            failure = error
+            time.sleep(1)
+        except Exception as error:  # ArgumentError for a malformed URL, ImportError for a missing driver, ...
+            failure = error
+            break
+    raise UsageError(f"--storage {url!r}: optuna cannot open this database ({type(failure).__name__}: {failure}); "
+                     "give a SQLAlchemy URL such as sqlite:////abs/path/tuning.db or "
+                     "postgresql://user:password@host/database") from failure
 
 
 def budget(opts) -> Dict[str, object]:

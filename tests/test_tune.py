@@ -122,8 +122,9 @@ def test_two_processes_share_one_study(tmp_path):
 @pytest.mark.parametrize(
     "argv, message",
     [
-        (["--losses", "ice,circle"], "no search space for circle; losses that can be tuned: ice, ntxent"),
+        (["--losses", "ice,circle"], "no search space for circle; --losses takes names of losses that can be tuned: ice, ntxent"),
         (["--losses", "ice,ice"], "loss given twice"),
+        (["--losses", "ice:scale=3"], "no search space for ice:scale=3"),
         (["--losses", "proxyanchor,arcface"], "tune proxyanchor in its own --out"),
         (["--trials", "0"], "--trials and --seeds must be at least 1"),
         (["--storage", "nosuchdb://x"], "--storage 'nosuchdb://x': optuna cannot open this database"),
