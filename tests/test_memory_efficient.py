@@ -9,6 +9,7 @@ from pytorch_metric_learning import miners
 from pytorch_metric_learning.distances import CosineSimilarity, LpDistance
 
 from pml_ice import losses, reducers
+from pml_ice.losses.ice_function import ComputationPlan, plan_computation
 from reference import COSINE, DistanceSpec, ice_pair_losses
 
 SCALE = 24.0
@@ -206,6 +207,7 @@ def test_constant_memory_bank(agreement, make_batch, memory_efficient, distance_
     weights = torch.tensor(
         [pair_weight(a, p) for a, p in zip(*(t.tolist() for t in info["indices"]))],
         dtype=torch.float64,
+        device=info["losses"].device,
     )
     (weights * info["losses"]).sum().backward()
     _, (expected_grad, _) = reference_pairs_and_grads(
@@ -213,3 +215,16 @@ def test_constant_memory_bank(agreement, make_batch, memory_efficient, distance_
     )
     agreement.check("constant bank grad embeddings float64", leaf.grad, expected_grad, 1e-11)
     assert bank.grad is None
+
+
+def test_plan_chooses_the_path_and_chunk_per_device():
+    """One function decides dense or chunked and the chunk size, per kind of device."""
+    cpu, gpu = torch.device("cpu"), torch.device("cuda")
+    assert not plan_computation(8192, 8192, cpu).memory_efficient
+    assert plan_computation(8193, 8192, cpu).memory_efficient
+    assert not plan_computation(16384, 16384, gpu).memory_efficient
+    assert plan_computation(16385, 16384, gpu).memory_efficient
+    assert plan_computation(100, 2**20, cpu).chunk_rows == 2**4
+    assert plan_computation(100, 2**20, gpu).chunk_rows == 2**7
+    assert plan_computation(100, 100, cpu, memory_efficient=True, chunk_size=7) == ComputationPlan(True, 7)
+    assert not plan_computation(10**6, 10**6, cpu, memory_efficient=False).memory_efficient

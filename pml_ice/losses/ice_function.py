@@ -16,15 +16,38 @@ chunk (one extra product, one sub and one exp), so that no (anchors x references
 matrix is held whole.
 """
 
+from dataclasses import dataclass
+
 import torch
 
+# Anchor x reference logits held whole (the dense path, exponentials kept for backward)
+# up to this many, and logits per chunk on the chunked path. A GPU has room for larger
+# buffers than a CPU's RAM, and its products need them: measured with benchmarks/speed.py
+# on an H200 at D = 512, batch 16384 was 1.91x the floor when chunked (2**26 dense
+# limit, 2**25-logit chunks); on 2 CPU cores, 128-row chunks at batch 8192 cost 2.7x the
+# floor and 1024-row chunks 1.3x.
+DENSE_LOGITS_LIMIT = {"cpu": 2**26, "accelerator": 2**28}
+CHUNK_LOGITS = {"cpu": 2**24, "accelerator": 2**27}
 
-def default_chunk_rows(num_refs, device):
-    """Rows per chunk: about 2**24 logits on a CPU, 2**25 on a GPU. Large chunks keep
-    the products efficient (measured with benchmarks/speed.py on 2 CPU cores: at batch
-    8192, 128-row chunks cost 2.7x the floor, 1024-row chunks 1.3x)."""
-    target = 2**24 if device.type == "cpu" else 2**25
-    return max(1, target // max(num_refs, 1))
+
+@dataclass(frozen=True)
+class ComputationPlan:
+    """How ICE computes its logits: whole (``memory_efficient=False``, memory
+    ``anchors x references``) or in chunks of ``chunk_rows`` anchors recomputed in backward."""
+
+    memory_efficient: bool
+    chunk_rows: int
+
+
+def plan_computation(num_anchors, num_refs, device, memory_efficient=None, chunk_size=None):
+    """The one place that chooses ICE's path and chunk size (``ICELoss`` and
+    ``benchmarks/speed.py`` both ask it). ``memory_efficient=None`` chunks above the
+    device's ``DENSE_LOGITS_LIMIT``; ``chunk_size`` overrides the rows per chunk."""
+    kind = "cpu" if torch.device(device).type == "cpu" else "accelerator"
+    if memory_efficient is None:
+        memory_efficient = num_anchors * num_refs > DENSE_LOGITS_LIMIT[kind]
+    chunk_rows = chunk_size or max(1, CHUNK_LOGITS[kind] // max(num_refs, 1))
+    return ComputationPlan(memory_efficient, chunk_rows)
 
 
 def accumulation_dtype(dtype):
@@ -51,7 +74,9 @@ class LogitsKernel:
         ``-pos_grad`` on the positive pairs ``positives = (rows, cols)``.
         ``grad_refs`` is None when the references need no gradient (a memory bank)."""
         grad_logits = exp_logits * exp_factor[:, None]
-        grad_logits.index_put_(positives, -pos_grad, accumulate=True)
+        # pairs are unique, so a gather-subtract-scatter suffices (an accumulating
+        # index_put sorts its indices: 0.5 ms of host time per step on an H200)
+        grad_logits[positives] -= pos_grad
         self.add_grads(queries, refs, grad_logits, grad_queries, grad_refs)
 
 
@@ -75,8 +100,14 @@ class InnerProductLogits(LogitsKernel):
     def add_grads_from_exp(
         self, queries, refs, exp_logits, exp_factor, positives, pos_grad, grad_queries, grad_refs
     ):
-        """The row factor moves onto the embeddings and the positives form a sparse
-        matrix, so no elementwise pass over ``exp_logits`` is needed: two products."""
+        """On a CPU the row factor moves onto the embeddings and the positives form a
+        sparse matrix, so no elementwise pass over ``exp_logits`` is needed: two products.
+        On a GPU that pass is cheap and the sparse matrix's coalescing is not (0.6 ms of
+        host time per step at batch 1024 on an H200), so the generic form is used."""
+        if exp_logits.device.type != "cpu":
+            return super().add_grads_from_exp(
+                queries, refs, exp_logits, exp_factor, positives, pos_grad, grad_queries, grad_refs
+            )
         acc_dtype = exp_logits.dtype
         queries, refs = queries.to(acc_dtype), refs.to(acc_dtype)
         pos_matrix = torch.sparse_coo_tensor(
@@ -249,22 +280,22 @@ class ICEPairLosses(torch.autograd.Function):
         ctx, queries, refs, lse, neg_coef, pos_grad, grad_queries, grad_refs
     ):
         """Chunk by chunk: recompute the logits, then
-        ``c_i exp(Z - LSE_i) = sign(c_i) exp(Z - (LSE_i - log|c_i|))`` (one sub, one exp)."""
+        ``c_i exp(Z - LSE_i) = sign(c_i) exp(Z - (LSE_i - log|c_i|))`` (one sub, one exp;
+        the sign pass only when some ``c_i`` is negative, decided once, not per chunk)."""
         positives, masked = ctx.positives, ctx.masked
         num_rows, num_refs = len(queries), len(refs)
         shift = lse - torch.log(neg_coef.abs())
-        flipped_rows = torch.nonzero(neg_coef < 0).flatten()
+        row_sign = torch.sign(neg_coef)[:, None] if bool((neg_coef < 0).any()) else None
         buffer = lse.new_empty(min(ctx.chunk_rows, num_rows), num_refs)
         for start, end in chunk_ranges(num_rows, ctx.chunk_rows):
             grad_logits = ctx.kernel.logits(queries[start:end], refs, buffer[: end - start])
             restrict_to_negatives(grad_logits, masked, ctx.masked_are_negatives, start, end)
             grad_logits.sub_(shift[start:end, None]).exp_()
-            chunk_flipped = flipped_rows[(flipped_rows >= start) & (flipped_rows < end)]
-            grad_logits[chunk_flipped - start] *= -1
+            if row_sign is not None:
+                grad_logits.mul_(row_sign[start:end])
             p0, p1 = positives.span(start, end)
-            grad_logits.put_(
-                positives.flat_positions(start, end), -pos_grad[p0:p1], accumulate=True
-            )
+            flat = positives.flat_positions(start, end)
+            grad_logits.put_(flat, grad_logits.take(flat) - pos_grad[p0:p1])
             ctx.kernel.add_grads(
                 queries[start:end], refs, grad_logits, grad_queries[start:end], grad_refs
             )
