@@ -33,6 +33,7 @@ from pytorch_metric_learning.utils.accuracy_calculator import (
     get_lone_query_labels,
     get_relevance_mask,
 )
+from scipy import stats
 
 from .files import atomic_write_bytes
 
@@ -145,8 +146,6 @@ def paired_difference(a, b, seed: int = 0, resamples: int = BOOTSTRAP_RESAMPLES)
     interval (``resamples`` resamplings of the queries, ``seed``) and the two-sided
     Wilcoxon signed-rank p-value of the d_q (1 when every d_q is 0).
     """
-    from scipy import stats
-
     a, b = np.atleast_2d(np.asarray(a, dtype=np.float64)), np.atleast_2d(np.asarray(b, dtype=np.float64))
     if a.shape != b.shape:
         raise ValueError(f"paired scores must have the same shape, got {a.shape} and {b.shape}")

@@ -28,6 +28,7 @@ from pathlib import Path
 from typing import Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
+import optuna
 
 from . import loss_specs, run
 from .datasets import BenchmarkData, DatasetNotInstalled, load_dataset
@@ -38,6 +39,7 @@ from .training import NonFiniteLossError, TrainSettings, seed_everything, train_
 
 LOSS_LR = "loss_lr"  # a training option, tuned for ProxyAnchor; every other key is a loss-spec parameter
 DEFAULT_TRIALS = 20
+COUNTED_STATES = (optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.PRUNED)  # pruned = diverged
 
 
 @dataclasses.dataclass(frozen=True)
@@ -123,8 +125,11 @@ def validation_map_at_r(opts, data: BenchmarkData, spec: loss_specs.LossSpec, se
     result = train_one(data, trunk, embedder, spec, seed, settings, run_dir)
     if result.error:
         raise NonFiniteLossError(result.error)
-    trained = [r for r in result.rows if r["epoch"] > 0] or result.rows
-    return float(np.nanmax([r["val_" + PRIMARY_METRIC] for r in trained]))
+    trained = [r["val_" + PRIMARY_METRIC] for r in result.rows if r["epoch"] > 0] or [result.rows[0]["val_" + PRIMARY_METRIC]]
+    if not np.isfinite(trained).any():
+        raise UsageError("validation MAP@R is undefined (no validation image has another of its class); "
+                         "change --val or --limit-per-class")
+    return float(np.nanmax(trained))
 
 # ---- end of the harness adapter ----
 
@@ -159,7 +164,6 @@ def trial_spec(loss: str, trial) -> Tuple[loss_specs.LossSpec, Dict[str, float]]
 
 def open_storage(url: str):
     """An Optuna RDB storage (SQLite waits up to a minute for a lock held by another process)."""
-    import optuna
     from sqlalchemy.exc import IntegrityError, OperationalError
 
     engine_kwargs = {"connect_args": {"timeout": 60}} if url.startswith("sqlite") else {}
@@ -186,8 +190,6 @@ def budget(opts) -> Dict[str, object]:
 
 def open_study(storage, opts, loss: str, sampler_seed: int, seeds: int):
     """Create or load the study ``<dataset>-<loss>``; refuse one made with another budget."""
-    import optuna
-
     study = optuna.create_study(
         study_name=f"{opts.dataset}-{loss}", storage=storage, direction="maximize", load_if_exists=True,
         sampler=optuna.samplers.TPESampler(seed=sampler_seed),
@@ -207,23 +209,17 @@ def open_study(storage, opts, loss: str, sampler_seed: int, seeds: int):
 def counted_trials(study, trials: int) -> list:
     """The first ``trials`` finished trials by number (complete, or pruned by divergence):
     the budget, even when concurrent processes finished a few more."""
-    import optuna
-
-    done = study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.PRUNED))
+    done = study.get_trials(deepcopy=False, states=COUNTED_STATES)
     return sorted(done, key=lambda t: t.number)[:trials]
 
 
 def best_trial(study, trials: int):
-    import optuna
-
     complete = [t for t in counted_trials(study, trials) if t.state == optuna.trial.TrialState.COMPLETE]
     return max(complete, key=lambda t: (t.value, -t.number)) if complete else None
 
 
 def tune_loss(study, loss: str, opts, data: BenchmarkData, trials: int, seeds: int, out: Path, log) -> None:
     """Run trials until the study holds ``trials`` finished ones (shared with other processes)."""
-    import optuna
-
     def objective(trial):
         spec, overrides = trial_spec(loss, trial)
         trial.set_user_attr("loss", spec.label)
@@ -243,7 +239,7 @@ def tune_loss(study, loss: str, opts, data: BenchmarkData, trials: int, seeds: i
         value = "pruned (diverged)" if trial.value is None else f"val MAP@R {100 * trial.value:.2f}"
         log(f"  {loss} trial {trial.number}: {value}  {trial.user_attrs.get('loss')}")
 
-    finished = optuna.study.MaxTrialsCallback(trials, states=(optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.PRUNED))
+    finished = optuna.study.MaxTrialsCallback(trials, states=COUNTED_STATES)
     (out / "trials").mkdir(parents=True, exist_ok=True)
     if len(counted_trials(study, trials)) < trials:
         study.optimize(objective, callbacks=[report, finished], gc_after_trial=True)
@@ -278,8 +274,6 @@ def write_best_toml(path: Path, opts, studies: Dict[str, object], trials: int, c
 
 def write_report(out: Path, opts, data: BenchmarkData, studies: Dict[str, object], trials: int, seeds: int, command: str) -> None:
     """tuning.md (every trial of every study) and one plot per loss."""
-    import optuna
-
     parts = ["# Tuning on validation MAP@R", "", f"Command: `{command}`", "",
              f"- dataset: {opts.dataset} (train {len(data.train)} images, validation {len(data.val)} images; "
              "test split not loaded)",
@@ -360,8 +354,6 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv=None) -> int:
-    import optuna
-
     argv = list(sys.argv[1:] if argv is None else argv)
     command = "python -m benchmarks.tune " + " ".join(shlex.quote(a) for a in argv)
     args, run_argv = build_parser().parse_known_args(argv)
@@ -383,7 +375,11 @@ def main(argv=None) -> int:
     started = time.time()
     for loss, study in studies.items():
         print(f"tuning {loss}: {len(counted_trials(study, args.trials))}/{args.trials} trials finished", flush=True)
-        tune_loss(study, loss, opts, data, args.trials, args.seeds, out, lambda *a: print(*a, flush=True))
+        try:
+            tune_loss(study, loss, opts, data, args.trials, args.seeds, out, lambda *a: print(*a, flush=True))
+        except UsageError as error:
+            print(f"python -m benchmarks.tune: error: {error}", file=sys.stderr)
+            return 2
     write_report(out, opts, data, studies, args.trials, args.seeds, command)
     toml = write_best_toml(out / "best.toml", opts, studies, args.trials, command)
     print(f"\n{time.time() - started:.0f} s; wrote {out / 'tuning.md'} and plots in {out / 'plots'}")

@@ -167,3 +167,11 @@ def test_proxyanchor_learning_rate_goes_to_the_config(tmp_path):
     assert 1e-4 <= trial.user_attrs["loss_lr"] <= 0.1
     assert f'loss_lr = {trial.user_attrs["loss_lr"]}\n' in (tmp_path / "best.toml").read_text()
     assert f', loss-lr {trial.user_attrs["loss_lr"]} |' in (tmp_path / "tuning.md").read_text()
+
+
+def test_undefined_validation_metric_stops_with_a_clear_error(tmp_path, capsys):
+    # 5 images per class: every fifth image validates, one per class, so no validation query has a match.
+    argv = ["--limit-per-class", "5", "--batch-size", "20", "--m-per-class", "4", "--epochs", "1",
+            "--trials", "1", "--losses", "ntxent", "--out", str(tmp_path)]
+    assert tune.main(argv) == 2
+    assert "validation MAP@R is undefined" in capsys.readouterr().err
