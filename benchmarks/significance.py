@@ -43,7 +43,7 @@ SHORT_NAMES = {"mean_average_precision_at_r": "MAP@R", "precision_at_1": "P@1"}
 HEADLINE_METRIC = "mean_average_precision_at_r"
 VALIDATION_METRIC = "val_mean_average_precision_at_r"
 ALPHA = 0.05
-BOOTSTRAP_RESAMPLES = 2_000  # 20 comparisons of 60,000 queries take about a minute on 2 cores
+BOOTSTRAP_RESAMPLES = 2_000  # a table of 6 losses x 5 seeds x 60,000 queries: 23 s on 2 busy cores
 
 QueryScores = Dict[str, np.ndarray]
 
