@@ -316,6 +316,7 @@ def write_plot(path: Path, loss: str, trials: Sequence) -> None:
     by_trial.plot(numbers, values, "o", label="trial")
     by_trial.step(numbers, np.maximum.accumulate(values) if values else [], where="post", label="best so far")
     by_trial.set_xlabel("trial")
+    by_trial.xaxis.set_major_locator(matplotlib.ticker.MaxNLocator(integer=True))
     by_trial.legend(fontsize=8)
     by_param.plot([t.params[main.name] for t in complete], values, "o")
     if main.log:
