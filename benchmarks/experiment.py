@@ -42,6 +42,17 @@ def _loss_values(label: str) -> str:
     return ", ".join(f"{k}={v!r}" for k, v in spec.describe_values().items())
 
 
+def fresh_models(settings: Settings, in_channels: int, feature_size: Optional[int], seed: int, rank: int = 0):
+    """The seeded trunk and embedder a run starts from; the trunk passes cached features
+    through when ``feature_size`` is given (frozen trunk)."""
+    seed_everything(seed, rank)
+    if feature_size is not None:
+        trunk = FrozenFeatures(feature_size)
+    else:
+        trunk = build_trunk(settings.model, in_channels, settings.pretrained)
+    return trunk, build_embedder(trunk.output_size, settings.embedding_size)
+
+
 class Experiment:
     """Every (loss, seed) run of one command in one --out folder."""
 
@@ -51,6 +62,7 @@ class Experiment:
         self.rank, self.processes, self.feature_size = rank, processes, feature_size
         self.runs = [(spec, seed) for spec in settings.losses for seed in range(settings.seeds)]
         self.stores = {(spec.label, seed): folder.run_store(spec.folder_name, seed) for spec, seed in self.runs}
+        self.run_folders = {key: store.folder for key, store in self.stores.items()}
         self.stored: Dict[RunKey, StoredRun] = {key: store.load(settings.epochs) for key, store in self.stores.items()}
         self.rows_by_run = {key: stored.rows for key, stored in self.stored.items()}
         self.failures = {key: stored.error for key, stored in self.stored.items() if stored.error}
@@ -68,6 +80,7 @@ class Experiment:
                 continue
             key = (stored.rows[0]["loss"], stored.rows[0]["seed"])
             self.rows_by_run[key] = stored.rows
+            self.run_folders[key] = store.folder
             if stored.error:
                 self.failures[key] = stored.error
             if key[0] not in self.labels:
@@ -92,14 +105,6 @@ class Experiment:
             self.console.epoch(row)
             self.console.advance()
 
-    def _models(self, seed: int):
-        seed_everything(seed, self.rank)
-        if self.feature_size is not None:
-            trunk = FrozenFeatures(self.feature_size)
-        else:
-            trunk = build_trunk(self.settings.model, self.data.in_channels, self.settings.pretrained)
-        return trunk, build_embedder(trunk.output_size, self.settings.embedding_size)
-
     def run_one(self, spec, seed: int) -> None:
         key = (spec.label, seed)
         stored = self.stored[key]
@@ -112,7 +117,7 @@ class Experiment:
             self.console.run_done(spec.label, seed, stored.rows, None, " (already done)")
             return
         started = time.time()
-        trunk, embedder = self._models(seed)
+        trunk, embedder = fresh_models(self.settings, self.data.in_channels, self.feature_size, seed, self.rank)
         result = Run(self.data, trunk, embedder, spec, seed, self.settings, self.stores[key], stored,
                      on_rows=lambda rows: self.publish(key, rows)).execute()
         self.rows_by_run[key] = result.rows
@@ -138,9 +143,12 @@ class Experiment:
     def _summarize(self, seconds: float) -> None:
         header = settings_lines(self.settings, self.data, self.processes, self.labels)
         header.append(f"- wall time of this invocation: {seconds:.0f} s")
-        table, plots = self.folder.publish_summary(self.rows_by_run, self.labels, header, self.failures)
+        table, comparison, plots = self.folder.publish_summary(self.rows_by_run, self.labels, header, self.failures,
+                                                               self.run_folders)
         self.console.result("\nTest metrics (%) at each run's best validation epoch, mean ± std over seeds:\n")
         self.console.result(table)
+        if comparison:
+            self.console.result("\n" + comparison)
         if self.failures:
             self.console.say("\nFailed runs (left out of the table and plots):\n" + "\n".join(
                 f"  {label} seed {seed}: {error}" for (label, seed), error in self.failures.items()))

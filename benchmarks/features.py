@@ -1,4 +1,6 @@
-"""A frozen trunk: its features are computed once per --out folder and stand in for the images."""
+"""A frozen trunk: its features are computed once per --out folder and stand in for the images.
+
+Only the splits the data holds are embedded: tuning loads no test split (``test=None``)."""
 
 from pathlib import Path
 
@@ -20,6 +22,10 @@ class FrozenFeatures(torch.nn.Identity):
         self.output_size = output_size
 
 
+def _splits(data: BenchmarkData) -> list:
+    return [split for split in ("train", "val", "test") if getattr(data, split) is not None]
+
+
 def _compute_features(settings: Settings, data: BenchmarkData, cache: Path) -> dict:
     seed_everything(0)
     trunk = build_trunk(settings.model, data.in_channels, settings.pretrained).to(settings.device).eval()
@@ -28,7 +34,7 @@ def _compute_features(settings: Settings, data: BenchmarkData, cache: Path) -> d
         dataloader_num_workers=settings.num_workers, data_device=torch.device(settings.device),
     )
     features = {}
-    for split in ("train", "val", "test"):
+    for split in _splits(data):
         embeddings, _ = tester.get_all_embeddings(getattr(data, split), trunk)
         features[split] = embeddings.cpu()
     atomic_torch_save(cache, features)
@@ -37,7 +43,7 @@ def _compute_features(settings: Settings, data: BenchmarkData, cache: Path) -> d
 
 def cached_features(settings: Settings, data: BenchmarkData, out: Path, rank: int, world: int, log) -> BenchmarkData:
     """``data`` with its images replaced by the frozen trunk's features, computed by rank 0
-    when the cache is missing or cannot be read."""
+    when the cache is missing, cannot be read or lacks one of the splits of ``data``."""
     cache = out / "cache" / "trunk_features.pt"
     features = None
     if rank == 0:
@@ -45,8 +51,8 @@ def cached_features(settings: Settings, data: BenchmarkData, out: Path, rank: in
             features = read_torch(cache) if cache.is_file() else None
         except BrokenFile as error:
             log(f"{error}; computing the features again")
-        if features is None:
-            log(f"computing {settings.model} features of {len(data.train) + len(data.val) + len(data.test)} "
+        if features is None or not set(_splits(data)) <= set(features):
+            log(f"computing {settings.model} features of {sum(len(getattr(data, s)) for s in _splits(data))} "
                 "images once")
             features = _compute_features(settings, data, cache)
     if world > 1:
@@ -56,7 +62,7 @@ def cached_features(settings: Settings, data: BenchmarkData, out: Path, rank: in
     return BenchmarkData(
         train=TensorImageDataset(features["train"], data.train.labels),
         val=TensorImageDataset(features["val"], data.val.labels),
-        test=TensorImageDataset(features["test"], data.test.labels),
+        test=TensorImageDataset(features["test"], data.test.labels) if data.test is not None else None,
         in_channels=data.in_channels,
         default_model=data.default_model,
     )

@@ -3,15 +3,16 @@ and the files published from all of them (results.csv, summary.md, plots).
 
 One command at a time works in a folder: a second one waits for the lock. Every publication
 is rebuilt from the rows of every run folder on disk, so runs made by earlier commands with
-other --losses or --seeds stay in results.csv and summary.md.
+other --losses or --seeds stay in results.csv and summary.md, in its paired comparisons too.
 """
 
 import contextlib
 import fcntl
 import os
 from pathlib import Path
-from typing import Dict, List, Sequence, Tuple
+from typing import Dict, List, Mapping, Sequence, Tuple
 
+from . import significance
 from .files import BrokenFile, atomic_write_json, read_json
 from .reporting import sort_rows, write_plots, write_results_csv, write_summary
 from .run_store import RunStore
@@ -85,11 +86,19 @@ class OutFolder:
         """results.csv: every row of every run, failed runs included."""
         write_results_csv(self.results_csv, sort_rows([r for rows in rows_by_run.values() for r in rows], loss_order))
 
-    def publish_summary(self, rows_by_run, loss_order, header: List[str], failures: Dict[RunKey, str]):
-        """results.csv, summary.md and the plots; failed runs stay out of the table and plots.
-        Returns the table and the plot paths."""
+    def publish_summary(self, rows_by_run, loss_order, header: List[str], failures: Dict[RunKey, str],
+                        run_folders: Mapping[RunKey, Path]):
+        """results.csv, summary.md and the plots; failed runs stay out of the table, plots and
+        paired comparisons (``run_folders``: the folder of each run in ``rows_by_run``).
+        Returns the table, the comparisons and the plot paths."""
         self.publish_rows(rows_by_run, loss_order)
-        kept = sort_rows([r for key, rows in rows_by_run.items() if key not in failures for r in rows], loss_order)
-        table = write_summary(self.summary, kept, loss_order, header, failures)
+        kept_runs = sorted((key for key in rows_by_run if key not in failures),
+                           key=lambda key: (loss_order.index(key[0]), key[1]))
+        kept = sort_rows([r for key in kept_runs for r in rows_by_run[key]], loss_order)
+        # significance: each loss against ICE and against the best loss, paired over test queries
+        scores = significance.load_run_scores({key: run_folders[key] for key in kept_runs})
+        ice_label = next((label for label in scores if label.partition(":")[0] == "ice"), None)
+        comparison = significance.comparison_table(scores, ice_label)
+        table = write_summary(self.summary, kept, loss_order, header, failures, comparison)
         plots = write_plots(self.path / "plots", kept, loss_order) if kept else []
-        return table, plots
+        return table, comparison, plots

@@ -85,13 +85,17 @@ def summary_table(rows: Sequence[dict], loss_order: Sequence[str]) -> str:
     return "\n".join(lines)
 
 
-def write_summary(path, rows, loss_order, header_lines: Sequence[str], failures: Dict[Tuple[str, int], str]) -> str:
+def write_summary(path, rows, loss_order, header_lines: Sequence[str], failures: Dict[Tuple[str, int], str],
+                  comparison: str = "") -> str:
     """Write summary.md atomically and return the table of ``rows``; ``failures`` maps
-    (loss, seed) of each failed run, whose rows the caller leaves out, to its error."""
+    (loss, seed) of each failed run, whose rows the caller leaves out, to its error;
+    ``comparison`` is the markdown of ``significance.comparison_table``."""
     table = summary_table(rows, loss_order)
     parts = ["# Benchmark summary", "", *header_lines, "",
              "Test metrics (%) at each run's best validation epoch (validation MAP@R), "
              "mean ± standard deviation over seeds.", "", table, ""]
+    if comparison:  # significance: paired tests over test queries
+        parts += ["## Paired comparisons (test queries, best validation epoch)", "", comparison, ""]
     if failures:
         parts += ["## Failed runs (left out of the table)", ""]
         parts += [f"- `{loss}` seed {seed}: {error}" for (loss, seed), error in sorted(failures.items())] + [""]

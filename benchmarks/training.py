@@ -5,7 +5,9 @@ A run evaluates the untrained model (epoch 0), then trains with ``MetricLossOnly
 ``logging_presets.HookContainer`` (record-keeper + tensorboard, early stopping by
 patience on validation MAP@R). After each evaluation its ``RunStore`` writes a checkpoint
 holding the models, optimizers, loss parameters, random states and the result rows, so a
-rerun resumes after the last finished epoch and never duplicates a row.
+rerun resumes after the last finished epoch and never duplicates a row. Before each
+checkpoint, an evaluation that improves validation MAP@R stores the test split's per-query
+scores (``significance``). Data without a test split (tuning) are evaluated on validation only.
 """
 
 import dataclasses
@@ -14,7 +16,7 @@ from typing import Callable, Dict, List, Optional
 
 import numpy as np
 import torch
-from pytorch_metric_learning import samplers, testers, trainers
+from pytorch_metric_learning import samplers, trainers
 from pytorch_metric_learning.utils import distributed as pml_dist
 from pytorch_metric_learning.utils import logging_presets
 from pytorch_metric_learning.utils.inference import FaissKMeans
@@ -24,6 +26,7 @@ from .metrics import METRICS, PRIMARY_METRIC, RecallAccuracyCalculator
 from .record_logs import drop_records_after
 from .run_store import RunStore, StoredRun
 from .settings import Settings
+from .significance import KeepEmbeddingsTester, keep_best_test_scores
 
 AMP_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 
@@ -119,6 +122,8 @@ def accuracy_row(tester, spec_label: str, seed: int, epoch: int) -> dict:
     """One results row: test metrics under their names, validation metrics prefixed ``val_``."""
     row = {"loss": spec_label, "seed": seed, "epoch": epoch}
     for split, prefix in (("test", ""), ("val", "val_")):
+        if split not in tester.all_accuracies:  # significance/tuning: no test split while tuning
+            continue
         accuracies = tester.all_accuracies[split]
         for metric in METRICS:
             row[prefix + metric] = float(accuracies[tester.accuracies_keyname(metric, label_hierarchy_level=0)])
@@ -139,9 +144,10 @@ def build_optimizers(trunk, embedder, loss, settings: Settings) -> Dict[str, tor
 
 
 def build_tester(hooks, settings: Settings, device: torch.device):
-    """PML's GlobalEmbeddingSpaceTester with the faiss AccuracyCalculator extended by Recall@K."""
+    """PML's GlobalEmbeddingSpaceTester with the faiss AccuracyCalculator extended by Recall@K,
+    keeping the embeddings of its last test (significance: per-query test scores)."""
     kmeans = FaissKMeans(niter=20, gpu=device.type == "cuda", min_points_per_centroid=1)
-    return testers.GlobalEmbeddingSpaceTester(
+    return KeepEmbeddingsTester(
         end_of_testing_hook=hooks.end_of_testing_hook,
         accuracy_calculator=RecallAccuracyCalculator(device=device, kmeans_func=kmeans),
         batch_size=settings.eval_batch_size,
@@ -197,6 +203,8 @@ class Run:
         self.scaler = torch.amp.GradScaler(self.device.type) if settings.amp == "fp16" else None
         self.checkpoint = stored.checkpoint
         self.rows = list(stored.rows) if self.checkpoint else []
+        # significance/tuning: data.test is None while tuning, so only validation is evaluated.
+        self.splits = {"val": data.val} if data.test is None else {"val": data.val, "test": data.test}
         self.hooks = self.tester = None
         if self.rank == 0:
             resumed_epoch = self.checkpoint["epoch"] if self.checkpoint else None
@@ -237,18 +245,24 @@ class Run:
             })
             self.on_rows(self.rows)
 
+    def record(self, epoch: int) -> None:
+        """The row of the evaluation just made; before the checkpoint, the per-query test scores
+        when validation improved (significance: a resumed run rewrites them)."""
+        self.rows.append(accuracy_row(self.tester, self.spec.label, self.seed, epoch))
+        keep_best_test_scores(self.store.folder, self.tester, self.rows)
+
     def evaluate_untrained(self) -> None:
         if self.rank == 0:
             self.store.folder.mkdir(parents=True, exist_ok=True)
-            self.tester.test({"val": self.data.val, "test": self.data.test}, 0, self.trunk, self.embedder)
-            self.rows.append(accuracy_row(self.tester, self.spec.label, self.seed, 0))
+            self.tester.test(self.splits, 0, self.trunk, self.embedder)
+            self.record(0)
             self.hooks.record_keeper.save_records()
         self.save(0, stopped_early=False)
 
     def end_of_epoch_hook(self):
         """PML's end-of-epoch hook (evaluation, logging, patience) plus a row and a checkpoint."""
         pml_hook = self.hooks.end_of_epoch_hook(
-            self.tester, {"val": self.data.val, "test": self.data.test}, str(self.store.folder / "models"),
+            self.tester, self.splits, str(self.store.folder / "models"),
             test_interval=1, patience=self.settings.patience,
         ) if self.rank == 0 else None
 
@@ -256,7 +270,7 @@ class Run:
             keep_going = [None]
             if self.rank == 0:
                 keep_going[0] = pml_hook(trainer) is not False
-                self.rows.append(accuracy_row(self.tester, self.spec.label, self.seed, trainer.epoch))
+                self.record(trainer.epoch)
             if self.world > 1:
                 torch.distributed.broadcast_object_list(keep_going, src=0)
             self.save(trainer.epoch, stopped_early=not keep_going[0])
