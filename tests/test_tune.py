@@ -15,7 +15,7 @@ from benchmarks.files import read_torch
 from benchmarks.settings import resolve
 
 REPO = Path(__file__).resolve().parents[1]
-TINY = ["--epochs", "1", "--limit-per-class", "30", "--batch-size", "32", "--m-per-class", "8"]
+TINY = ["--dataset", "digits", "--epochs", "1", "--limit-per-class", "30", "--batch-size", "32", "--m-per-class", "8"]
 
 
 def trials_of(out, loss, dataset="digits"):
@@ -172,7 +172,7 @@ def test_proxyanchor_learning_rate_goes_to_the_config(tmp_path):
 
 def test_undefined_validation_metric_stops_with_a_clear_error(tmp_path, capsys):
     # 5 images per class: every fifth image validates, one per class, so no validation query has a match.
-    argv = ["--limit-per-class", "5", "--batch-size", "20", "--m-per-class", "4", "--epochs", "1",
+    argv = ["--dataset", "digits", "--limit-per-class", "5", "--batch-size", "20", "--m-per-class", "4", "--epochs", "1",
             "--trials", "1", "--losses", "ntxent", "--out", str(tmp_path)]
     assert tune.main(argv) == 2
     assert "validation MAP@R is undefined" in capsys.readouterr().err
