@@ -135,7 +135,7 @@ def estimate_step_bytes(candidate, batch, ref_size, dim, per_class, dtype, devic
         from pml_ice.losses.ice_function import plan_computation
 
         params = dict(candidate.params)
-        plan = plan_computation(batch, ref, device, params.get("memory_efficient"), params.get("chunk_size"))
+        plan = plan_computation(batch, ref, device, params.get("memory_efficient"), params.get("chunk_size"), dtype)
         if not plan.memory_efficient:
             logits = batch * ref
         elif plan.symmetric_tiles and not ref_size:

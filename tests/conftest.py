@@ -122,6 +122,5 @@ def pair_losses_of():
 
 def use_symmetric_tiles(monkeypatch, enabled):
     """Make the chunked path for labels within the batch use (or not) the symmetric
-    tiles on every device, so that the CPU tests check both."""
-    for kind in ice_function.SYMMETRIC_TILES:
-        monkeypatch.setitem(ice_function.SYMMETRIC_TILES, kind, enabled)
+    tiles on every device and dtype, so that the CPU tests check both."""
+    monkeypatch.setattr(ice_function, "symmetric_tiles_pay_off", lambda kind, dtype: enabled)

@@ -248,6 +248,7 @@ def test_plan_chooses_the_path_and_chunk_per_device():
     assert plan_computation(100, 2**20, gpu).chunk_rows == 2**7
     assert plan_computation(100, 100, cpu).tile_rows == 2**12
     assert plan_computation(100, 100, gpu).symmetric_tiles and not plan_computation(100, 100, cpu).symmetric_tiles
+    assert not plan_computation(100, 100, gpu, dtype=torch.bfloat16).symmetric_tiles
     assert plan_computation(100, 100, cpu, memory_efficient=True, chunk_size=7) == ComputationPlan(True, 7, False, 7)
     assert not plan_computation(10**6, 10**6, cpu, memory_efficient=False).memory_efficient
 

@@ -65,10 +65,11 @@ class ICELoss(BaseMetricLossFunction):
         return super().forward(embeddings, labels, indices_tuple, ref_emb, ref_labels)
 
     def compute_loss(self, embeddings, labels, indices_tuple, ref_emb, ref_labels):
-        plan = plan_computation(
-            len(embeddings), len(ref_emb), embeddings.device, self.memory_efficient, self.chunk_size
-        )
         queries, refs, kernel = self.logits_kernel(embeddings, ref_emb)
+        plan = plan_computation(
+            len(embeddings), len(ref_emb), embeddings.device, self.memory_efficient,
+            self.chunk_size, queries.dtype,
+        )
         ref_is_batch = ref_emb is embeddings
         if indices_tuple is None and not plan.memory_efficient:
             losses, indices = self.losses_from_label_mask(
