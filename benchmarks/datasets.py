@@ -11,13 +11,12 @@ import gzip
 import json
 import struct
 from pathlib import Path
-from typing import List, Optional, Sequence
+from typing import List, Optional
 
 import numpy as np
 import torch
-from torch.utils.data import Dataset
+from torch.utils.data import Dataset, Subset
 
-DATASETS = ("digits", "glyphs", "fashion-mnist", "emoji", "cub200", "cars196", "sop", "folder")
 FASHION_MNIST_DEFAULT_ROOT = "/usr/share/datasets/fashion-mnist"
 FASHION_MNIST_FILES = (
     "train-images-idx3-ubyte.gz",
@@ -30,7 +29,6 @@ EMOJI_VERSION = "16.0.0"
 EMOJI_INSTALL = (
     f"npm install emoji-datasource-google@{EMOJI_VERSION} emoji-datasource-twitter@{EMOJI_VERSION}"
 )
-IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff")
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 
@@ -56,28 +54,12 @@ class TensorImageDataset(Dataset):
         return TensorImageDataset(self.images[indices], self.labels[indices])
 
 
-class ImageFileDataset(Dataset):
-    """Images read from files on access, converted to RGB and transformed."""
+class LabeledSubset(Subset):
+    """torch's ``Subset`` that also carries its labels, which samplers and the split report read."""
 
-    def __init__(self, paths: Sequence[str], labels: np.ndarray, transform=None):
-        self.paths = list(paths)
-        self.labels = np.asarray(labels, dtype=np.int64)
-        self.transform = transform
-
-    def __len__(self):
-        return len(self.labels)
-
-    def __getitem__(self, index):
-        from PIL import Image
-
-        with Image.open(self.paths[index]) as image:
-            image = image.convert("RGB")
-        if self.transform is not None:
-            image = self.transform(image)
-        return image, int(self.labels[index])
-
-    def subset(self, indices):
-        return ImageFileDataset([self.paths[i] for i in indices], self.labels[indices], self.transform)
+    def __init__(self, dataset: Dataset, indices: np.ndarray, all_labels: np.ndarray):
+        super().__init__(dataset, indices.tolist())
+        self.labels = np.asarray(all_labels, dtype=np.int64)[indices]
 
 
 @dataclasses.dataclass
@@ -141,20 +123,39 @@ def limit_per_class(labels: np.ndarray, limit: Optional[int]) -> np.ndarray:
     return np.array(sorted(keep), dtype=np.int64)
 
 
-def _assemble(full, in_channels, default_model, val_mode, limit, train_full=None, test_full=None):
-    """Apply limit, class-disjoint halves (unless given) and the validation split."""
-    if full is not None:
-        full = full.subset(limit_per_class(full.labels, limit))
-        train_idx, test_idx = class_disjoint_halves(full.labels)
-        train_full, test_full = full.subset(train_idx), full.subset(test_idx)
+def protocol_indices(labels: np.ndarray, val_mode: str, limit: Optional[int]):
+    """(train, val, test) indices of one pool of images: limit, class-disjoint halves, validation."""
+    kept = limit_per_class(labels, limit)
+    first_half, second_half = class_disjoint_halves(labels[kept])
+    train, val = validation_split(labels[kept][first_half], val_mode)
+    return kept[first_half][train], kept[first_half][val], kept[second_half]
+
+
+def _assemble(full: TensorImageDataset, in_channels, default_model, val_mode, limit) -> BenchmarkData:
+    """Splits of an in-memory dataset (copies of the tensors, so each split is contiguous)."""
+    train, val, test = protocol_indices(full.labels, val_mode, limit)
+    return BenchmarkData(full.subset(train), full.subset(val), full.subset(test), in_channels, default_model)
+
+
+def _assemble_files(train_view, eval_view, labels, in_channels, default_model, val_mode, limit,
+                    test_view=None) -> BenchmarkData:
+    """Splits of an image-file dataset whose images have ``labels``: the train split reads
+    ``train_view`` (augmenting transform), val and test read ``eval_view``, or ``test_view``
+    when the test images are a dataset of their own (already class-disjoint)."""
+    labels = np.asarray(labels, dtype=np.int64)
+    if test_view is None:
+        train, val, test = protocol_indices(labels, val_mode, limit)
+        test_view, test_labels = eval_view, labels
     else:
-        train_full = train_full.subset(limit_per_class(train_full.labels, limit))
-        test_full = test_full.subset(limit_per_class(test_full.labels, limit))
-    train_idx, val_idx = validation_split(train_full.labels, val_mode)
+        kept = limit_per_class(labels, limit)
+        fit, held_out = validation_split(labels[kept], val_mode)
+        train, val = kept[fit], kept[held_out]
+        test_labels = np.asarray(test_view.labels, dtype=np.int64)
+        test = limit_per_class(test_labels, limit)
     return BenchmarkData(
-        train=train_full.subset(train_idx),
-        val=train_full.subset(val_idx),
-        test=test_full,
+        train=LabeledSubset(train_view, train, labels),
+        val=LabeledSubset(eval_view, val, labels),
+        test=LabeledSubset(test_view, test, test_labels),
         in_channels=in_channels,
         default_model=default_model,
     )
@@ -284,6 +285,10 @@ def load_emoji(root=None, image_size=128, val_mode="auto", limit=None) -> Benchm
     return _assemble(full, 3, "efficientnet-lite0", val_mode, limit)
 
 
+def _to_rgb(image):
+    return image.convert("RGB")
+
+
 def image_transforms(image_size: int, train: bool):
     """Standard DML transforms: random resized crop and flip to train, resize+centre crop to test."""
     from torchvision import transforms
@@ -291,12 +296,14 @@ def image_transforms(image_size: int, train: bool):
     normalize = transforms.Normalize(IMAGENET_MEAN, IMAGENET_STD)
     if train:
         return transforms.Compose([
+            transforms.Lambda(_to_rgb),
             transforms.RandomResizedCrop(image_size),
             transforms.RandomHorizontalFlip(),
             transforms.ToTensor(),
             normalize,
         ])
     return transforms.Compose([
+        transforms.Lambda(_to_rgb),
         transforms.Resize(int(round(image_size * 256 / 224))),
         transforms.CenterCrop(image_size),
         transforms.ToTensor(),
@@ -304,35 +311,26 @@ def image_transforms(image_size: int, train: bool):
     ])
 
 
-def _with_transforms(data: BenchmarkData, image_size: int) -> BenchmarkData:
-    data.train.transform = image_transforms(image_size, train=True)
-    data.val.transform = image_transforms(image_size, train=False)
-    data.test.transform = image_transforms(image_size, train=False)
-    return data
-
-
 def load_folder(root, image_size=224, val_mode="auto", limit=None) -> BenchmarkData:
-    """Any folder with one sub-folder of images per class (sub-folders sorted by name)."""
+    """Any folder with one sub-folder of images per class (torchvision's ``ImageFolder``)."""
+    from torchvision.datasets import ImageFolder
+
     if root is None:
         raise DatasetNotInstalled("folder: pass --data-root DIR, a folder with one sub-folder of images per class.")
-    root = Path(root)
-    if not root.is_dir():
+    if not Path(root).is_dir():
         raise DatasetNotInstalled(f"folder: {root} is not a directory; pass --data-root DIR with one sub-folder per class.")
-    paths, labels = [], []
-    class_dirs = sorted(p for p in root.iterdir() if p.is_dir())
-    for label, class_dir in enumerate(class_dirs):
-        files = sorted(p for p in class_dir.rglob("*") if p.suffix.lower() in IMAGE_EXTENSIONS)
-        paths += [str(p) for p in files]
-        labels += [label] * len(files)
-    non_empty = len(set(labels))
-    if non_empty < 4:
+    views = []
+    for train in (True, False):
+        try:
+            views.append(ImageFolder(str(root), transform=image_transforms(image_size, train), allow_empty=True))
+        except FileNotFoundError:  # no sub-folder at all
+            views.append(None)
+    with_images = len(set(views[0].targets)) if views[0] is not None else 0
+    if with_images < 4:
         raise ValueError(
-            f"folder: {root} has {non_empty} sub-folders with images ({', '.join(IMAGE_EXTENSIONS)}); "
-            "the class-disjoint protocol needs at least 4"
+            f"folder: {root} has {with_images} sub-folders with images; the class-disjoint protocol needs at least 4"
         )
-    full = ImageFileDataset(paths, np.array(labels))
-    data = _assemble(full, 3, "efficientnet-lite0", val_mode, limit)
-    return _with_transforms(data, image_size)
+    return _assemble_files(views[0], views[1], views[0].targets, 3, "efficientnet-lite0", val_mode, limit)
 
 
 _PML_DATASETS = {
@@ -343,7 +341,8 @@ _PML_DATASETS = {
 
 
 def load_pml_dataset(name, root, download=False, image_size=224, val_mode="auto", limit=None) -> BenchmarkData:
-    """CUB-200-2011, Cars196 or Stanford Online Products through PML's ``datasets`` module."""
+    """CUB-200-2011, Cars196 or Stanford Online Products from PML's ``datasets`` module, whose
+    train and test splits are already class-disjoint."""
     from pytorch_metric_learning import datasets as pml_datasets
 
     class_name, layout, size = _PML_DATASETS[name]
@@ -358,38 +357,18 @@ def load_pml_dataset(name, root, download=False, image_size=224, val_mode="auto"
             f"fetch it (about {size}, needs internet)."
         )
     dataset_class = getattr(pml_datasets, class_name)
-    splits = []
     try:
-        for split in ("train", "test"):
-            d = dataset_class(root=str(root), split=split, download=download)
-            splits.append(ImageFileDataset(d.paths, np.array(d.labels)))
+        train_view, eval_view, test_view = (
+            dataset_class(root=str(root), split=split, download=download, transform=image_transforms(image_size, train))
+            for split, train in (("train", True), ("train", False), ("test", False))
+        )
     except (OSError, ValueError) as error:
         raise DatasetNotInstalled(
             f"{name}: cannot read the dataset under {root} ({error}). It must hold {layout}; "
             f"--download lets PML fetch it (about {size}, needs internet)."
         ) from error
-    data = _assemble(None, 3, "resnet50", val_mode, limit, train_full=splits[0], test_full=splits[1])
-    return _with_transforms(data, image_size)
-
-
-def load_dataset(name: str, root=None, download=False, image_size=None, val_mode="auto",
-                 limit=None) -> BenchmarkData:
-    """Load a dataset by name (one of ``DATASETS``)."""
-    if name == "digits":
-        return load_digits_dataset(val_mode, limit)
-    if name == "glyphs":
-        from .glyphs import load_glyphs
-
-        return load_glyphs(root, val_mode, limit)
-    if name == "fashion-mnist":
-        return load_fashion_mnist(root, val_mode, limit)
-    if name == "emoji":
-        return load_emoji(root, image_size or 128, val_mode, limit)
-    if name == "folder":
-        return load_folder(root, image_size or 224, val_mode, limit)
-    if name in _PML_DATASETS:
-        return load_pml_dataset(name, root, download, image_size or 224, val_mode, limit)
-    raise ValueError(f"unknown dataset '{name}'; valid datasets: {', '.join(DATASETS)}")
+    return _assemble_files(train_view, eval_view, train_view.labels, 3, "resnet50", val_mode, limit,
+                           test_view=test_view)
 
 
 def split_sizes(data: BenchmarkData) -> List[str]:

@@ -1,12 +1,23 @@
-"""Atomic file writes: a reader (or a rerun after a kill) sees the old file or the new one."""
+"""Atomic file writes: a reader (or a rerun after a kill) sees the old file or the new one.
+
+Files get the mode a plain ``open`` would give them (0666 less the umask), not mkstemp's 0600.
+"""
 
 import io
 import json
 import os
+import pickle
 import tempfile
+import zipfile
 from pathlib import Path
 
 import torch
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
 
 
 def atomic_write_bytes(path, data: bytes) -> None:
@@ -15,6 +26,7 @@ def atomic_write_bytes(path, data: bytes) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix="." + path.name + ".", suffix=".tmp", dir=path.parent)
     try:
+        os.fchmod(fd, 0o666 & ~_umask())
         with os.fdopen(fd, "wb") as f:
             f.write(data)
             f.flush()
@@ -40,9 +52,25 @@ def atomic_torch_save(path, obj) -> None:
     atomic_write_bytes(path, buffer.getvalue())
 
 
+class BrokenFile(ValueError):
+    """A stored file cannot be read; the message names it."""
+
+
 def read_json(path, default=None):
+    """The JSON in ``path``, ``default`` when there is no such file; ``BrokenFile`` when unreadable."""
     path = Path(path)
     if not path.is_file():
         return default
-    with open(path, encoding="utf-8") as f:
-        return json.load(f)
+    try:
+        with open(path, encoding="utf-8") as f:
+            return json.load(f)
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
+        raise BrokenFile(f"{path} cannot be read ({type(error).__name__}: {error})") from error
+
+
+def read_torch(path):
+    """What ``torch.save`` stored in ``path`` (on the CPU); ``BrokenFile`` when it cannot be read."""
+    try:
+        return torch.load(path, map_location="cpu", weights_only=False)
+    except (RuntimeError, EOFError, OSError, pickle.UnpicklingError, zipfile.BadZipFile) as error:
+        raise BrokenFile(f"{path} cannot be read ({type(error).__name__}: {error})") from error

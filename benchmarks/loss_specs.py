@@ -241,11 +241,9 @@ def parse_loss_spec(text: str) -> LossSpec:
     return spec
 
 
-def parse_loss_list(text: str):
-    """Parse a comma-separated list of specs; parameters of one loss follow its colon.
-
-    ``ice:scale=32,lam=1,ntxent`` is split where a new registered name starts.
-    """
+def split_spec_texts(text: str):
+    """Split a comma-separated list of specs where a new name starts: the parameters of a
+    loss follow its colon, so ``ice:scale=32,lam=1,ntxent`` is two specs."""
     specs, current = [], []
     for piece in text.split(","):
         starts_new = ":" in piece or "=" not in piece
@@ -257,7 +255,12 @@ def parse_loss_list(text: str):
         current.append(piece)
     if current:
         specs.append(",".join(current))
-    parsed = [parse_loss_spec(s) for s in specs if s.strip()]
+    return [s for s in specs if s.strip()]
+
+
+def parse_loss_list(text: str):
+    """Parse a comma-separated list of specs (see ``split_spec_texts``)."""
+    parsed = [parse_loss_spec(s) for s in split_spec_texts(text)]
     if not parsed:
         raise LossSpecError("no loss given; valid losses: " + ", ".join(sorted(LOSSES)))
     labels = [p.label for p in parsed]

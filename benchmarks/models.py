@@ -4,6 +4,8 @@ import torch
 from torch import nn
 
 MODELS = ("cnn", "cnn4", "efficientnet-lite0", "resnet18", "resnet50")
+# Small networks trained from scratch on images of any number of channels; the others are ImageNet RGB trunks.
+FROM_SCRATCH_MODELS = ("cnn", "cnn4")
 
 
 class WeightsUnavailable(RuntimeError):

@@ -109,7 +109,16 @@ def write_plots(folder, rows: Sequence[dict], loss_order: Sequence[str]) -> List
     folder = Path(folder)
     losses = [l for l in loss_order if any(r["loss"] == l for r in rows)]
     written = []
+    for draw, name in ((_draw_curves, "curves.png"), (_draw_bars, "summary_bars.png")):
+        fig = draw(plt, rows, losses)
+        fig.tight_layout()
+        written.append(_save_figure(fig, folder / name))
+        plt.close(fig)
+    return written
 
+
+def _draw_curves(plt, rows: Sequence[dict], losses: Sequence[str]):
+    """Test MAP@R, R@1, NMI and validation MAP@R against epoch; band = std over seeds."""
     curve_metrics = ["mean_average_precision_at_r", "recall_at_1", "NMI", "val_" + PRIMARY_METRIC]
     fig, axes = plt.subplots(1, len(curve_metrics), figsize=(5 * len(curve_metrics), 4))
     for ax, metric in zip(axes, curve_metrics):
@@ -130,10 +139,11 @@ def write_plots(folder, rows: Sequence[dict], loss_order: Sequence[str]) -> List
         ax.set_ylabel("%")
         ax.grid(alpha=0.3)
     axes[0].legend(fontsize=8)
-    fig.tight_layout()
-    written.append(_save_figure(fig, folder / "curves.png"))
-    plt.close(fig)
+    return fig
 
+
+def _draw_bars(plt, rows: Sequence[dict], losses: Sequence[str]):
+    """Test metrics at the best validation epoch, with error bars (std over seeds)."""
     best = best_epoch_rows(rows)
     bar_metrics = ["precision_at_1", "recall_at_8", "r_precision", "mean_average_precision_at_r", "NMI"]
     fig, ax = plt.subplots(figsize=(2 + 1.6 * len(bar_metrics), 4))
@@ -147,10 +157,7 @@ def write_plots(folder, rows: Sequence[dict], loss_order: Sequence[str]) -> List
     ax.set_ylabel("% (test, best validation epoch)")
     ax.legend(fontsize=8)
     ax.grid(axis="y", alpha=0.3)
-    fig.tight_layout()
-    written.append(_save_figure(fig, folder / "summary_bars.png"))
-    plt.close(fig)
-    return written
+    return fig
 
 
 def _save_figure(fig, path: Path) -> Path:

@@ -1,10 +1,10 @@
-"""Forward+backward time and peak memory of ICELoss against the floor and PML losses.
+"""Forward+backward time and peak memory of ICELoss against the floor and PML's losses.
 
 The "floor" is the least any loss of this kind can cost: L2-normalise the embeddings,
 take the similarity matrix product S = X X^T (or X R^T against a memory bank) and run
-its backward with a ready-made gradient of S's shape, nothing else. ICELoss is compared
-with it and with PML's SupConLoss, MultiSimilarityLoss (default reducer, no miner) and
-NTXentLoss, over a list of batch sizes.
+its backward with a ready-made gradient of S's shape, nothing else. Losses are named as
+in ``python -m benchmarks.run`` (the same registry, ``benchmarks/loss_specs.py``), with
+their miners, parameters after a colon, and ``floor`` as a pseudo-loss.
 
 Timing: every candidate is warmed up, then the candidates run round-robin (the starting
 candidate rotates each repeat) so machine noise hits all of them alike; the table gives
@@ -17,18 +17,15 @@ so each (loss, batch) is measured in a subprocess of this script. A candidate wh
 estimated memory exceeds what the machine has is skipped and reported as such.
 
 Examples:
-    python -m benchmarks.speed --device cpu --batches 256,1024,4096 --dim 256
+    python -m benchmarks.speed --device cpu --batches 512 --losses floor,ice,multisimilarity
     python -m benchmarks.speed --device cpu --batches 16384 --dim 128 --memory-only --losses ice
     python -m benchmarks.speed --device cuda --batches 4096 --dim 512 --ref-size 1048576 --losses floor,ice
-    python -m benchmarks.speed --batches 4096 --losses floor,ice --ice memory_efficient=True,chunk_size=256
+    python -m benchmarks.speed --batches 4096 --losses floor,ice,ice:memory_efficient=True,chunk_size=256
 """
 
 import argparse
-import ast
 import gc
 import json
-import os
-import platform
 import resource
 import statistics
 import subprocess
@@ -39,15 +36,18 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-LOSS_NAMES = ("floor", "ice", "supcon", "multisim", "ntxent")
+from . import loss_specs
+from .speed_report import GIB, add_ratios, header_lines, table_lines, write_report
+
+FLOOR = "floor"
+DEFAULT_CANDIDATES = "floor,ice,supcon,multisimilarity,ntxent"
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
-GIB = 2**30
 # Fraction of the free memory a single step may be estimated to need before it is skipped.
 MEMORY_SAFETY_FRACTION = 0.7
 
 
 def parse_batches(text):
-    """Parse '256,1024,...' into a list of positive ints."""
+    """Parse '256,1024,...' into a list of ints >= 2."""
     try:
         batches = [int(item) for item in text.split(",") if item.strip()]
     except ValueError:
@@ -57,43 +57,22 @@ def parse_batches(text):
     return batches
 
 
-def parse_losses(text):
-    """Parse 'floor,ice,...' into a list of known loss names."""
-    names = [item.strip() for item in text.split(",") if item.strip()]
-    unknown = [name for name in names if name not in LOSS_NAMES]
-    if unknown or not names:
-        raise argparse.ArgumentTypeError(
-            f"unknown loss name(s) {unknown or text!r}; choose from {', '.join(LOSS_NAMES)}"
-        )
-    return names
+def parse_candidates(text):
+    """'floor,ice:chunk_size=256,multisimilarity' -> ['floor', LossSpec, LossSpec]: the
+    run harness's loss specs, plus the pseudo-loss 'floor'."""
+    try:
+        pieces = loss_specs.split_spec_texts(text)
+        candidates = [FLOOR if p.strip() == FLOOR else loss_specs.parse_loss_spec(p) for p in pieces]
+    except loss_specs.LossSpecError as error:
+        raise argparse.ArgumentTypeError(f"{error} (or '{FLOOR}')")
+    labels = [candidate_label(c) for c in candidates]
+    if not candidates or len(set(labels)) != len(labels):
+        raise argparse.ArgumentTypeError(f"--losses {text!r}: give each candidate once")
+    return candidates
 
 
-def parse_ice_kwargs(text):
-    """Parse 'memory_efficient=True,chunk_size=256' into ICELoss keyword arguments."""
-    kwargs = {}
-    for item in text.split(","):
-        key, sep, value = item.partition("=")
-        if not sep or not key.strip():
-            raise argparse.ArgumentTypeError(f"bad --ice item {item!r}: expected key=value")
-        try:
-            kwargs[key.strip()] = ast.literal_eval(value.strip())
-        except (ValueError, SyntaxError):
-            kwargs[key.strip()] = value.strip()
-    return kwargs
-
-
-def ice_label(kwargs):
-    """Table label of an ICELoss variant, e.g. 'ice(memory_efficient=True,chunk_size=256)'."""
-    if not kwargs:
-        return "ice"
-    return "ice(" + ",".join(f"{key}={value!r}" for key, value in kwargs.items()) + ")"
-
-
-def label_to_loss(label):
-    """Inverse of the labels used in tables: (loss name, ICE kwargs)."""
-    if label.startswith("ice("):
-        return "ice", parse_ice_kwargs(label[4:-1])
-    return label, {}
+def candidate_label(candidate):
+    return FLOOR if candidate == FLOOR else candidate.label
 
 
 def make_inputs(batch, dim, per_class, ref_size, device, dtype, seed=0):
@@ -111,11 +90,10 @@ def make_inputs(batch, dim, per_class, ref_size, device, dtype, seed=0):
     return inputs
 
 
-def build_step(label, inputs):
-    """A function running one forward+backward of `label` on `inputs`."""
-    name, ice_kwargs = label_to_loss(label)
+def build_step(candidate, inputs):
+    """A function running one forward+backward of `candidate` on `inputs`."""
     embeddings, ref_emb = inputs["embeddings"], inputs["ref_emb"]
-    if name == "floor":
+    if candidate == FLOOR:
         ref_rows = len(embeddings) if ref_emb is None else len(ref_emb)
         upstream_grad = torch.randn(len(embeddings), ref_rows, device=embeddings.device, dtype=embeddings.dtype)
 
@@ -126,69 +104,50 @@ def build_step(label, inputs):
 
         return floor_step
 
-    loss_func = make_loss(name, ice_kwargs)
+    all_labels = inputs["labels"] if ref_emb is None else torch.cat([inputs["labels"], inputs["ref_labels"]])
+    loss_func, miner = candidate.build(int(all_labels.max()) + 1, embeddings.shape[1])
+    loss_func.to(embeddings.device)
+    pair_args = dict(ref_emb=ref_emb, ref_labels=inputs["ref_labels"])
 
     def loss_step():
-        loss = loss_func(embeddings, inputs["labels"], ref_emb=ref_emb, ref_labels=inputs["ref_labels"])
-        loss.backward()
+        indices_tuple = miner(embeddings, inputs["labels"], **pair_args) if miner else None
+        loss_func(embeddings, inputs["labels"], indices_tuple, **pair_args).backward()
 
     return loss_step
 
 
-def make_loss(name, ice_kwargs):
-    """The loss object of a (non-floor) candidate."""
-    from pytorch_metric_learning import losses as pml_losses
+def estimate_step_bytes(candidate, batch, ref_size, dim, per_class, dtype, device):
+    """Rough upper estimate of the memory one step needs, from its O(...) terms.
 
-    if name == "ice":
-        from pml_ice import losses as ice_losses
-
-        return ice_losses.ICELoss(**ice_kwargs)
-    return {
-        "supcon": pml_losses.SupConLoss,
-        "multisim": pml_losses.MultiSimilarityLoss,
-        "ntxent": pml_losses.NTXentLoss,
-    }[name]()
-
-
-def estimate_step_bytes(label, batch, ref_size, dim, per_class, dtype, device):
-    """Rough upper estimate of the memory one step of `label` needs, from its O(...) terms.
-
-    The per-element byte counts are calibrated on measured peaks (CPU RSS, H100
+    The per-element byte counts are calibrated on measured peaks (CPU RSS, H100/H200
     allocations): PML's pair-based losses hold int64 pair indices (16 bytes per pair)
     next to several float (batch x ref) matrices; NTXentLoss holds a
-    (positive pairs x negative pairs) matrix with a mask.
+    (positive pairs x negative pairs) matrix with a mask; ICE holds what
+    ``plan_computation`` says: all logits, or one chunk of them.
     """
     elem = torch.finfo(dtype).bits // 8
     ref = ref_size or batch
     pairs = batch * ref
     vectors = 4 * (batch + ref) * dim * 4  # embeddings, normalised copies, gradients
-    if label == "floor":
+    if candidate == FLOOR:
         return vectors + 4 * pairs * elem
-    if label == "supcon":
-        return vectors + pairs * (28 + 7 * elem)
-    if label == "multisim":
-        return vectors + pairs * (28 + 8 * elem)
-    if label == "ntxent":
+    if candidate.name == "ice":
+        from pml_ice.losses.ice_function import plan_computation
+
+        params = dict(candidate.params)
+        plan = plan_computation(batch, ref, device, params.get("memory_efficient"), params.get("chunk_size"))
+        if not plan.memory_efficient:
+            logits = batch * ref
+        elif plan.symmetric_tiles and not ref_size:
+            logits = 3 * min(batch, plan.tile_rows) ** 2
+        else:
+            logits = min(batch, plan.chunk_rows) * ref
+        return vectors + logits * (9 + 2 * elem) + 64 * batch * per_class
+    if candidate.name == "ntxent":
         positives = batch * per_class if ref_size else batch * (per_class - 1)
         negatives = pairs - positives - (0 if ref_size else batch)
         return vectors + pairs * 40 + positives * negatives * (4 * elem + 2)
-    return vectors + estimate_ice_work_bytes(label_to_loss(label)[1], batch, ref, per_class, elem, device)
-
-
-def estimate_ice_work_bytes(ice_kwargs, batch, ref, per_class, elem, device):
-    """ICELoss's (rows x ref) logits buffers, float32 plus a copy in the input dtype, for
-    all rows on the dense path or one chunk of rows on the memory-efficient path (decided
-    as ICELoss decides), plus its int64 pair lists."""
-    from pml_ice.losses.ice_function import default_chunk_rows
-    from pml_ice.losses.ice_loss import DENSE_LOGITS_LIMIT
-
-    memory_efficient = ice_kwargs.get("memory_efficient")
-    if memory_efficient is None:
-        memory_efficient = batch * ref > DENSE_LOGITS_LIMIT
-    rows = batch
-    if memory_efficient:
-        rows = min(batch, ice_kwargs.get("chunk_size") or default_chunk_rows(ref, torch.device(device)))
-    return rows * ref * (8 + 2 * elem) + 64 * batch * per_class
+    return vectors + pairs * (28 + 8 * elem)
 
 
 def available_bytes(device):
@@ -198,13 +157,6 @@ def available_bytes(device):
     import psutil
 
     return psutil.virtual_memory().available
-
-
-def format_bytes(num_bytes):
-    """'512 MiB' / '1.23 GiB'."""
-    if num_bytes >= GIB:
-        return f"{num_bytes / GIB:.2f} GiB"
-    return f"{num_bytes / 2**20:.0f} MiB"
 
 
 def synchronize(device):
@@ -218,7 +170,7 @@ def is_out_of_memory(error):
 
 
 def time_candidates(steps, inputs, device, warmup, repeats):
-    """Median-ready step times (seconds) per label, candidates interleaved round-robin.
+    """Step times (seconds) per label, candidates interleaved round-robin.
     A candidate that runs out of memory is dropped and reported in `failures`."""
     embeddings = inputs["embeddings"]
     times = {label: [] for label in steps}
@@ -249,26 +201,23 @@ def time_candidates(steps, inputs, device, warmup, repeats):
     return {label: t for label, t in times.items() if label not in failures}, failures
 
 
-def cuda_peak_bytes(label, inputs):
-    """Peak CUDA allocation of one step of `label`, the inputs included."""
+def cuda_peak_bytes(candidate, inputs):
+    """Peak CUDA allocation of one step of `candidate`, the inputs included."""
     inputs["embeddings"].grad = None
     gc.collect()
     torch.cuda.empty_cache()
     torch.cuda.reset_peak_memory_stats()
-    step = build_step(label, inputs)
-    step()
+    build_step(candidate, inputs)()
     torch.cuda.synchronize()
-    peak = torch.cuda.max_memory_allocated()
-    del step
     inputs["embeddings"].grad = None
-    return peak
+    return torch.cuda.max_memory_allocated()
 
 
 def child_peak_rss(label, args, batch):
     """Run one step of `label` in a fresh process of this script; its peak RSS in bytes
     (or an error string when the process failed or was killed)."""
     command = [
-        sys.executable, "-m", "benchmarks.speed", "--child", label,
+        sys.executable, "-m", "benchmarks.speed", "--child", "--losses", label,
         "--device", "cpu", "--dtype", args.dtype, "--batches", str(batch), "--dim", str(args.dim),
         "--per-class", str(args.per_class), "--ref-size", str(args.ref_size),
     ] + (["--threads", str(args.threads)] if args.threads else [])
@@ -308,7 +257,7 @@ def run_child(args):
     import psutil
 
     inputs = make_inputs(args.batches[0], args.dim, args.per_class, args.ref_size, "cpu", DTYPES[args.dtype])
-    step = build_step(args.child, inputs)
+    step = build_step(args.losses[0], inputs)
     baseline = psutil.Process().memory_info().rss
     cap_address_space()
     try:
@@ -321,113 +270,69 @@ def run_child(args):
     print(json.dumps({"peak_rss": peak_rss_bytes(), "baseline_rss": baseline}))
 
 
-def benchmark_batch(batch, labels, args):
-    """Time and memory of every candidate at one batch size: a list of result rows."""
-    device, dtype = args.device, DTYPES[args.dtype]
-    inputs = make_inputs(batch, args.dim, args.per_class, args.ref_size, device, dtype)
-    free = available_bytes(device) if args.max_memory is None else args.max_memory * GIB
-    rows = {label: {"batch": batch, "loss": label} for label in labels}
+def runnable_candidates(rows, candidates, batch, args):
+    """Candidates whose estimated memory fits; the others' rows say why they were skipped."""
+    dtype = DTYPES[args.dtype]
+    free = available_bytes(args.device) if args.max_memory is None else args.max_memory * GIB
     runnable = []
-    for label in labels:
-        needed = estimate_step_bytes(label, batch, args.ref_size, args.dim, args.per_class, dtype, device)
-        rows[label]["estimated_bytes"] = needed
-        if needed > free * MEMORY_SAFETY_FRACTION:
-            rows[label]["skipped"] = f"skipped (needs ~{needed / GIB:.1f} GiB)"
+    for candidate in candidates:
+        row = rows[candidate_label(candidate)]
+        row["estimated_bytes"] = estimate_step_bytes(
+            candidate, batch, args.ref_size, args.dim, args.per_class, dtype, args.device
+        )
+        if row["estimated_bytes"] > free * MEMORY_SAFETY_FRACTION:
+            row["skipped"] = f"skipped (needs ~{row['estimated_bytes'] / GIB:.1f} GiB)"
         else:
-            runnable.append(label)
+            runnable.append(candidate)
+    return runnable
 
-    if device == "cpu" and not args.time_only:
-        for label in runnable[:]:  # the subprocess also probes that the step fits
-            measured = child_peak_rss(label, args, batch)
-            if isinstance(measured, str):
-                rows[label]["skipped"] = measured
-                runnable.remove(label)
-            else:
-                rows[label].update(peak_bytes=measured["peak_rss"], baseline_bytes=measured["baseline_rss"])
 
+def measure_cpu_memory(rows, runnable, batch, args):
+    """Peak RSS of each candidate in a fresh process (which also probes that it fits)."""
+    for candidate in list(runnable):
+        label = candidate_label(candidate)
+        measured = child_peak_rss(label, args, batch)
+        if isinstance(measured, str):
+            rows[label]["skipped"] = measured
+            runnable.remove(candidate)
+        else:
+            rows[label].update(peak_bytes=measured["peak_rss"], baseline_bytes=measured["baseline_rss"])
+
+
+def measure_times(rows, runnable, inputs, args):
+    if args.device == "cpu":
+        cap_address_space()
+    steps = {candidate_label(c): build_step(c, inputs) for c in runnable}
+    times, failures = time_candidates(steps, inputs, args.device, args.warmup, args.repeats)
+    for label, reason in failures.items():
+        rows[label]["skipped"] = reason
+    for label, seconds in times.items():
+        rows[label].update(median_ms=1e3 * statistics.median(seconds), times_ms=[1e3 * s for s in seconds])
+
+
+def measure_cuda_memory(rows, runnable, inputs):
+    for candidate in runnable:
+        row = rows[candidate_label(candidate)]
+        if "skipped" not in row:
+            try:
+                row["peak_bytes"] = cuda_peak_bytes(candidate, inputs)
+            except torch.cuda.OutOfMemoryError:
+                row["skipped"] = "out of memory"
+
+
+def benchmark_batch(batch, candidates, args):
+    """Time and memory of every candidate at one batch size: a list of result rows."""
+    rows = {candidate_label(c): {"batch": batch, "loss": candidate_label(c)} for c in candidates}
+    runnable = runnable_candidates(rows, candidates, batch, args)
+    if args.device == "cpu" and not args.time_only:
+        measure_cpu_memory(rows, runnable, batch, args)
+    inputs = make_inputs(batch, args.dim, args.per_class, args.ref_size, args.device, DTYPES[args.dtype])
     if not args.memory_only:
-        if device == "cpu":
-            cap_address_space()
-        steps = {label: build_step(label, inputs) for label in runnable}
-        times, failures = time_candidates(steps, inputs, device, args.warmup, args.repeats)
-        del steps
-        for label, reason in failures.items():
-            rows[label]["skipped"] = reason
-        for label, seconds in times.items():
-            rows[label].update(median_ms=1e3 * statistics.median(seconds), times_ms=[1e3 * s for s in seconds])
-
-    if device == "cuda" and not args.time_only:
-        for label in runnable:
-            if "skipped" not in rows[label]:
-                try:
-                    rows[label]["peak_bytes"] = cuda_peak_bytes(label, inputs)
-                except torch.cuda.OutOfMemoryError:
-                    rows[label]["skipped"] = "out of memory"
-
+        measure_times(rows, runnable, inputs, args)
+    if args.device == "cuda" and not args.time_only:
+        measure_cuda_memory(rows, runnable, inputs)
     add_ratios(rows)
     return list(rows.values())
-
-
-def add_ratios(rows):
-    """Median time of each row relative to the floor's and SupConLoss's at the same batch."""
-    for reference in ("floor", "supcon"):
-        base = rows.get(reference, {}).get("median_ms")
-        for row in rows.values():
-            if base and "median_ms" in row:
-                row[f"x_{reference}"] = row["median_ms"] / base
-
-
-def table_lines(rows, device):
-    """Markdown table lines, one row per (batch, loss)."""
-    memory_kind = "peak alloc" if device == "cuda" else "peak RSS"
-    lines = [
-        f"| batch | loss | median ms | min ms | x floor | x SupCon | {memory_kind} |",
-        "|---:|---|---:|---:|---:|---:|---:|",
-    ]
-    for row in rows:
-        median = f"{row['median_ms']:.2f}" if "median_ms" in row else row.get("skipped", "-")
-        fastest = f"{min(row['times_ms']):.2f}" if "times_ms" in row else "-"
-        ratios = [f"{row[key]:.2f}" if key in row else "-" for key in ("x_floor", "x_supcon")]
-        memory = format_bytes(row["peak_bytes"]) if "peak_bytes" in row else "-"
-        lines.append(f"| {row['batch']} | {row['loss']} | {median} | {fastest} | {ratios[0]} | {ratios[1]} | {memory} |")
-    return lines
-
-
-def plot(rows, title, path):
-    """Time and peak memory against batch size, log-log, one line per loss."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    figure, (time_axis, memory_axis) = plt.subplots(1, 2, figsize=(12, 4.5))
-    for label in dict.fromkeys(row["loss"] for row in rows):
-        mine = [row for row in rows if row["loss"] == label]
-        for axis, key, scale in ((time_axis, "median_ms", 1), (memory_axis, "peak_bytes", 1 / 2**20)):
-            points = [(row["batch"], row[key] * scale) for row in mine if key in row]
-            if points:
-                axis.plot(*zip(*points), marker="o", label=label)
-    batches = sorted({row["batch"] for row in rows})
-    for axis, ylabel in ((time_axis, "forward+backward time (ms, median)"), (memory_axis, "peak memory (MiB)")):
-        axis.set(xscale="log", yscale="log", xlabel="batch size", ylabel=ylabel)
-        axis.set_xticks(batches, labels=[str(batch) for batch in batches])
-        axis.set_xticks([], minor=True)
-        axis.grid(True, which="both", alpha=0.3)
-        if axis.lines:
-            axis.legend(fontsize=8)
-    figure.suptitle(title, fontsize=9)
-    figure.tight_layout()
-    figure.savefig(path, dpi=120)
-    plt.close(figure)
-
-
-def machine_description(device):
-    """The device in words, for the report."""
-    if device == "cuda":
-        return f"cuda: {torch.cuda.get_device_name()}"
-    load = ", ".join(f"{value:.1f}" for value in os.getloadavg())
-    return (f"cpu: {platform.processor() or platform.machine()}, {os.cpu_count()} cores, "
-            f"{torch.get_num_threads()} torch threads, load average at start {load}")
 
 
 def parse_args(argv=None):
@@ -452,13 +357,10 @@ def parse_args(argv=None):
     parser.add_argument("--repeats", type=int, default=10,
                         help="timed forward+backward runs per candidate, interleaved (default 10)")
     parser.add_argument("--warmup", type=int, default=2, help="untimed runs per candidate first (default 2)")
-    parser.add_argument("--losses", type=parse_losses, default=list(LOSS_NAMES),
-                        help=f"comma-separated candidates from {', '.join(LOSS_NAMES)} (default all); "
-                             "floor: normalise + similarity matrix product + its backward; "
-                             "multisim: MultiSimilarityLoss")
-    parser.add_argument("--ice", type=parse_ice_kwargs, action="append", default=[], metavar="KEY=VALUE,...",
-                        help="add an ICELoss variant with these keyword arguments, e.g. "
-                             "memory_efficient=True,chunk_size=256 (repeatable)")
+    parser.add_argument("--losses", type=parse_candidates, default=parse_candidates(DEFAULT_CANDIDATES),
+                        help=f"candidates, named as in benchmarks.run (default {DEFAULT_CANDIDATES}); "
+                             "parameters follow a colon (ice:memory_efficient=True,chunk_size=256); "
+                             "floor: normalise + similarity matrix product + its backward")
     parser.add_argument("--ref-size", type=int, default=0,
                         help="compare against a memory bank (ref_emb, ref_labels) of this many "
                              "embeddings instead of the batch itself (default 0: no bank)")
@@ -472,7 +374,7 @@ def parse_args(argv=None):
                              "(default benchmarks/results/speed)")
     parser.add_argument("--name", default=None,
                         help="file name stem of the outputs (default from device, dtype, D, batches, bank)")
-    parser.add_argument("--child", default=None, help=argparse.SUPPRESS)
+    parser.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.per_class < 2:
         parser.error(f"--per-class must be >= 2 (a class needs a positive pair), got {args.per_class}")
@@ -496,38 +398,16 @@ def main(argv=None):
     if args.child:
         run_child(args)
         return
-    labels = list(dict.fromkeys(args.losses + [ice_label(kwargs) for kwargs in args.ice]))
-    bank = f", against a bank of {args.ref_size} embeddings" if args.ref_size else ""
-    header = [
-        machine_description(args.device),
-        f"torch {torch.__version__}, {args.dtype}, D={args.dim}, {args.per_class} per class{bank}",
-        f"median and min of {args.repeats} interleaved runs after {args.warmup} warm-up runs"
-        if not args.memory_only else "memory only",
-    ]
-    if args.device == "cpu" and not args.time_only:
-        header.append("peak RSS: whole fresh process (imports, inputs, one step)")
+    header = header_lines(args)
     print("\n".join(header), flush=True)
-
     rows = []
     for batch in args.batches:
         started = time.perf_counter()
-        batch_rows = benchmark_batch(batch, labels, args)
+        batch_rows = benchmark_batch(batch, args.losses, args)
         rows += batch_rows
         print("\n".join(table_lines(batch_rows, args.device)), flush=True)
         print(f"  (batch {batch} took {time.perf_counter() - started:.0f} s)", flush=True)
-
-    if args.device == "cpu":
-        header.append("load average at end " + ", ".join(f"{value:.1f}" for value in os.getloadavg()))
-    args.out.mkdir(parents=True, exist_ok=True)
-    bank_tag = f"_M{args.ref_size}" if args.ref_size else ""
-    stem = args.name or f"{args.device}_{args.dtype}_D{args.dim}_B{args.batches[0]}-{args.batches[-1]}{bank_tag}"
-    table = "\n".join([f"- {line}" for line in header] + [""] + table_lines(rows, args.device)) + "\n"
-    (args.out / f"{stem}.md").write_text(table)
-    (args.out / f"{stem}.json").write_text(json.dumps({"config": vars(args) | {"out": str(args.out)},
-                                                      "header": header, "rows": rows}, indent=1))
-    plot(rows, " | ".join(header[:2]), args.out / f"{stem}.png")
-    print("\n" + table)
-    print(f"wrote {args.out / stem}.md, .json, .png")
+    write_report(rows, header, args)
 
 
 if __name__ == "__main__":

@@ -3,49 +3,33 @@
 A run evaluates the untrained model (epoch 0), then trains with ``MetricLossOnly`` and an
 ``MPerClassSampler``, evaluating the validation and test splits after every epoch through
 ``logging_presets.HookContainer`` (record-keeper + tensorboard, early stopping by
-patience on validation MAP@R). After each evaluation a checkpoint holding the models,
-optimizers, loss parameters, random states and the result rows is written atomically,
-so a rerun resumes after the last finished epoch and never duplicates a row.
+patience on validation MAP@R). After each evaluation its ``RunStore`` writes a checkpoint
+holding the models, optimizers, loss parameters, random states and the result rows, so a
+rerun resumes after the last finished epoch and never duplicates a row.
 """
 
 import dataclasses
 import random
-from pathlib import Path
-from typing import Callable, List, Optional
+from typing import Callable, Dict, List, Optional
 
 import numpy as np
 import torch
 from pytorch_metric_learning import samplers, testers, trainers
-from pytorch_metric_learning.utils import logging_presets
 from pytorch_metric_learning.utils import distributed as pml_dist
+from pytorch_metric_learning.utils import logging_presets
 from pytorch_metric_learning.utils.inference import FaissKMeans
 
-from .files import atomic_torch_save, atomic_write_json, read_json
 from .loss_specs import LossSpec, has_trainable_parameters
 from .metrics import METRICS, PRIMARY_METRIC, RecallAccuracyCalculator
+from .record_logs import drop_records_after
+from .run_store import RunStore, StoredRun
+from .settings import Settings
 
-CHECKPOINT = "checkpoint.pth"
-FAILED = "failed.json"
+AMP_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 
 
 class NonFiniteLossError(RuntimeError):
     """The training loss became NaN or infinite."""
-
-
-@dataclasses.dataclass
-class TrainSettings:
-    """Everything a run needs besides its dataset, loss and seed."""
-
-    epochs: int
-    patience: Optional[int]
-    batch_size: int
-    m_per_class: int
-    lr: float
-    loss_lr: float
-    weight_decay: float
-    eval_batch_size: int
-    device: str
-    num_workers: int
 
 
 @dataclasses.dataclass
@@ -54,44 +38,57 @@ class RunResult:
     error: Optional[str] = None
 
 
-@dataclasses.dataclass
-class StoredRun:
-    """What ``run_dir`` holds: status 'new', 'partial', 'finished' or 'failed', the rows so far,
-    the error of a failed run and the checkpoint of a partial or finished one."""
-
-    status: str
-    rows: List[dict]
-    error: Optional[str] = None
-    checkpoint: Optional[dict] = None
-
-
-def _world():
+def world() -> tuple:
+    """(rank, number of processes)."""
     if pml_dist.is_distributed():
         return torch.distributed.get_rank(), torch.distributed.get_world_size()
     return 0, 1
 
 
 class BenchmarkTrainer(trainers.MetricLossOnly):
-    """MetricLossOnly that stops on a non-finite loss and averages proxy gradients across ranks."""
+    """MetricLossOnly that stops on a non-finite loss, averages proxy gradients across ranks
+    and optionally autocasts the forward pass and the loss (``amp``: 'bf16' or 'fp16'; fp16
+    needs a ``scaler``, a GradScaler)."""
 
-    loss_label = "loss"
+    def __init__(self, *args, loss_label: str = "loss", amp: Optional[str] = None,
+                 scaler: Optional[torch.amp.GradScaler] = None, **kwargs):
+        self.loss_label = loss_label
+        self.amp_dtype = AMP_DTYPES.get(amp)
+        self.scaler = scaler
+        super().__init__(*args, **kwargs)
+
+    def calculate_loss(self, curr_batch):
+        with torch.autocast(self.data_device.type, dtype=self.amp_dtype, enabled=self.amp_dtype is not None):
+            super().calculate_loss(curr_batch)
 
     def backward(self):
         total = self.losses["total_loss"]
         if not torch.isfinite(torch.as_tensor(total)).all():
             raise NonFiniteLossError(
-                f"loss '{self.loss_label}' is {float(total)} at epoch {self.epoch}, "
-                f"iteration {self.iteration}"
+                f"loss '{self.loss_label}' is {float(total)} at epoch {self.epoch}, iteration {self.iteration}"
             )
-        super().backward()
-        _, world = _world()
-        if world > 1:
-            # Every rank computes the loss on the gathered batch, scaled by the world size
-            # (DistributedLossWrapper): the loss's own parameters get world x the gradient.
+        if self.scaler is not None:
+            self.scaler.scale(total).backward()
+        else:
+            super().backward()
+        self._average_loss_gradients()
+
+    def step_optimizers(self):
+        if self.scaler is None:
+            return super().step_optimizers()
+        for optimizer in self.optimizers.values():
+            self.scaler.step(optimizer)
+        self.scaler.update()
+
+    def _average_loss_gradients(self):
+        # Every rank computes the loss on the gathered batch, scaled by the world size
+        # (DistributedLossWrapper): the loss's own parameters get world x the gradient.
+        _, size = world()
+        if size > 1:
             for p in self.loss_funcs["metric_loss"].parameters():
                 if p.grad is not None:
                     torch.distributed.all_reduce(p.grad)
-                    p.grad /= world * world
+                    p.grad /= size * size
 
 
 def seed_everything(seed: int, rank: int = 0) -> None:
@@ -101,7 +98,7 @@ def seed_everything(seed: int, rank: int = 0) -> None:
     torch.manual_seed(seed)
 
 
-def _rng_state(sampler):
+def _rng_state(sampler) -> dict:
     """Random states, plus the sampler's class order, which it shuffles in place every epoch."""
     return {
         "python": random.getstate(),
@@ -111,7 +108,7 @@ def _rng_state(sampler):
     }
 
 
-def _set_rng_state(state, sampler):
+def _set_rng_state(state: dict, sampler) -> None:
     random.setstate(state["python"])
     np.random.set_state(state["numpy"])
     torch.set_rng_state(state["torch"])
@@ -128,163 +125,178 @@ def accuracy_row(tester, spec_label: str, seed: int, epoch: int) -> dict:
     return row
 
 
-def load_run(run_dir: Path, epochs: int) -> StoredRun:
-    """The run stored in ``run_dir``; it is finished once stopped early or trained ``epochs`` epochs."""
-    failure = read_json(run_dir / FAILED)
-    if failure is not None:
-        return StoredRun("failed", failure["rows"], error=failure["error"])
-    if not (run_dir / CHECKPOINT).is_file():
-        return StoredRun("new", [])
-    checkpoint = torch.load(run_dir / CHECKPOINT, map_location="cpu", weights_only=False)
-    finished = checkpoint["stopped_early"] or checkpoint["epoch"] >= epochs
-    return StoredRun("finished" if finished else "partial", checkpoint["rows"], checkpoint=checkpoint)
-
-
-def train_one(
-    data,
-    trunk: torch.nn.Module,
-    embedder: torch.nn.Module,
-    spec: LossSpec,
-    seed: int,
-    settings: TrainSettings,
-    run_dir: Path,
-    checkpoint: Optional[dict] = None,
-    on_rows: Callable[[List[dict]], None] = lambda rows: None,
-) -> RunResult:
-    """Train and evaluate one new (loss, seed) run in ``run_dir``, or resume it from ``checkpoint``.
-
-    ``trunk`` and ``embedder`` must be freshly built after ``seed_everything(seed)``; the
-    global batch size must split evenly across processes into multiples of m_per_class.
-    ``on_rows`` receives every row so far after each evaluation (rank 0 only).
-    """
-    rank, world = _world()
-    run_dir = Path(run_dir)
-    device = torch.device(settings.device)
-    per_rank_batch = settings.batch_size // world
-    loss, miner = spec.build(num_classes=data.num_train_classes, embedding_size=embedder.out_features)
-    trunk, embedder, loss = trunk.to(device), embedder.to(device), loss.to(device)
-
+def build_optimizers(trunk, embedder, loss, settings: Settings) -> Dict[str, torch.optim.Optimizer]:
+    """Adam for a trainable trunk, the embedder and a loss with parameters (at --loss-lr)."""
     optimizers = {}
     if any(p.requires_grad for p in trunk.parameters()):
-        optimizers["trunk_optimizer"] = torch.optim.Adam(trunk.parameters(), lr=settings.lr, weight_decay=settings.weight_decay)
-    optimizers["embedder_optimizer"] = torch.optim.Adam(embedder.parameters(), lr=settings.lr, weight_decay=settings.weight_decay)
+        optimizers["trunk_optimizer"] = torch.optim.Adam(trunk.parameters(), lr=settings.lr,
+                                                         weight_decay=settings.weight_decay)
+    optimizers["embedder_optimizer"] = torch.optim.Adam(embedder.parameters(), lr=settings.lr,
+                                                        weight_decay=settings.weight_decay)
     if has_trainable_parameters(loss):
         optimizers["metric_loss_optimizer"] = torch.optim.Adam(loss.parameters(), lr=settings.loss_lr)
+    return optimizers
 
-    rows = []
-    start_epoch = 1
-    if checkpoint is not None:
-        trunk.load_state_dict(checkpoint["models"]["trunk"])
-        embedder.load_state_dict(checkpoint["models"]["embedder"])
-        loss.load_state_dict(checkpoint["loss"])
-        for name, optimizer in optimizers.items():
-            optimizer.load_state_dict(checkpoint["optimizers"][name])
-        rows = list(checkpoint["rows"])
-        start_epoch = checkpoint["epoch"] + 1
 
-    if world > 1:
-        # Buffers (BatchNorm statistics) stay rank-local: rank 0 evaluates alone, without a collective.
-        def wrap(module):
-            return torch.nn.parallel.DistributedDataParallel(module, broadcast_buffers=False)
-
-        models = {"trunk": wrap(trunk) if "trunk_optimizer" in optimizers else trunk, "embedder": wrap(embedder)}
-        train_loss = pml_dist.DistributedLossWrapper(loss)
-        train_miner = pml_dist.DistributedMinerWrapper(miner) if miner is not None else None
-    else:
-        models = {"trunk": trunk, "embedder": embedder}
-        train_loss, train_miner = loss, miner
-
-    train_labels = np.asarray(data.train.labels)
-    sampler = samplers.MPerClassSampler(
-        train_labels, settings.m_per_class, batch_size=per_rank_batch,
-        length_before_new_iter=max(per_rank_batch, len(train_labels) // world),
+def build_tester(hooks, settings: Settings, device: torch.device):
+    """PML's GlobalEmbeddingSpaceTester with the faiss AccuracyCalculator extended by Recall@K."""
+    kmeans = FaissKMeans(niter=20, gpu=device.type == "cuda", min_points_per_centroid=1)
+    return testers.GlobalEmbeddingSpaceTester(
+        end_of_testing_hook=hooks.end_of_testing_hook,
+        accuracy_calculator=RecallAccuracyCalculator(device=device, kmeans_func=kmeans),
+        batch_size=settings.eval_batch_size,
+        dataloader_num_workers=settings.num_workers,
+        data_device=device,
     )
-    dataset_dict = {"val": data.val, "test": data.test}
-    hooks, tester = None, None
-    if rank == 0:
-        record_keeper, _, _ = logging_presets.get_record_keeper(
-            str(run_dir / "logs"), str(run_dir / "tensorboard"), is_new_experiment=checkpoint is None
-        )
-        hooks = logging_presets.get_hook_container(
-            record_keeper, primary_metric=PRIMARY_METRIC, validation_split_name="val",
-            save_models=False, log_freq=10,
-        )
-        tester = testers.GlobalEmbeddingSpaceTester(
-            end_of_testing_hook=hooks.end_of_testing_hook,
-            accuracy_calculator=RecallAccuracyCalculator(device=device, kmeans_func=FaissKMeans(niter=20, gpu=device.type == "cuda", min_points_per_centroid=1)),
-            batch_size=settings.eval_batch_size,
-            dataloader_num_workers=settings.num_workers,
-            data_device=device,
-        )
 
-    def save_checkpoint(epoch: int, stopped_early: bool):
-        rng_states = [None] * world
-        if world > 1:
-            torch.distributed.all_gather_object(rng_states, _rng_state(sampler))
+
+def build_hooks(store: RunStore, resumed_epoch: Optional[int], iterations_per_epoch: int):
+    """record-keeper + tensorboard logging; a resumed run first drops what was logged after its checkpoint."""
+    if resumed_epoch is not None:
+        drop_records_after(store.logs, resumed_epoch, iterations_per_epoch)
+    record_keeper, _, _ = logging_presets.get_record_keeper(
+        str(store.logs), str(store.tensorboard), is_new_experiment=resumed_epoch is None
+    )
+    return logging_presets.get_hook_container(
+        record_keeper, primary_metric=PRIMARY_METRIC, validation_split_name="val", save_models=False, log_freq=10,
+    )
+
+
+def parallel_models(trunk, embedder, loss, miner, optimizers):
+    """Models, loss and miner as the trainer sees them: wrapped for DistributedDataParallel
+    when several processes run (buffers stay rank-local: rank 0 evaluates alone)."""
+    if world()[1] == 1:
+        return {"trunk": trunk, "embedder": embedder}, loss, miner
+
+    def wrap(module):
+        return torch.nn.parallel.DistributedDataParallel(module, broadcast_buffers=False)
+
+    models = {"trunk": wrap(trunk) if "trunk_optimizer" in optimizers else trunk, "embedder": wrap(embedder)}
+    wrapped_miner = pml_dist.DistributedMinerWrapper(miner) if miner is not None else None
+    return models, pml_dist.DistributedLossWrapper(loss), wrapped_miner
+
+
+class Run:
+    """One (loss, seed) run: built from fresh models, resumed from its stored checkpoint if any."""
+
+    def __init__(self, data, trunk, embedder, spec: LossSpec, seed: int, settings: Settings, store: RunStore,
+                 stored: StoredRun, on_rows: Callable[[List[dict]], None]):
+        self.rank, self.world = world()
+        self.data, self.spec, self.seed, self.settings, self.store = data, spec, seed, settings, store
+        self.on_rows = on_rows
+        self.device = torch.device(settings.device)
+        loss, self.miner = spec.build(num_classes=data.num_train_classes, embedding_size=embedder.out_features)
+        self.trunk, self.embedder, self.loss = trunk.to(self.device), embedder.to(self.device), loss.to(self.device)
+        self.optimizers = build_optimizers(self.trunk, self.embedder, self.loss, settings)
+        labels = np.asarray(data.train.labels)
+        self.per_rank_batch = settings.batch_size // self.world
+        self.sampler = samplers.MPerClassSampler(
+            labels, settings.m_per_class, batch_size=self.per_rank_batch,
+            length_before_new_iter=max(self.per_rank_batch, len(labels) // self.world),
+        )
+        self.scaler = torch.amp.GradScaler(self.device.type) if settings.amp == "fp16" else None
+        self.checkpoint = stored.checkpoint
+        self.rows = list(stored.rows) if self.checkpoint else []
+        self.hooks = self.tester = None
+        if self.rank == 0:
+            resumed_epoch = self.checkpoint["epoch"] if self.checkpoint else None
+            self.hooks = build_hooks(store, resumed_epoch, len(self.sampler) // self.per_rank_batch)
+            self.tester = build_tester(self.hooks, settings, self.device)
+
+    def restore(self) -> int:
+        """Load the stored state; return the first epoch to train."""
+        if self.checkpoint is None:
+            return 1
+        self.trunk.load_state_dict(self.checkpoint["models"]["trunk"])
+        self.embedder.load_state_dict(self.checkpoint["models"]["embedder"])
+        self.loss.load_state_dict(self.checkpoint["loss"])
+        for name, optimizer in self.optimizers.items():
+            optimizer.load_state_dict(self.checkpoint["optimizers"][name])
+        if self.scaler is not None:
+            self.scaler.load_state_dict(self.checkpoint["scaler"])
+        _set_rng_state(self.checkpoint["rng"][self.rank], self.sampler)
+        return self.checkpoint["epoch"] + 1
+
+    def save(self, epoch: int, stopped_early: bool) -> None:
+        """Checkpoint after an evaluation (rank 0 writes every rank's random state)."""
+        rng_states = [None] * self.world
+        if self.world > 1:
+            torch.distributed.all_gather_object(rng_states, _rng_state(self.sampler))
         else:
-            rng_states = [_rng_state(sampler)]
-        if rank == 0:
-            atomic_torch_save(run_dir / CHECKPOINT, {
+            rng_states = [_rng_state(self.sampler)]
+        if self.rank == 0:
+            self.store.save_checkpoint({
                 "epoch": epoch,
                 "stopped_early": stopped_early,
-                "rows": rows,
-                "models": {"trunk": trunk.state_dict(), "embedder": embedder.state_dict()},
-                "optimizers": {k: v.state_dict() for k, v in optimizers.items()},
-                "loss": loss.state_dict(),
+                "rows": self.rows,
+                "models": {"trunk": self.trunk.state_dict(), "embedder": self.embedder.state_dict()},
+                "optimizers": {k: v.state_dict() for k, v in self.optimizers.items()},
+                "loss": self.loss.state_dict(),
                 "rng": rng_states,
+                "scaler": self.scaler.state_dict() if self.scaler is not None else None,
             })
-            on_rows(rows)
+            self.on_rows(self.rows)
 
-    def evaluate(epoch: int):
-        tester.test(dataset_dict, epoch, trunk, embedder)
-        rows.append(accuracy_row(tester, spec.label, seed, epoch))
+    def evaluate_untrained(self) -> None:
+        if self.rank == 0:
+            self.store.folder.mkdir(parents=True, exist_ok=True)
+            self.tester.test({"val": self.data.val, "test": self.data.test}, 0, self.trunk, self.embedder)
+            self.rows.append(accuracy_row(self.tester, self.spec.label, self.seed, 0))
+            self.hooks.record_keeper.save_records()
+        self.save(0, stopped_early=False)
 
-    if checkpoint is None:
-        if rank == 0:
-            run_dir.mkdir(parents=True, exist_ok=True)
-            evaluate(0)
-            hooks.record_keeper.save_records()
-        save_checkpoint(0, stopped_early=False)
-        if settings.epochs == 0:
-            return RunResult(rows=rows)
-    else:
-        _set_rng_state(checkpoint["rng"][rank], sampler)
+    def end_of_epoch_hook(self):
+        """PML's end-of-epoch hook (evaluation, logging, patience) plus a row and a checkpoint."""
+        pml_hook = self.hooks.end_of_epoch_hook(
+            self.tester, {"val": self.data.val, "test": self.data.test}, str(self.store.folder / "models"),
+            test_interval=1, patience=self.settings.patience,
+        ) if self.rank == 0 else None
 
-    pml_hook = hooks.end_of_epoch_hook(
-        tester, dataset_dict, str(run_dir / "models"), test_interval=1, patience=settings.patience
-    ) if rank == 0 else None
+        def end_of_epoch(trainer):
+            keep_going = [None]
+            if self.rank == 0:
+                keep_going[0] = pml_hook(trainer) is not False
+                self.rows.append(accuracy_row(self.tester, self.spec.label, self.seed, trainer.epoch))
+            if self.world > 1:
+                torch.distributed.broadcast_object_list(keep_going, src=0)
+            self.save(trainer.epoch, stopped_early=not keep_going[0])
+            return keep_going[0]
 
-    def end_of_epoch(trainer):
-        keep_going = [None]
-        if rank == 0:
-            keep_going[0] = pml_hook(trainer) is not False
-            rows.append(accuracy_row(tester, spec.label, seed, trainer.epoch))
-        if world > 1:
-            torch.distributed.broadcast_object_list(keep_going, src=0)
-        save_checkpoint(trainer.epoch, stopped_early=not keep_going[0])
-        return keep_going[0]
+        return end_of_epoch
 
-    trainer = BenchmarkTrainer(
-        models=models,
-        optimizers=optimizers,
-        batch_size=per_rank_batch,
-        loss_funcs={"metric_loss": train_loss},
-        mining_funcs={"tuple_miner": train_miner} if train_miner is not None else {},
-        dataset=data.train,
-        sampler=sampler,
-        data_device=device,
-        dataloader_num_workers=settings.num_workers,
-        dataset_labels=train_labels,
-        set_min_label_to_zero=True,
-        end_of_iteration_hook=hooks.end_of_iteration_hook if hooks else None,
-        end_of_epoch_hook=end_of_epoch,
-    )
-    trainer.loss_label = spec.label
-    try:
-        trainer.train(start_epoch=start_epoch, num_epochs=settings.epochs)
-    except NonFiniteLossError as error:
-        if rank == 0:
-            atomic_write_json(run_dir / FAILED, {"error": str(error), "rows": rows})
-            on_rows(rows)
-        return RunResult(rows=rows, error=str(error))
-    return RunResult(rows=rows)
+    def trainer(self) -> BenchmarkTrainer:
+        models, loss, miner = parallel_models(self.trunk, self.embedder, self.loss, self.miner, self.optimizers)
+        return BenchmarkTrainer(
+            models=models,
+            optimizers=self.optimizers,
+            batch_size=self.per_rank_batch,
+            loss_funcs={"metric_loss": loss},
+            mining_funcs={"tuple_miner": miner} if miner is not None else {},
+            dataset=self.data.train,
+            sampler=self.sampler,
+            data_device=self.device,
+            dataloader_num_workers=self.settings.num_workers,
+            dataset_labels=np.asarray(self.data.train.labels),
+            set_min_label_to_zero=True,
+            end_of_iteration_hook=self.hooks.end_of_iteration_hook if self.hooks else None,
+            end_of_epoch_hook=self.end_of_epoch_hook(),
+            loss_label=self.spec.label,
+            amp=self.settings.amp,
+            scaler=self.scaler,
+        )
+
+    def execute(self) -> RunResult:
+        """Evaluate the untrained model (new runs), then train; a non-finite loss fails the run."""
+        start_epoch = self.restore()
+        if self.checkpoint is None:
+            self.evaluate_untrained()
+        if start_epoch > self.settings.epochs:
+            return RunResult(rows=self.rows)
+        try:
+            self.trainer().train(start_epoch=start_epoch, num_epochs=self.settings.epochs)
+        except NonFiniteLossError as error:
+            if self.rank == 0:
+                self.store.save_failure(str(error), self.rows)
+                self.on_rows(self.rows)
+            return RunResult(rows=self.rows, error=str(error))
+        return RunResult(rows=self.rows)

@@ -9,6 +9,7 @@ import pytest
 import torch
 from pytorch_metric_learning import distances
 
+from pml_ice.losses import ice_function
 from reference import DistanceSpec
 
 DEVICE_ENV_VAR = "PML_ICE_TEST_DEVICE"
@@ -117,3 +118,10 @@ def pair_losses_of():
         return dict(zip(keys, losses))
 
     return convert
+
+
+def use_symmetric_tiles(monkeypatch, enabled):
+    """Make the chunked path for labels within the batch use (or not) the symmetric
+    tiles on every device, so that the CPU tests check both."""
+    for kind in ice_function.SYMMETRIC_TILES:
+        monkeypatch.setitem(ice_function.SYMMETRIC_TILES, kind, enabled)

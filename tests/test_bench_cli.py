@@ -2,7 +2,7 @@
 
 import pytest
 
-from benchmarks import loss_specs, run
+from benchmarks import loss_specs, run, settings
 
 
 def run_main(capsys, *argv):
@@ -77,7 +77,7 @@ def test_bad_command_lines_fail_with_the_problem(capsys, tmp_path, argv, message
 
 
 def test_batch_that_does_not_split_across_processes(capsys, tmp_path, monkeypatch):
-    monkeypatch.setattr(run, "_init_distributed", lambda opts: (0, 3))
+    monkeypatch.setattr(run, "start_processes", lambda settings: (0, 3))
     code, captured = run_main(capsys, "--batch-size", "32", "--m-per-class", "8", "--out", str(tmp_path / "out"))
     assert code == 2
     assert "--batch-size 32 must split into 3 process(es) whose share is a multiple of --m-per-class 8" in captured.err
@@ -106,8 +106,8 @@ def test_help_documents_datasets_losses_and_outputs(capsys):
 def test_config_file_sets_options_and_command_line_wins(tmp_path):
     config = tmp_path / "bench.toml"
     config.write_text('losses = ["ice:scale=8", "supcon"]\nepochs = 7\nseeds = 2\nbatch-size = 32\n')
-    opts = run.resolve_options(["--config", str(config), "--seeds", "1"])
-    assert [s.label for s in opts.loss_specs] == ["ice:scale=8", "supcon"]
+    opts = settings.resolve(["--config", str(config), "--seeds", "1"])
+    assert [s.label for s in opts.losses] == ["ice:scale=8", "supcon"]
     assert (opts.epochs, opts.seeds, opts.batch_size, opts.m_per_class) == (7, 1, 32, 16)
 
 
@@ -128,16 +128,16 @@ def test_config_file_sets_options_and_command_line_wins(tmp_path):
 def test_config_file_with_bad_value(tmp_path, line, message):
     config = tmp_path / "bench.toml"
     config.write_text(line + "\n")
-    with pytest.raises(run.UsageError) as error:
-        run.resolve_options(["--config", str(config)])
+    with pytest.raises(settings.UsageError) as error:
+        settings.resolve(["--config", str(config)])
     assert message in str(error.value)
 
 
 def test_config_file_with_unknown_key(tmp_path):
     config = tmp_path / "bench.toml"
     config.write_text("epoch = 3\n")
-    with pytest.raises(run.UsageError, match="unknown key 'epoch'.*valid keys: .*epochs"):
-        run.resolve_options(["--config", str(config)])
+    with pytest.raises(settings.UsageError, match="unknown key 'epoch'.*valid keys: .*epochs"):
+        settings.resolve(["--config", str(config)])
 
 
 def test_out_folder_refuses_other_settings(capsys, tmp_path, monkeypatch):

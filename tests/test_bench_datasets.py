@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from benchmarks import datasets
+from benchmarks import datasets, registry
 
 
 def classes_of(split):
@@ -48,19 +48,19 @@ def test_fashion_mnist_from_idx_files(tmp_path):
     write_idx(tmp_path / "train-labels-idx1-ubyte.gz", train_labels)
     write_idx(tmp_path / "t10k-images-idx3-ubyte.gz", rng.integers(0, 256, size=(20, 28, 28)))
     write_idx(tmp_path / "t10k-labels-idx1-ubyte.gz", test_labels)
-    data = datasets.load_dataset("fashion-mnist", root=tmp_path)
+    data = registry.load_dataset("fashion-mnist", root=tmp_path)
     check_protocol(data, range(10))
     assert len(data.train) + len(data.val) == 40 and len(data.test) == 40
     image, label = data.test[0]
     assert tuple(image.shape) == (1, 28, 28) and label == 5
     assert -1.0 <= image.min() and image.max() <= 1.0
-    limited = datasets.load_dataset("fashion-mnist", root=tmp_path, limit=5)
+    limited = registry.load_dataset("fashion-mnist", root=tmp_path, limit=5)
     assert len(limited.test) == 25 and len(limited.train) + len(limited.val) == 25
 
 
 def test_fashion_mnist_missing_files_say_how_to_install(tmp_path):
     with pytest.raises(datasets.DatasetNotInstalled, match="apt-get install dataset-fashion-mnist"):
-        datasets.load_dataset("fashion-mnist", root=tmp_path)
+        registry.load_dataset("fashion-mnist", root=tmp_path)
 
 
 def make_emoji_packages(root, num_classes, version="16.0.0"):
@@ -83,7 +83,7 @@ def make_emoji_packages(root, num_classes, version="16.0.0"):
 def test_emoji_pairs_google_and_twitter_images(tmp_path, monkeypatch):
     make_emoji_packages(tmp_path / "node_modules", 24)
     monkeypatch.chdir(tmp_path)
-    data = datasets.load_dataset("emoji", image_size=32)  # found under ./node_modules
+    data = registry.load_dataset("emoji", image_size=32)  # found under ./node_modules
     check_protocol(data, range(24))
     for split in (data.train, data.val, data.test):
         assert all(count == 2 for count in np.bincount(split.labels)[np.unique(split.labels)])
@@ -99,10 +99,10 @@ def test_emoji_errors_name_the_npm_command(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     monkeypatch.setenv("HOME", str(tmp_path))
     with pytest.raises(datasets.DatasetNotInstalled, match="npm install emoji-datasource-google@16.0.0 emoji-datasource-twitter@16.0.0"):
-        datasets.load_dataset("emoji", root=tmp_path)
+        registry.load_dataset("emoji", root=tmp_path)
     make_emoji_packages(tmp_path / "node_modules", 6, version="15.1.2")
     with pytest.raises(datasets.DatasetNotInstalled, match="version 15.1.2"):
-        datasets.load_dataset("emoji", root=tmp_path / "node_modules")
+        registry.load_dataset("emoji", root=tmp_path / "node_modules")
 
 
 def make_image_folder(root, num_classes, per_class):
@@ -115,7 +115,7 @@ def make_image_folder(root, num_classes, per_class):
 
 def test_folder_dataset(tmp_path):
     make_image_folder(tmp_path, num_classes=24, per_class=3)
-    data = datasets.load_dataset("folder", root=tmp_path, image_size=24)
+    data = registry.load_dataset("folder", root=tmp_path, image_size=24)
     check_protocol(data, range(24))
     assert classes_of(data.val) == {9, 10, 11}
     image, label = data.train[0]
@@ -125,7 +125,7 @@ def test_folder_dataset(tmp_path):
 def test_folder_with_too_few_classes(tmp_path):
     make_image_folder(tmp_path, num_classes=3, per_class=2)
     with pytest.raises(ValueError, match="has 3 sub-folders with images"):
-        datasets.load_dataset("folder", root=tmp_path)
+        registry.load_dataset("folder", root=tmp_path)
 
 
 def test_cub200_through_pml_datasets(tmp_path):
@@ -143,7 +143,7 @@ def test_cub200_through_pml_datasets(tmp_path):
             index += 1
     (base / "images.txt").write_text("\n".join(lines_images) + "\n")
     (base / "image_class_labels.txt").write_text("\n".join(lines_labels) + "\n")
-    data = datasets.load_dataset("cub200", root=tmp_path, image_size=16)
+    data = registry.load_dataset("cub200", root=tmp_path, image_size=16)
     assert classes_of(data.train) | classes_of(data.val) == {1, 2}
     assert classes_of(data.test) == {150, 151}
     assert tuple(data.test[0][0].shape) == (3, 16, 16)
@@ -151,9 +151,9 @@ def test_cub200_through_pml_datasets(tmp_path):
 
 def test_pml_dataset_not_installed(tmp_path):
     with pytest.raises(datasets.DatasetNotInstalled, match="--download"):
-        datasets.load_dataset("sop", root=tmp_path / "missing")
+        registry.load_dataset("sop", root=tmp_path / "missing")
     with pytest.raises(datasets.DatasetNotInstalled, match="cannot read the dataset"):
-        datasets.load_dataset("cars196", root=tmp_path)
+        registry.load_dataset("cars196", root=tmp_path)
 
 
 def test_validation_split_modes():

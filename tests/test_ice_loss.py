@@ -11,6 +11,7 @@ from pytorch_metric_learning import losses as pml_losses
 from pytorch_metric_learning import miners
 
 from pml_ice import losses, reducers
+from pml_ice.losses import ice_function
 from reference import (
     COSINE,
     DistanceSpec,
@@ -458,3 +459,17 @@ def test_empty_indices_tuple_gives_zero_loss(device):
     assert loss.item() == 0
     loss.backward()
     assert torch.all(embeddings.grad == 0)
+
+
+@pytest.mark.parametrize("case", ["labels", "ref_emb", "miner"])
+def test_gpu_backward_form_runs_and_matches_on_cpu(agreement, make_batch, monkeypatch, case):
+    """The backward GPUs use (positives in the dense gradient, ``(G + G^T) Q`` when the
+    references are the batch), forced on the CPU so that CI checks it too."""
+    monkeypatch.setattr(ice_function, "sparse_positives_pay_off", lambda device: False)
+    embeddings, labels = make_batch(n=12, n_classes=4, seed=9)
+    ref_emb, ref_labels = make_batch(n=10, n_classes=4, seed=10) if case == "ref_emb" else (None, None)
+    indices_tuple = mine("multi_similarity", embeddings, labels) if case == "miner" else None
+    check_against_reference(
+        agreement, make_ice(16.0, 1.0, "batch"), f"gpu backward form {case}", embeddings, labels,
+        indices_tuple, ref_emb, ref_labels, scale=16.0, lam=1.0, normalize="batch",
+    )

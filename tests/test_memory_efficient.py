@@ -9,12 +9,25 @@ from pytorch_metric_learning import miners
 from pytorch_metric_learning.distances import CosineSimilarity, LpDistance
 
 from pml_ice import losses, reducers
+from conftest import use_symmetric_tiles
+from pml_ice.losses.ice_function import ComputationPlan, plan_computation
 from reference import COSINE, DistanceSpec, ice_pair_losses
 
 SCALE = 24.0
 BATCH = 10
 CHUNK_SIZES = [1, 3, 7]
 INPUT_MODES = ["labels", "pair_miner", "triplet_miner", "ref_emb", "ref_emb_miner"]
+
+
+@pytest.fixture(params=["row_chunks", "symmetric_tiles"])
+def labels_path(request, monkeypatch):
+    """Both chunked paths for labels within the batch, whatever this device would pick."""
+    use_symmetric_tiles(monkeypatch, request.param == "symmetric_tiles")
+    return request.param
+
+
+# Every input mode on the row chunks; labels within the batch on the symmetric tiles too.
+MODES_AND_PATHS = [(mode, "row_chunks") for mode in INPUT_MODES] + [("labels", "symmetric_tiles")]
 
 
 def pair_weight(anchor, positive):
@@ -106,10 +119,11 @@ def check_same(agreement, category, actual, expected, loss_rtol, grad_rtol):
 
 
 @pytest.mark.parametrize("chunk_size", CHUNK_SIZES)
-@pytest.mark.parametrize("mode", INPUT_MODES)
+@pytest.mark.parametrize("mode, path", MODES_AND_PATHS)
 def test_chunked_equals_dense_and_reference(
-    agreement, make_batch, distance_case, mode, chunk_size
+    agreement, make_batch, distance_case, mode, path, chunk_size, monkeypatch
 ):
+    use_symmetric_tiles(monkeypatch, path == "symmetric_tiles")
     spec, make_distance = distance_case
     inputs = make_inputs(make_batch, mode)
     chunked = ice_pairs_and_grads(
@@ -122,8 +136,15 @@ def test_chunked_equals_dense_and_reference(
 
 
 @pytest.mark.parametrize("normalize", ["batch", "anchor"])
-@pytest.mark.parametrize("mode", ["labels", "triplet_miner", "ref_emb"])
-def test_chunked_reduced_loss_and_grads_equal_dense(agreement, make_batch, mode, normalize):
+@pytest.mark.parametrize(
+    "mode, path",
+    [("labels", "row_chunks"), ("labels", "symmetric_tiles"), ("triplet_miner", "row_chunks"),
+     ("ref_emb", "row_chunks")],
+)
+def test_chunked_reduced_loss_and_grads_equal_dense(
+    agreement, make_batch, mode, path, normalize, monkeypatch
+):
+    use_symmetric_tiles(monkeypatch, path == "symmetric_tiles")
     embeddings, labels, indices_tuple, ref_emb, ref_labels = make_inputs(
         make_batch, mode, torch.float32
     )
@@ -206,6 +227,7 @@ def test_constant_memory_bank(agreement, make_batch, memory_efficient, distance_
     weights = torch.tensor(
         [pair_weight(a, p) for a, p in zip(*(t.tolist() for t in info["indices"]))],
         dtype=torch.float64,
+        device=info["losses"].device,
     )
     (weights * info["losses"]).sum().backward()
     _, (expected_grad, _) = reference_pairs_and_grads(
@@ -213,3 +235,43 @@ def test_constant_memory_bank(agreement, make_batch, memory_efficient, distance_
     )
     agreement.check("constant bank grad embeddings float64", leaf.grad, expected_grad, 1e-11)
     assert bank.grad is None
+
+
+def test_plan_chooses_the_path_and_chunk_per_device():
+    """One function decides dense or chunked and the chunk size, per kind of device."""
+    cpu, gpu = torch.device("cpu"), torch.device("cuda")
+    assert not plan_computation(8192, 8192, cpu).memory_efficient
+    assert plan_computation(8193, 8192, cpu).memory_efficient
+    assert not plan_computation(16384, 16384, gpu).memory_efficient
+    assert plan_computation(16385, 16384, gpu).memory_efficient
+    assert plan_computation(100, 2**20, cpu).chunk_rows == 2**4
+    assert plan_computation(100, 2**20, gpu).chunk_rows == 2**7
+    assert plan_computation(100, 100, cpu).tile_rows == 2**12
+    assert plan_computation(100, 100, gpu).symmetric_tiles and not plan_computation(100, 100, cpu).symmetric_tiles
+    assert plan_computation(100, 100, cpu, memory_efficient=True, chunk_size=7) == ComputationPlan(True, 7, False, 7)
+    assert not plan_computation(10**6, 10**6, cpu, memory_efficient=False).memory_efficient
+
+
+@pytest.mark.parametrize("memory_efficient", [True, False], ids=["tiles", "dense"])
+def test_signed_upstream_gradients_match_the_reference(
+    agreement, make_batch, memory_efficient, labels_path
+):
+    """Per-pair gradients of either sign (some zero): the tiles' sign handling and rows
+    without a loss term, on uneven 5-row tiles of a 23-sample batch."""
+    embeddings, labels = make_batch(n=23, n_classes=5, seed=31, dtype=torch.float64)
+
+    def weight(anchor, positive):
+        return float((7 * anchor + 3 * positive) % 5 - 2)
+
+    leaf = embeddings.clone().requires_grad_()
+    loss_func = losses.ICELoss(scale=SCALE, reducer=reducers.DoNothingReducer(),
+                               memory_efficient=memory_efficient, chunk_size=5)
+    info = loss_func(leaf, labels)["loss"]
+    pairs = list(zip(*(t.tolist() for t in info["indices"])))
+    sum(weight(a, p) * value for (a, p), value in zip(pairs, info["losses"])).backward()
+
+    reference_leaf = embeddings.detach().cpu().requires_grad_()
+    expected = ice_pair_losses(reference_leaf, labels.cpu(), scale=SCALE)
+    assert set(expected) == set(pairs)
+    sum(weight(a, p) * value for (a, p), value in expected.items()).backward()
+    agreement.check("signed upstream grad embeddings float64", leaf.grad, reference_leaf.grad, 1e-9)

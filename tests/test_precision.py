@@ -4,10 +4,18 @@ within 2 % of float32 on the same values, for scales up to 128."""
 import pytest
 import torch
 
+from conftest import use_symmetric_tiles
 from pml_ice import losses
 
 RELATIVE_TOLERANCE = 0.02
 SCALES = [1.0, 32.0, 128.0]
+PATHS = ["dense", "row_chunks", "symmetric_tiles"]
+
+
+def memory_efficient_for(path, monkeypatch):
+    """ICELoss's memory_efficient argument for a path, with the tiles set accordingly."""
+    use_symmetric_tiles(monkeypatch, path == "symmetric_tiles")
+    return path != "dense"
 
 
 def relative_difference(value, float32_value):
@@ -15,14 +23,15 @@ def relative_difference(value, float32_value):
 
 
 @pytest.mark.parametrize("batch_size", [10, 32], ids=["n10", "n32"])
-@pytest.mark.parametrize("memory_efficient", [False, True], ids=["dense", "memory_efficient"])
+@pytest.mark.parametrize("path", PATHS)
 @pytest.mark.parametrize("scale", SCALES)
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["float16", "bfloat16"])
 def test_half_precision_inputs_close_to_float32(
-    agreement, make_batch, distance_case, dtype, scale, memory_efficient, batch_size
+    agreement, make_batch, distance_case, dtype, scale, path, batch_size, monkeypatch
 ):
     """Batches of 10 and 32: torch's CPU kernels may take other routes below and
     above 25 rows."""
+    memory_efficient = memory_efficient_for(path, monkeypatch)
     _, make_distance = distance_case
     embeddings, labels = make_batch(n=batch_size, dim=16, n_classes=4, seed=41)
     low = embeddings.to(dtype).requires_grad_()
@@ -38,11 +47,12 @@ def test_half_precision_inputs_close_to_float32(
     agreement.check(f"{name} input vs float32 loss", loss.float(), float32_loss, RELATIVE_TOLERANCE)
 
 
-@pytest.mark.parametrize("memory_efficient", [False, True], ids=["dense", "memory_efficient"])
+@pytest.mark.parametrize("path", PATHS)
 @pytest.mark.parametrize("scale", SCALES)
-def test_autocast_bfloat16_close_to_float32(agreement, make_batch, device, scale, memory_efficient):
+def test_autocast_bfloat16_close_to_float32(agreement, make_batch, device, scale, path, monkeypatch):
     """Under autocast the loss gets float32 embeddings (its products then run in
     bfloat16) or the bfloat16 output of a layer run under autocast."""
+    memory_efficient = memory_efficient_for(path, monkeypatch)
     embeddings, labels = make_batch(n=32, dim=16, n_classes=4, seed=42)
     layer = torch.nn.Linear(16, 16).to(device)
     loss_func = losses.ICELoss(scale=scale, memory_efficient=memory_efficient)

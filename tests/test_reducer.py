@@ -221,3 +221,17 @@ def test_per_anchor_reducer_with_a_reference_set_larger_than_the_batch(
         torch.tensor(expected, dtype=torch.float64),
         1e-9,
     )
+
+
+@pytest.mark.parametrize("normalize", ["batch", "anchor"])
+def test_weight_statistics(device, normalize):
+    """collect_stats records max w / mean w and (sum w)^2 / (n sum w^2) of the weights
+    w = exp(lam (1 - exp(-l))), worked out by hand for three element losses."""
+    element_losses = torch.tensor([0.0, math.log(2.0), 50.0], dtype=torch.float64, device=device)
+    # p = 1, 1/2, ~0 -> with lam = ln 4: w = 1, 2, 4 (up to e^-50)
+    loss_dict = {"loss": {"losses": element_losses, "indices": torch.zeros(3, dtype=torch.long, device=device),
+                          "reduction_type": "element"}}
+    reducer = reducers.ICEReweightReducer(lam=math.log(4.0), normalize=normalize, collect_stats=True)
+    reducer(loss_dict, torch.randn(3, 2, device=device), None)
+    assert reducer.max_weight_over_mean == pytest.approx(4 / (7 / 3), rel=1e-9)
+    assert reducer.effective_sample_size == pytest.approx(49 / (3 * 21), rel=1e-9)

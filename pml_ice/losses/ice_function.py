@@ -16,15 +16,55 @@ chunk (one extra product, one sub and one exp), so that no (anchors x references
 matrix is held whole.
 """
 
+import math
+from dataclasses import dataclass
+
 import torch
 
+# Anchor x reference logits held whole (the dense path, exponentials kept for backward)
+# up to this many, and logits per chunk on the chunked path. A GPU has room for larger
+# buffers than a CPU's RAM, and its products need them: measured with benchmarks/speed.py
+# on an H200 at D = 512, batch 16384 was 1.91x the floor when chunked (2**26 dense
+# limit, 2**25-logit chunks); on 2 CPU cores, 128-row chunks at batch 8192 cost 2.7x the
+# floor and 1024-row chunks 1.3x.
+DENSE_LOGITS_LIMIT = {"cpu": 2**26, "accelerator": 2**28}
+CHUNK_LOGITS = {"cpu": 2**24, "accelerator": 2**27}
+# Symmetric tiles (two matrix products instead of four, more elementwise passes) for
+# labels within the batch on the chunked path. On 2 CPU cores they were slower than row
+# chunks (batch 16384, D = 128: 11.8 s against 7.7 s), so a CPU keeps the row chunks.
+SYMMETRIC_TILES = {"cpu": False, "accelerator": True}
 
-def default_chunk_rows(num_refs, device):
-    """Rows per chunk: about 2**24 logits on a CPU, 2**25 on a GPU. Large chunks keep
-    the products efficient (measured with benchmarks/speed.py on 2 CPU cores: at batch
-    8192, 128-row chunks cost 2.7x the floor, 1024-row chunks 1.3x)."""
-    target = 2**24 if device.type == "cpu" else 2**25
-    return max(1, target // max(num_refs, 1))
+
+@dataclass(frozen=True)
+class ComputationPlan:
+    """How ICE computes its logits: whole (``memory_efficient=False``, memory
+    ``anchors x references``) or, recomputed in backward, in chunks of ``chunk_rows``
+    anchors or, with ``symmetric_tiles`` and labels within the batch, in
+    ``tile_rows`` x ``tile_rows`` tiles."""
+
+    memory_efficient: bool
+    chunk_rows: int
+    symmetric_tiles: bool
+    tile_rows: int
+
+
+def plan_computation(num_anchors, num_refs, device, memory_efficient=None, chunk_size=None):
+    """The one place that chooses ICE's path and chunk size (``ICELoss`` and
+    ``benchmarks/speed.py`` both ask it). ``memory_efficient=None`` chunks above the
+    device's ``DENSE_LOGITS_LIMIT``; ``chunk_size`` overrides the rows per chunk and
+    per tile side."""
+    kind = "cpu" if torch.device(device).type == "cpu" else "accelerator"
+    if memory_efficient is None:
+        memory_efficient = num_anchors * num_refs > DENSE_LOGITS_LIMIT[kind]
+    chunk_rows = chunk_size or max(1, CHUNK_LOGITS[kind] // max(num_refs, 1))
+    tile_rows = chunk_size or math.isqrt(CHUNK_LOGITS[kind])
+    return ComputationPlan(memory_efficient, chunk_rows, SYMMETRIC_TILES[kind], tile_rows)
+
+
+def sparse_positives_pay_off(device):
+    """Whether backward should put the positives into a sparse matrix (a CPU) rather
+    than into the dense gradient of the logits (a GPU); see ``add_grads_from_exp``."""
+    return device.type == "cpu"
 
 
 def accumulation_dtype(dtype):
@@ -51,7 +91,9 @@ class LogitsKernel:
         ``-pos_grad`` on the positive pairs ``positives = (rows, cols)``.
         ``grad_refs`` is None when the references need no gradient (a memory bank)."""
         grad_logits = exp_logits * exp_factor[:, None]
-        grad_logits.index_put_(positives, -pos_grad, accumulate=True)
+        # pairs are unique, so a gather-subtract-scatter suffices (an accumulating
+        # index_put sorts its indices: 0.5 ms of host time per step on an H200)
+        grad_logits[positives] -= pos_grad
         self.add_grads(queries, refs, grad_logits, grad_queries, grad_refs)
 
 
@@ -67,7 +109,12 @@ class InnerProductLogits(LogitsKernel):
         return out.copy_(torch.mm(queries, refs.T)).mul_(self.coef)
 
     def add_grads(self, queries, refs, grad_logits, grad_queries, grad_refs):
-        """Add the gradients of ``sum(grad_logits * Z)`` to ``grad_queries`` and ``grad_refs``."""
+        """Add the gradients of ``sum(grad_logits * Z)`` to ``grad_queries`` and ``grad_refs``.
+        When the references are the queries (``Z = c Q Q^T``, one gradient buffer),
+        ``dQ = c (G + G^T) Q``: one product instead of two."""
+        if refs is queries and grad_refs is grad_queries:
+            add_matmul(grad_queries, grad_logits + grad_logits.T, queries, self.coef)
+            return
         add_matmul(grad_queries, grad_logits, refs, self.coef)
         if grad_refs is not None:
             add_matmul(grad_refs, grad_logits.T, queries, self.coef)
@@ -75,8 +122,14 @@ class InnerProductLogits(LogitsKernel):
     def add_grads_from_exp(
         self, queries, refs, exp_logits, exp_factor, positives, pos_grad, grad_queries, grad_refs
     ):
-        """The row factor moves onto the embeddings and the positives form a sparse
-        matrix, so no elementwise pass over ``exp_logits`` is needed: two products."""
+        """On a CPU the row factor moves onto the embeddings and the positives form a
+        sparse matrix, so no elementwise pass over ``exp_logits`` is needed: two products.
+        On a GPU that pass is cheap and the sparse matrix's coalescing is not (0.6 ms of
+        host time per step at batch 1024 on an H200), so the generic form is used."""
+        if not sparse_positives_pay_off(exp_logits.device):
+            return super().add_grads_from_exp(
+                queries, refs, exp_logits, exp_factor, positives, pos_grad, grad_queries, grad_refs
+            )
         acc_dtype = exp_logits.dtype
         queries, refs = queries.to(acc_dtype), refs.to(acc_dtype)
         pos_matrix = torch.sparse_coo_tensor(
@@ -200,7 +253,7 @@ class ICEPairLosses(torch.autograd.Function):
             torch.sum(logits.sub_(chunk_max[:, None]).exp_(), dim=1, out=row_sum[start:end])
         lse = row_max + torch.log(row_sum)
         margin = lse[positives.anchors] - pos_logits
-        ctx.kernel, ctx.chunk_rows = kernel, chunk_rows
+        ctx.kernel, ctx.chunk_rows, ctx.refs_are_queries = kernel, chunk_rows, refs is queries
         ctx.positives, ctx.masked = positives, masked
         ctx.masked_are_negatives = pairs.masked_are_negatives
         ctx.save_for_backward(
@@ -215,11 +268,12 @@ class ICEPairLosses(torch.autograd.Function):
         pos_grad = grad_losses.to(lse.dtype) * one_minus_p
         neg_coef = torch.zeros_like(lse).index_add_(0, positives.anchors, pos_grad)
         grad_queries = torch.zeros(queries.shape, dtype=lse.dtype, device=queries.device)
-        grad_refs = (
-            torch.zeros(refs.shape, dtype=lse.dtype, device=refs.device)
-            if ctx.needs_input_grad[1]
-            else None
-        )
+        if ctx.refs_are_queries:  # one tensor, one gradient buffer for both roles
+            refs, grad_refs = queries, grad_queries
+        elif ctx.needs_input_grad[1]:
+            grad_refs = torch.zeros(refs.shape, dtype=lse.dtype, device=refs.device)
+        else:
+            grad_refs = None
         if saved_exp is None:
             ICEPairLosses.add_recomputed_grads(
                 ctx, queries, refs, lse, neg_coef, pos_grad, grad_queries, grad_refs
@@ -237,7 +291,7 @@ class ICEPairLosses(torch.autograd.Function):
             )
         return (
             grad_queries.to(queries.dtype),
-            None if grad_refs is None else grad_refs.to(refs.dtype),
+            None if grad_refs is None or ctx.refs_are_queries else grad_refs.to(refs.dtype),
             None,
             None,
             None,
@@ -249,22 +303,22 @@ class ICEPairLosses(torch.autograd.Function):
         ctx, queries, refs, lse, neg_coef, pos_grad, grad_queries, grad_refs
     ):
         """Chunk by chunk: recompute the logits, then
-        ``c_i exp(Z - LSE_i) = sign(c_i) exp(Z - (LSE_i - log|c_i|))`` (one sub, one exp)."""
+        ``c_i exp(Z - LSE_i) = sign(c_i) exp(Z - (LSE_i - log|c_i|))`` (one sub, one exp;
+        the sign pass only when some ``c_i`` is negative, decided once, not per chunk)."""
         positives, masked = ctx.positives, ctx.masked
         num_rows, num_refs = len(queries), len(refs)
         shift = lse - torch.log(neg_coef.abs())
-        flipped_rows = torch.nonzero(neg_coef < 0).flatten()
+        row_sign = torch.sign(neg_coef)[:, None] if bool((neg_coef < 0).any()) else None
         buffer = lse.new_empty(min(ctx.chunk_rows, num_rows), num_refs)
         for start, end in chunk_ranges(num_rows, ctx.chunk_rows):
             grad_logits = ctx.kernel.logits(queries[start:end], refs, buffer[: end - start])
             restrict_to_negatives(grad_logits, masked, ctx.masked_are_negatives, start, end)
             grad_logits.sub_(shift[start:end, None]).exp_()
-            chunk_flipped = flipped_rows[(flipped_rows >= start) & (flipped_rows < end)]
-            grad_logits[chunk_flipped - start] *= -1
+            if row_sign is not None:
+                grad_logits.mul_(row_sign[start:end])
             p0, p1 = positives.span(start, end)
-            grad_logits.put_(
-                positives.flat_positions(start, end), -pos_grad[p0:p1], accumulate=True
-            )
+            flat = positives.flat_positions(start, end)
+            grad_logits.put_(flat, grad_logits.take(flat) - pos_grad[p0:p1])
             ctx.kernel.add_grads(
                 queries[start:end], refs, grad_logits, grad_queries[start:end], grad_refs
             )

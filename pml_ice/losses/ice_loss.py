@@ -1,21 +1,14 @@
-import math
-
 import torch
 from pytorch_metric_learning.distances import CosineSimilarity, DotProductSimilarity
 from pytorch_metric_learning.losses import BaseMetricLossFunction
 from pytorch_metric_learning.utils import common_functions as c_f
 
+from ..checks import check_positive_real
 from ..reducers.ice_reweight_reducer import ICEReweightReducer
-from .ice_function import (
-    DistanceLogits,
-    ICEPairLosses,
-    InnerProductLogits,
-    default_chunk_rows,
-)
+from .ice_function import DistanceLogits, ICEPairLosses, InnerProductLogits, plan_computation
+from .ice_label_losses import ICELabelLosses, label_positives
+from .ice_symmetric_tiles import ICESymmetricTiles
 from .ice_pairs import ICEPairs, PairList, pairs_from_indices_tuple, pairs_from_labels
-
-# Above this many anchor-reference logits the chunked, recomputing path is used.
-DENSE_LOGITS_LIMIT = 2**26
 
 
 class ICELoss(BaseMetricLossFunction):
@@ -38,16 +31,16 @@ class ICELoss(BaseMetricLossFunction):
             32 and 64 did not improve on the untrained model; see the README's
             "Choosing scale and lam".
         memory_efficient: ``None`` (default) chunks the anchors and recomputes the
-            logits in backward when ``anchors x references`` exceeds
-            ``DENSE_LOGITS_LIMIT`` (2**26), so memory stays linear in the batch;
-            ``True`` always does, ``False`` never does.
-        chunk_size: anchors per chunk (default: about 2**24 logits on a CPU, 2**25 on a GPU).
+            logits in backward when ``anchors x references`` exceeds the device's
+            ``DENSE_LOGITS_LIMIT`` (2**26 on a CPU, 2**28 on a GPU), so memory stays
+            linear in the batch; ``True`` always does, ``False`` never does.
+        chunk_size: anchors per chunk on the chunked path (default: about 2**24 logits
+            on a CPU, 2**27 on a GPU). ``plan_computation`` makes both choices.
     """
 
     def __init__(self, scale=16.0, memory_efficient=None, chunk_size=None, **kwargs):
         super().__init__(**kwargs)
-        if not isinstance(scale, (int, float)) or not math.isfinite(scale) or scale <= 0:
-            raise ValueError(f"ICELoss: scale must be a finite number > 0, got {scale!r}")
+        check_positive_real("ICELoss", "scale", scale, strictly=True)
         if memory_efficient not in (None, True, False):
             raise ValueError(
                 f"ICELoss: memory_efficient must be None, True or False, got {memory_efficient!r}"
@@ -72,42 +65,80 @@ class ICELoss(BaseMetricLossFunction):
         return super().forward(embeddings, labels, indices_tuple, ref_emb, ref_labels)
 
     def compute_loss(self, embeddings, labels, indices_tuple, ref_emb, ref_labels):
-        num_anchors, num_refs = len(embeddings), len(ref_emb)
-        if indices_tuple is None:
-            pairs = pairs_from_labels(labels, ref_labels, ref_emb is embeddings)
-        else:
-            pairs = pairs_from_indices_tuple(
-                indices_tuple, num_anchors, num_refs, embeddings.device
-            )
-        anchors, pairs = keep_anchors_with_negatives(pairs, num_anchors)
-        if self.collect_stats:
-            self.num_pos_pairs = len(pairs.positives.anchors)
-            self.num_neg_pairs = int(pairs.num_negatives.sum())
-        if len(anchors) == 0:
-            return self.zero_losses()
-
+        plan = plan_computation(
+            len(embeddings), len(ref_emb), embeddings.device, self.memory_efficient, self.chunk_size
+        )
         queries, refs, kernel = self.logits_kernel(embeddings, ref_emb)
-        if len(anchors) < num_anchors:
-            queries = queries[anchors]
-        num_logits = len(queries) * num_refs
-        memory_efficient = (
-            num_logits > DENSE_LOGITS_LIMIT
-            if self.memory_efficient is None
-            else self.memory_efficient
-        )
-        chunk_rows = self.chunk_size or default_chunk_rows(num_refs, embeddings.device)
-        losses = ICEPairLosses.apply(
-            queries, refs, kernel, pairs, chunk_rows, not memory_efficient
-        )
+        ref_is_batch = ref_emb is embeddings
+        if indices_tuple is None and not plan.memory_efficient:
+            losses, indices = self.losses_from_label_mask(
+                queries, refs, kernel, labels, ref_labels, ref_is_batch
+            )
+        elif (
+            indices_tuple is None
+            and ref_is_batch
+            and plan.symmetric_tiles
+            and isinstance(kernel, InnerProductLogits)
+        ):
+            losses, indices = self.losses_from_symmetric_tiles(queries, kernel, labels, plan)
+        else:
+            losses, indices = self.losses_from_pair_lists(
+                queries, refs, kernel, plan, labels, indices_tuple, ref_labels, ref_emb is embeddings
+            )
+        if losses is None:
+            return self.zero_losses()
         if self.collect_stats:
+            self.num_pos_pairs = len(losses)
             self.mean_pos_match_prob = torch.exp(-losses.detach()).mean().item()
-        return {
-            "loss": {
-                "losses": losses,
-                "indices": (anchors[pairs.positives.anchors], pairs.positives.refs),
-                "reduction_type": "pos_pair",
-            }
-        }
+        return {"loss": {"losses": losses, "indices": indices, "reduction_type": "pos_pair"}}
+
+    def losses_from_label_mask(self, queries, refs, kernel, labels, ref_labels, ref_is_batch):
+        """The dense path for pairs from labels: negatives by comparing labels (in their
+        common dtype, so distinct labels never wrap onto each other)."""
+        same_label = labels[:, None] == ref_labels[None, :]
+        positives = label_positives(same_label, ref_is_batch)
+        if self.collect_stats:
+            has_positive = torch.zeros_like(labels, dtype=torch.bool)
+            has_positive[positives[0]] = True
+            self.num_neg_pairs = int((~same_label[has_positive]).sum())
+        if len(positives[0]) == 0:
+            return None, None
+        return ICELabelLosses.apply(queries, refs, kernel, same_label, positives), positives
+
+    def losses_from_symmetric_tiles(self, queries, kernel, labels, plan):
+        """The chunked path for pairs from labels within the batch: ``Z`` is symmetric,
+        so square tiles serve two blocks of rows each (two matrix products in all)."""
+        pairs = pairs_from_labels(labels, labels, ref_is_batch=True)
+        positives = pairs.positives
+        if self.collect_stats:
+            has_positive = positives.counts() > 0
+            self.num_neg_pairs = int(pairs.num_negatives[has_positive].sum())
+        if len(positives.anchors) == 0:
+            return None, None
+        indices = (positives.anchors, positives.refs)
+        losses = ICESymmetricTiles.apply(queries, kernel, labels, indices, plan.tile_rows)
+        return losses, indices
+
+    def losses_from_pair_lists(
+        self, queries, refs, kernel, plan, labels, indices_tuple, ref_labels, ref_is_batch
+    ):
+        """Sorted pair lists (miners, or labels on the chunked path); only the rows of
+        anchors that have a negative are computed."""
+        if indices_tuple is None:
+            pairs = pairs_from_labels(labels, ref_labels, ref_is_batch)
+        else:
+            pairs = pairs_from_indices_tuple(indices_tuple, len(queries), len(refs), queries.device)
+        anchors, pairs = keep_anchors_with_negatives(pairs, len(queries))
+        if self.collect_stats:
+            self.num_neg_pairs = int(pairs.num_negatives[anchors].sum())
+        if len(anchors) == 0:
+            return None, None
+        if len(anchors) < len(queries):
+            queries = queries[anchors]
+        losses = ICEPairLosses.apply(
+            queries, refs, kernel, pairs, plan.chunk_rows, not plan.memory_efficient
+        )
+        return losses, (anchors[pairs.positives.anchors], pairs.positives.refs)
 
     def logits_kernel(self, embeddings, ref_emb):
         """Embeddings ready for the logits, and how to compute them.
@@ -201,6 +232,12 @@ def check_inputs(embeddings, labels, indices_tuple, ref_emb, ref_labels):
         check_indices_tuple(indices_tuple, len(embeddings), num_refs)
 
 
+def describe(value):
+    if torch.is_tensor(value):
+        return f"a {value.dtype} tensor of shape {tuple(value.shape)}"
+    return repr(type(value))
+
+
 def check_embeddings(name, embeddings):
     if not torch.is_tensor(embeddings):
         raise TypeError(f"ICELoss: {name} must be a torch.Tensor, got {type(embeddings)}")
@@ -232,9 +269,16 @@ def check_indices_tuple(indices_tuple, num_anchors, num_refs):
             "(anchors1, positives, anchors2, negatives)"
         )
     for position, index in enumerate(indices_tuple):
-        if not torch.is_tensor(index) or index.ndim != 1 or index.is_floating_point():
+        if (
+            not torch.is_tensor(index)
+            or index.ndim != 1
+            or index.is_floating_point()
+            or index.is_complex()
+            or index.dtype == torch.bool
+        ):
             raise ValueError(
-                f"ICELoss: indices_tuple[{position}] must be a 1-D integer tensor"
+                f"ICELoss: indices_tuple[{position}] must be a 1-D integer tensor of "
+                f"indices, got {describe(index)}"
             )
         is_anchor = position == 0 or (len(indices_tuple) == 4 and position == 2)
         bound = num_anchors if is_anchor else num_refs

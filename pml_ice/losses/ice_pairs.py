@@ -49,25 +49,32 @@ class ICEPairs:
 
 
 def same_label_pairs(labels, ref_labels):
-    """Every ``(i, j)`` with ``ref_labels[j] == labels[i]``, sorted by ``i``: O(N log M + pairs)."""
-    sorted_ref, order = torch.sort(ref_labels, stable=True)
-    labels = labels.to(sorted_ref.dtype)
+    """Every ``(i, j)`` with ``ref_labels[j] == labels[i]``, sorted by ``i``, for the
+    anchors that have a negative (the others carry no loss), and every anchor's number
+    of negatives: O(N log M + pairs). Labels are compared in their common dtype, so
+    distinct labels never wrap onto each other."""
+    dtype = torch.promote_types(labels.dtype, ref_labels.dtype)
+    if dtype == torch.bool:
+        dtype = torch.int64
+    sorted_ref, order = torch.sort(ref_labels.to(dtype), stable=True)
+    labels = labels.to(dtype)
     start = torch.searchsorted(sorted_ref, labels, right=False)
     counts = torch.searchsorted(sorted_ref, labels, right=True) - start
+    num_negatives = len(ref_labels) - counts
+    counts = torch.where(num_negatives > 0, counts, 0)
     anchors = torch.repeat_interleave(
         torch.arange(len(labels), device=labels.device), counts
     )
     first_of_anchor = torch.repeat_interleave(torch.cumsum(counts, 0) - counts, counts)
     rank_in_anchor = torch.arange(len(anchors), device=labels.device) - first_of_anchor
     refs = order[torch.repeat_interleave(start, counts) + rank_in_anchor]
-    return PairList.from_sorted(anchors, refs, len(labels))
+    return PairList.from_sorted(anchors, refs, len(labels)), num_negatives
 
 
 def pairs_from_labels(labels, ref_labels, ref_is_batch):
     """Positives are same-label references (the anchor itself excluded when the
     reference set is the batch); negatives are all other references."""
-    same = same_label_pairs(labels, ref_labels)
-    num_negatives = len(ref_labels) - same.counts()
+    same, num_negatives = same_label_pairs(labels, ref_labels)
     if ref_is_batch:
         keep = same.anchors != same.refs
         anchors, refs = same.select(keep)

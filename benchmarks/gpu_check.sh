@@ -1,0 +1,29 @@
+#!/usr/bin/env bash
+# The GPU figures of the README, in one go (about 3 minutes on an H200):
+#   bash benchmarks/gpu_check.sh [OUT]        (default OUT: benchmarks/results/gpu)
+# Speed and memory of ICE against the floor, SupCon and MultiSimilarity at D = 512 in
+# float32 and bfloat16, ICE's dense path at batch 65536, a 4096 batch against a
+# 1,048,576-entry memory bank, the loss tests on CUDA, and a short harness run on CUDA.
+# Each step's table or summary lands in OUT; a failing step does not stop the others.
+set -u
+OUT=${1:-benchmarks/results/gpu}
+mkdir -p "$OUT"
+export PYTHONUNBUFFERED=1
+SPEED="python3 -m benchmarks.speed --device cuda --dim 512 --out $OUT/speed"
+LOSSES=floor,ice,supcon,multisimilarity
+nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
+python3 -c "import torch; print('torch', torch.__version__)"
+$SPEED --batches 1024,4096,16384,65536 --losses $LOSSES --name float32 >/dev/null 2>&1
+$SPEED --batches 1024,4096,16384,65536 --losses $LOSSES --dtype bfloat16 --name bfloat16 >/dev/null 2>&1
+$SPEED --batches 65536 --losses floor,ice,ice:memory_efficient=False --name dense_65536 >/dev/null 2>&1
+$SPEED --batches 4096 --ref-size 1048576 --losses floor,ice --name bank_1M >/dev/null 2>&1
+for name in float32 bfloat16 dense_65536 bank_1M; do
+    tail -n +5 "$OUT/speed/$name.md" 2>/dev/null || echo "speed run $name failed"
+done
+PML_ICE_TEST_DEVICE=cuda python3 -m pytest -q -p no:cacheprovider tests/test_ice_loss.py \
+    tests/test_reducer.py tests/test_precision.py tests/test_memory_efficient.py \
+    tests/test_wrappers.py tests/test_errors.py tests/test_probes_library.py > "$OUT/pytest_cuda.txt" 2>&1
+tail -n 1 "$OUT/pytest_cuda.txt"
+python3 -m benchmarks.run --device cuda --epochs 2 --seeds 1 --out "$OUT/run" > "$OUT/run_log.txt" 2>&1
+echo "harness run on cuda: exit $?"
+grep "^|" "$OUT/run/summary.md" 2>/dev/null | head -9

@@ -1,0 +1,95 @@
+"""The --out folder of an experiment: its lock, its identity (config.json), its run folders
+and the files published from all of them (results.csv, summary.md, plots).
+
+One command at a time works in a folder: a second one waits for the lock. Every publication
+is rebuilt from the rows of every run folder on disk, so runs made by earlier commands with
+other --losses or --seeds stay in results.csv and summary.md.
+"""
+
+import contextlib
+import fcntl
+import os
+from pathlib import Path
+from typing import Dict, List, Sequence, Tuple
+
+from .files import BrokenFile, atomic_write_json, read_json
+from .reporting import sort_rows, write_plots, write_results_csv, write_summary
+from .run_store import RunStore
+
+RunKey = Tuple[str, int]  # (loss label, seed)
+
+
+class IdentityMismatch(ValueError):
+    """The folder holds runs made with other settings."""
+
+
+class OutFolder:
+    def __init__(self, path):
+        self.path = Path(path)
+        self.config = self.path / "config.json"
+        self.results_csv = self.path / "results.csv"
+        self.summary = self.path / "summary.md"
+
+    @contextlib.contextmanager
+    def lock(self, say):
+        """Hold ``.lock`` for the whole command; wait (saying so) while another command holds it."""
+        self.path.mkdir(parents=True, exist_ok=True)
+        with open(self.path / ".lock", "a+") as handle:
+            try:
+                fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                handle.seek(0)
+                say(f"another command (pid {handle.read().strip() or '?'}) is running on {self.path}; "
+                    "waiting for it to finish")
+                fcntl.flock(handle, fcntl.LOCK_EX)
+            handle.seek(0)
+            handle.truncate()
+            handle.write(str(os.getpid()))
+            handle.flush()
+            try:
+                yield
+            finally:
+                fcntl.flock(handle, fcntl.LOCK_UN)
+
+    def check_identity(self, identity: dict) -> None:
+        """Refuse a folder whose config.json names other settings; name a broken config.json."""
+        try:
+            stored = read_json(self.config)
+        except BrokenFile as error:
+            raise BrokenFile(f"{error}. Restore it, or delete it if the runs under {self.path} were made "
+                             "with this command's settings (it is then written again)") from error
+        if stored is None:
+            return
+        if not isinstance(stored, dict):
+            raise BrokenFile(f"{self.config} does not hold the settings of {self.path}; restore or delete it")
+        differing = [k for k in identity if stored.get(k) != identity[k]]
+        if differing:
+            details = ", ".join(f"{k}: {stored.get(k)!r} there, {identity[k]!r} now" for k in differing)
+            raise IdentityMismatch(f"{self.path} holds runs made with other settings ({details}); choose another --out")
+
+    def write_identity(self, identity: dict) -> None:
+        if not self.config.is_file():
+            atomic_write_json(self.config, identity)
+
+    def run_store(self, folder_name: str, seed: int) -> RunStore:
+        return RunStore(self.path / "runs" / folder_name / f"seed{seed}")
+
+    def other_run_stores(self, known: Sequence[RunStore]) -> List[RunStore]:
+        """Run folders on disk that this command does not run (earlier commands' losses or seeds)."""
+        known_folders = {store.folder for store in known}
+        found = sorted(p.parent for p in (self.path / "runs").glob("*/seed*/checkpoint.pth"))
+        found += sorted(p.parent for p in (self.path / "runs").glob("*/seed*/failed.json"))
+        return [RunStore(folder) for folder in dict.fromkeys(found) if folder not in known_folders]
+
+    def publish_rows(self, rows_by_run: Dict[RunKey, List[dict]], loss_order: Sequence[str]) -> None:
+        """results.csv: every row of every run, failed runs included."""
+        write_results_csv(self.results_csv, sort_rows([r for rows in rows_by_run.values() for r in rows], loss_order))
+
+    def publish_summary(self, rows_by_run, loss_order, header: List[str], failures: Dict[RunKey, str]):
+        """results.csv, summary.md and the plots; failed runs stay out of the table and plots.
+        Returns the table and the plot paths."""
+        self.publish_rows(rows_by_run, loss_order)
+        kept = sort_rows([r for key, rows in rows_by_run.items() if key not in failures for r in rows], loss_order)
+        table = write_summary(self.summary, kept, loss_order, header, failures)
+        plots = write_plots(self.path / "plots", kept, loss_order) if kept else []
+        return table, plots

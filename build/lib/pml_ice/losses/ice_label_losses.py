@@ -1,0 +1,53 @@
+"""ICE's per-pair losses when the pairs come from labels and the logits are held whole.
+
+Negatives are found by comparing labels, an (anchors x references) boolean mask beside
+the logits, so no pair list is sorted or built and the only host synchronisation is
+the count of positive pairs. Backward is ``ICEPairLosses``'s with the exponentials kept.
+"""
+
+from types import SimpleNamespace
+
+import torch
+
+from .ice_function import ICEPairLosses, accumulation_dtype
+
+
+def label_positives(same_label, ref_is_batch):
+    """Positive pairs ``(anchors, refs)`` sorted by anchor: same label, the anchor itself
+    excluded when the references are the batch, and only for anchors with a negative."""
+    has_negative = ~same_label.all(dim=1)
+    positive = same_label & has_negative[:, None]
+    if ref_is_batch:
+        positive.fill_diagonal_(False)
+    return torch.nonzero(positive, as_tuple=True)
+
+
+class ICELabelLosses(ICEPairLosses):
+    """``softplus(LSE_i - Z_ij)`` for ``positives = (anchors, refs)``, where ``LSE_i`` runs
+    over the references whose label differs (``same_label[i, k]`` False)."""
+
+    @staticmethod
+    def forward(ctx, queries, refs, kernel, same_label, positives):
+        with torch.autocast(queries.device.type, enabled=False):
+            acc_dtype = accumulation_dtype(queries.dtype)
+            logits = queries.new_empty(len(queries), len(refs), dtype=acc_dtype)
+            kernel.logits(queries, refs, logits)
+            pos_logits = logits[positives]
+            logits.masked_fill_(same_label, float("-inf"))
+            # a row without negatives has no positive pair; keep its numbers finite
+            row_max = torch.amax(logits, dim=1).nan_to_num_(neginf=0.0)
+            exp_logits = logits.sub_(row_max[:, None]).exp_()
+            row_sum = exp_logits.sum(dim=1).clamp_min_(torch.finfo(acc_dtype).tiny)
+            lse = row_max + torch.log(row_sum)
+            margin = lse[positives[0]] - pos_logits
+            ctx.kernel, ctx.refs_are_queries = kernel, refs is queries
+            ctx.positives = SimpleNamespace(anchors=positives[0], refs=positives[1])
+            ctx.save_for_backward(
+                queries, refs, lse, row_sum, torch.sigmoid(margin), exp_logits
+            )
+            return torch.logaddexp(margin, torch.zeros_like(margin))
+
+    @staticmethod
+    def backward(ctx, grad_losses):
+        grad_queries, grad_refs = ICEPairLosses.backward(ctx, grad_losses)[:2]
+        return grad_queries, grad_refs, None, None, None

@@ -1,0 +1,98 @@
+"""The settings dataclass, the dataset registry, the console and --amp."""
+
+import dataclasses
+import re
+from pathlib import Path
+
+import pytest
+import torch
+
+from benchmarks import registry, run, settings, training
+from benchmarks.registry import DATASETS
+
+README = Path(__file__).resolve().parents[1] / "benchmarks" / "README.md"
+TINY = ["--epochs", "1", "--seeds", "1", "--limit-per-class", "20", "--batch-size", "16", "--m-per-class", "4",
+        "--patience", "-1"]
+
+
+def test_every_setting_has_a_default_help_a_check_and_an_identity_flag():
+    for field in dataclasses.fields(settings.Settings):
+        assert field.default is not dataclasses.MISSING, field.name
+        assert field.metadata["help"] and callable(field.metadata["check"]), field.name
+        assert isinstance(field.metadata["identity"], bool), field.name
+
+
+def test_settings_are_frozen():
+    resolved = settings.resolve([])
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        resolved.epochs = 3
+
+
+def test_config_json_holds_exactly_the_identifying_settings():
+    assert list(settings.resolve([]).identity()) == [
+        "dataset", "data_root", "model", "pretrained", "freeze_trunk", "embedding_size", "batch_size",
+        "m_per_class", "lr", "loss_lr", "weight_decay", "image_size", "limit_per_class", "val", "amp"]
+
+
+@pytest.mark.parametrize("name", sorted(DATASETS))
+def test_per_dataset_defaults_come_from_the_registry(name):
+    entry = DATASETS[name]
+    resolved = settings.resolve(["--dataset", name])
+    assert {k: getattr(resolved, k) for k in entry.training} == entry.training
+    assert (resolved.model, resolved.image_size) == (entry.default_model, entry.image_size)
+    assert resolved.out == f"results/{name}"
+    # Any option overrides the dataset's default.
+    assert settings.resolve(["--dataset", name, "--epochs", "2"]).epochs == 2
+
+
+def test_help_lists_every_dataset_with_its_defaults_and_install_hint(capsys):
+    with pytest.raises(SystemExit):
+        settings.resolve(["--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    for name, entry in DATASETS.items():
+        assert f"{name} ({entry.size};" in text
+        assert f"epochs={entry.training['epochs']}" in text
+
+
+def test_readme_dataset_table_matches_the_registry():
+    assert registry.readme_table() in README.read_text()
+
+
+def test_registry_loader_gets_only_the_options_it_takes():
+    data = registry.load_dataset("digits", root="/ignored", image_size=99, limit=20)
+    assert len(data.test) == 100 and data.in_channels == DATASETS["digits"].channels
+
+
+def test_console_one_line_per_run_verbose_epochs_quiet_table_and_no_pml_bars(capsys, tmp_path):
+    argv = TINY + ["--losses", "ice,ntxent", "--out", str(tmp_path / "out")]
+    assert run.main(argv + ["--verbose"]) == 0
+    captured = capsys.readouterr()
+    lines = captured.out.splitlines()
+    assert len([line for line in lines if re.match(r"(ice|ntxent) seed 0: best epoch \d, val MAP@R [\d.]+, "
+                                                   r"test MAP@R [\d.]+, [\d.]+ s$", line)]) == 2
+    assert len([line for line in lines if re.match(r"    (ice|ntxent) seed 0 epoch [01]: val MAP@R [\d.]+, "
+                                                   r"test MAP@R [\d.]+$", line)]) == 4
+    assert len(lines) <= 30
+    assert "total_loss=" not in captured.err and "it/s" not in captured.err
+    assert run.main(argv + ["--quiet"]) == 0  # finished runs: prints the table again
+    quiet = capsys.readouterr().out
+    assert quiet.lstrip().startswith("Test metrics") and "| `ntxent` | 1 |" in quiet
+    assert "seed 0" not in quiet and "Wrote" not in quiet
+
+
+@pytest.mark.parametrize("amp, dtype", [("bf16", torch.bfloat16), ("fp16", torch.float16)])
+def test_amp_autocasts_training_on_the_cpu(tmp_path, monkeypatch, amp, dtype):
+    dtypes = []
+    original = training.BenchmarkTrainer.compute_embeddings
+
+    def record_dtype(self, data):
+        embeddings = original(self, data)
+        dtypes.append(embeddings.dtype)
+        return embeddings
+
+    monkeypatch.setattr(training.BenchmarkTrainer, "compute_embeddings", record_dtype)
+    assert run.main(TINY + ["--amp", amp, "--device", "cpu", "--losses", "ice", "--out", str(tmp_path / "o")]) == 0
+    assert dtypes and set(dtypes) == {dtype}
+    assert f'"amp": "{amp}"' in (tmp_path / "o" / "config.json").read_text()
+    checkpoint = torch.load(tmp_path / "o" / "runs" / "ice" / "seed0" / "checkpoint.pth", weights_only=False)
+    assert (checkpoint["scaler"] is not None) == (amp == "fp16")  # the GradScaler's state resumes with the run
