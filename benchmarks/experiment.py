@@ -12,7 +12,7 @@ from . import loss_specs
 from .console import Console
 from .datasets import BenchmarkData, split_sizes
 from .features import FrozenFeatures
-from .models import build_embedder, build_trunk
+from .models import FROM_SCRATCH_MODELS, build_embedder, build_trunk
 from .out_folder import OutFolder, RunKey
 from .run_store import RunStore, StoredRun
 from .settings import Settings
