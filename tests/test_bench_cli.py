@@ -60,7 +60,7 @@ def test_bad_loss_specs(text, message):
         (["--seeds", "0"], "--seeds must be an integer >= 1"),
         (["--batch-size", "60", "--m-per-class", "16"], "--batch-size 60 must be a multiple of --m-per-class 16"),
         (["--lr", "0"], "--lr must be a number > 0"),
-        (["--batch-size", "128", "--m-per-class", "4"], "cannot fill a batch of 128"),
+        (["--dataset", "digits", "--batch-size", "128", "--m-per-class", "4"], "cannot fill a batch of 128"),
         (["--dataset", "fashion-mnist", "--data-root", "/nonexistent"], "apt-get install dataset-fashion-mnist"),
         (["--dataset", "emoji", "--data-root", "/nonexistent"], "npm install emoji-datasource-google@16.0.0"),
         (["--dataset", "cub200"], "--download"),
@@ -105,7 +105,7 @@ def test_help_documents_datasets_losses_and_outputs(capsys):
 
 def test_config_file_sets_options_and_command_line_wins(tmp_path):
     config = tmp_path / "bench.toml"
-    config.write_text('losses = ["ice:scale=8", "supcon"]\nepochs = 7\nseeds = 2\nbatch-size = 32\n')
+    config.write_text('dataset = "digits"\nlosses = ["ice:scale=8", "supcon"]\nepochs = 7\nseeds = 2\nbatch-size = 32\n')
     opts = settings.resolve(["--config", str(config), "--seeds", "1"])
     assert [s.label for s in opts.losses] == ["ice:scale=8", "supcon"]
     assert (opts.epochs, opts.seeds, opts.batch_size, opts.m_per_class) == (7, 1, 32, 16)

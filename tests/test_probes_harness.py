@@ -116,7 +116,7 @@ def test_output_files_respect_the_umask(tmp_path):
         (["--m-per-class", "1", "--batch-size", "16"], "--m-per-class must be an integer >= 2"),
         (["--device", "foo"], "--device must be cpu, cuda, cuda:N or auto, got 'foo'"),
         (["--verbose", "--quiet"], "--verbose and --quiet exclude each other"),
-        (["--model", "resnet18"], "model 'resnet18' takes RGB images, dataset 'digits' has 1 channel(s)"),
+        (["--dataset", "digits", "--model", "resnet18"], "model 'resnet18' takes RGB images, dataset 'digits' has 1 channel(s)"),
     ],
 )
 def test_bad_option_values_are_refused(capsys, tmp_path, argv, message):
