@@ -29,6 +29,18 @@ def test_rendering_is_deterministic_and_keeps_case_and_baseline():
     assert g[-1] > o[-1] + 2
 
 
+def test_characters_need_min_fonts_that_draw_them(monkeypatch):
+    paths = glyphs.font_paths(fonts=FONTS[:3])
+    # Pretend the three fonts cover A, B and C unevenly; with MIN_FONTS = 2 only A and B stay.
+    coverage = {paths[0]: [65, 66, 67], paths[1]: [65, 66], paths[2]: [65]}
+    monkeypatch.setattr(glyphs, "drawable_code_points", coverage.__getitem__)
+    monkeypatch.setattr(glyphs, "MIN_FONTS", 2)
+    code_points, images, present = glyphs.render_fonts(paths)
+    assert code_points.tolist() == [65, 66]
+    assert present.tolist() == [[True, True, True], [True, True, False]]
+    assert images[1, 2].max() == 0 and images[1, 1].max() > 128
+
+
 def test_only_glyphs_that_overflow_are_shrunk():
     (path,) = glyphs.font_paths(fonts=("DejaVuSans.ttf",))
     assert glyphs._fitting_font(path, "W")[0].size == glyphs.FONT_SIZE
