@@ -266,13 +266,13 @@ class RandomAffineImages(TensorImageDataset):
                                   self.scale, self.translate)
 
 
-def load_glyphs(root=None, val_mode="auto", limit=None, test_every=2, *, font_dir=None, fonts: Sequence[str] = GLYPH_FONTS,
+def load_glyphs(root=None, val_mode="auto", limit=None, test_every=3, *, font_dir=None, fonts: Sequence[str] = GLYPH_FONTS,
                 code_points: Optional[Sequence[int]] = None) -> BenchmarkData:
     """Glyphs: ``root`` is the cache folder (default ~/.cache/pml-ice/glyphs); ``limit`` fonts per class.
 
     ``val_mode`` "auto" or "classes" validates on every fifth training class, "samples" on
     every fifth image of each training class. The test split keeps every ``test_every``-th
-    test class: 2 (the default) halves the cost of evaluating every epoch, 1 keeps all.
+    test class: 3 (the default) cuts the cost of evaluating every epoch to a third, 1 keeps all.
     ``font_dir``, ``fonts`` and ``code_points`` select a subset (tests).
     """
     code_points, images, present = cached_glyph_set(root, font_dir, fonts, code_points)

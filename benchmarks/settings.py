@@ -20,6 +20,9 @@ from . import loss_specs
 from .models import FROM_SCRATCH_MODELS, MODELS
 from .registry import DATASETS, help_text
 
+# Losses at tuned settings per dataset: best.toml files of `python -m benchmarks.tune`.
+TUNED_FOLDER = Path(__file__).parent / "tuned"
+
 
 class UsageError(ValueError):
     """A bad command line or config file; the message names the problem."""
@@ -142,7 +145,8 @@ class Settings:
                                        "folder)", PathText(), identity=True, metavar="PATH")
     download: bool = setting(False, "let PML download cub200/cars196/sop into --data-root", Boolean())
     losses: Tuple[loss_specs.LossSpec, ...] = setting(
-        loss_specs.DEFAULT_LOSSES, f"losses to compare (default: {loss_specs.DEFAULT_LOSSES})", LossList(),
+        loss_specs.DEFAULT_LOSSES, "losses to compare (default: the dataset's tuned losses, "
+        f"benchmarks/tuned/<dataset>.toml, where present, else {loss_specs.DEFAULT_LOSSES})", LossList(),
         metavar="SPECS")
     epochs: int = setting(None, "maximum training epochs per run (epoch 0 = untrained model is always evaluated)",
                           Integer(0), per_dataset=True, metavar="N")
@@ -251,6 +255,13 @@ def _read_toml(path) -> dict:
         raise UsageError(f"config file {path} is not valid TOML: {error}") from error
 
 
+def default_losses(dataset: str) -> str:
+    """The dataset's tuned losses, ``losses`` of ``benchmarks/tuned/<dataset>.toml`` (a
+    ``best.toml`` of ``python -m benchmarks.tune``), else every loss at its library defaults."""
+    path = TUNED_FOLDER / f"{dataset}.toml"
+    return _read_toml(path)["losses"] if path.is_file() else loss_specs.DEFAULT_LOSSES
+
+
 def config_file_values(path) -> dict:
     """The settings a TOML file sets, checked as the command line would check them."""
     values = {}
@@ -304,7 +315,7 @@ def resolve(argv=None) -> Settings:
     given.update({k: v for k, v in args.items() if v is not None})
     dataset = FIELDS["dataset"].metadata["check"]("dataset", given.get("dataset", FIELDS["dataset"].default))
     entry = DATASETS[dataset]
-    dataset_defaults = dict(entry.training, image_size=entry.image_size)
+    dataset_defaults = dict(entry.training, image_size=entry.image_size, losses=default_losses(dataset))
     values = {name: given.get(name, dataset_defaults.get(name, field.default)) for name, field in FIELDS.items()}
     checked = {name: FIELDS[name].metadata["check"](name, value) for name, value in values.items()}
     settings = Settings(**_resolve_auto(checked))

@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from benchmarks import registry, run, settings, training
+from benchmarks import loss_specs, registry, run, settings, training
 from benchmarks.registry import DATASETS
 
 README = Path(__file__).resolve().parents[1] / "benchmarks" / "README.md"
@@ -96,3 +96,16 @@ def test_amp_autocasts_training_on_the_cpu(tmp_path, monkeypatch, amp, dtype):
     assert f'"amp": "{amp}"' in (tmp_path / "o" / "config.json").read_text()
     checkpoint = torch.load(tmp_path / "o" / "runs" / "ice" / "seed0" / "checkpoint.pth", weights_only=False)
     assert (checkpoint["scaler"] is not None) == (amp == "fp16")  # the GradScaler's state resumes with the run
+
+
+def test_default_losses_come_from_the_dataset_tuned_file(tmp_path, monkeypatch):
+    """The main job runs each loss at the settings `benchmarks.tune` chose for the dataset."""
+    monkeypatch.setattr(settings_module, "TUNED_FOLDER", tmp_path)
+    assert [s.label for s in settings.resolve(["--dataset", "digits"]).losses] == \
+        loss_specs.DEFAULT_LOSSES.split(",")
+    (tmp_path / "digits.toml").write_text('seeds = 5\nlosses = "ice:lam=2.0,scale=8.0,ntxent:temperature=0.1"\n')
+    resolved = settings.resolve(["--dataset", "digits"])
+    assert [s.label for s in resolved.losses] == ["ice:lam=2.0,scale=8.0", "ntxent:temperature=0.1"]
+    assert resolved.seeds == 3  # only the losses are taken from the tuned file
+    explicit = settings.resolve(["--dataset", "digits", "--losses", "supcon"])
+    assert [s.label for s in explicit.losses] == ["supcon"]
