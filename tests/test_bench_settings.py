@@ -100,7 +100,7 @@ def test_amp_autocasts_training_on_the_cpu(tmp_path, monkeypatch, amp, dtype):
 
 def test_default_losses_come_from_the_dataset_tuned_file(tmp_path, monkeypatch):
     """The main job runs each loss at the settings `benchmarks.tune` chose for the dataset."""
-    monkeypatch.setattr(settings_module, "TUNED_FOLDER", tmp_path)
+    monkeypatch.setattr(settings, "TUNED_FOLDER", tmp_path)
     assert [s.label for s in settings.resolve(["--dataset", "digits"]).losses] == \
         loss_specs.DEFAULT_LOSSES.split(",")
     (tmp_path / "digits.toml").write_text('seeds = 5\nlosses = "ice:lam=2.0,scale=8.0,ntxent:temperature=0.1"\n')
