@@ -70,7 +70,6 @@ class BenchmarkData:
     val: Dataset
     test: Dataset
     in_channels: int
-    default_model: str
 
     @property
     def num_train_classes(self) -> int:
@@ -131,13 +130,13 @@ def protocol_indices(labels: np.ndarray, val_mode: str, limit: Optional[int]):
     return kept[first_half][train], kept[first_half][val], kept[second_half]
 
 
-def _assemble(full: TensorImageDataset, in_channels, default_model, val_mode, limit) -> BenchmarkData:
+def _assemble(full: TensorImageDataset, in_channels, val_mode, limit) -> BenchmarkData:
     """Splits of an in-memory dataset (copies of the tensors, so each split is contiguous)."""
     train, val, test = protocol_indices(full.labels, val_mode, limit)
-    return BenchmarkData(full.subset(train), full.subset(val), full.subset(test), in_channels, default_model)
+    return BenchmarkData(full.subset(train), full.subset(val), full.subset(test), in_channels)
 
 
-def _assemble_files(train_view, eval_view, labels, in_channels, default_model, val_mode, limit,
+def _assemble_files(train_view, eval_view, labels, in_channels, val_mode, limit,
                     test_view=None) -> BenchmarkData:
     """Splits of an image-file dataset whose images have ``labels``: the train split reads
     ``train_view`` (augmenting transform), val and test read ``eval_view``, or ``test_view``
@@ -157,7 +156,6 @@ def _assemble_files(train_view, eval_view, labels, in_channels, default_model, v
         val=LabeledSubset(eval_view, val, labels),
         test=LabeledSubset(test_view, test, test_labels),
         in_channels=in_channels,
-        default_model=default_model,
     )
 
 
@@ -169,7 +167,7 @@ def load_digits_dataset(val_mode="auto", limit=None) -> BenchmarkData:
     images = torch.tensor(digits.images, dtype=torch.float32).unsqueeze(1) / 16.0
     images = (images - 0.5) / 0.5
     full = TensorImageDataset(images, digits.target)
-    return _assemble(full, 1, "cnn", val_mode, limit)
+    return _assemble(full, 1, val_mode, limit)
 
 
 def _read_idx(path: Path) -> np.ndarray:
@@ -199,7 +197,7 @@ def load_fashion_mnist(root=None, val_mode="auto", limit=None) -> BenchmarkData:
         raise ValueError(f"fashion-mnist in {root}: {len(images)} images but {len(labels)} labels")
     tensor = (torch.from_numpy(images.copy()).float().unsqueeze(1) / 255.0 - 0.5) / 0.5
     full = TensorImageDataset(tensor, labels.astype(np.int64))
-    return _assemble(full, 1, "cnn", val_mode, limit)
+    return _assemble(full, 1, val_mode, limit)
 
 
 def find_node_modules() -> Optional[Path]:
@@ -282,7 +280,7 @@ def load_emoji(root=None, image_size=128, val_mode="auto", limit=None) -> Benchm
     mean = torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1)
     std = torch.tensor(IMAGENET_STD).view(1, 3, 1, 1)
     full = TensorImageDataset((tensor - mean) / std, np.array(labels))
-    return _assemble(full, 3, "efficientnet-lite0", val_mode, limit)
+    return _assemble(full, 3, val_mode, limit)
 
 
 def _to_rgb(image):
@@ -330,7 +328,7 @@ def load_folder(root, image_size=224, val_mode="auto", limit=None) -> BenchmarkD
         raise ValueError(
             f"folder: {root} has {with_images} sub-folders with images; the class-disjoint protocol needs at least 4"
         )
-    return _assemble_files(views[0], views[1], views[0].targets, 3, "efficientnet-lite0", val_mode, limit)
+    return _assemble_files(views[0], views[1], views[0].targets, 3, val_mode, limit)
 
 
 _PML_DATASETS = {
@@ -367,7 +365,7 @@ def load_pml_dataset(name, root, download=False, image_size=224, val_mode="auto"
             f"{name}: cannot read the dataset under {root} ({error}). It must hold {layout}; "
             f"--download lets PML fetch it (about {size}, needs internet)."
         ) from error
-    return _assemble_files(train_view, eval_view, train_view.labels, 3, "resnet50", val_mode, limit,
+    return _assemble_files(train_view, eval_view, train_view.labels, 3, val_mode, limit,
                            test_view=test_view)
 
 

@@ -64,5 +64,4 @@ def cached_features(settings: Settings, data: BenchmarkData, out: Path, rank: in
         val=TensorImageDataset(features["val"], data.val.labels),
         test=TensorImageDataset(features["test"], data.test.labels) if data.test is not None else None,
         in_channels=data.in_channels,
-        default_model=data.default_model,
     )
