@@ -32,3 +32,20 @@ def test_hardest_share_grows_with_lam(make_batch):
 def test_a_batch_without_pairs_is_refused():
     with pytest.raises(ValueError, match="no positive pair"):
         pair_weights(torch.randn(4, 3), torch.arange(4), scale=16.0, lams=[1.0])
+
+
+def test_weights_command_on_a_tiny_run(tmp_path, capsys):
+    """benchmarks.weights reads a finished run and writes its plot and report."""
+    from benchmarks import run, weights
+
+    out = tmp_path / "out"
+    assert run.main(["--dataset", "digits", "--epochs", "1", "--seeds", "1", "--limit-per-class", "20",
+                     "--batch-size", "16", "--m-per-class", "4", "--losses", "ice:scale=8", "--out", str(out)]) == 0
+    assert weights.main(["--out", str(out), "--batches", "2", "--lams", "0,2"]) == 0
+    folder = out / "runs" / "ice_scale_8" / "seed0"
+    report = (folder / "weights.md").read_text()
+    assert (folder / "weights.png").stat().st_size > 0
+    # 2 batches of 16 = 4 classes x 4 images: 4 x 4 x 3 = 48 positive pairs each
+    assert "| untrained | 96 |" in report and "| trained (epoch 1) | 96 |" in report
+    assert weights.main(["--out", str(out), "--loss", "ntxent"]) == 2
+    assert "no finished run of ntxent with seed 0" in capsys.readouterr().err
