@@ -55,7 +55,7 @@ def embed_batches(trunk, embedder, dataset, run, num_batches, seed):
     """Embeddings and labels of ``num_batches`` sampled batches of ``dataset``."""
     sampler = MPerClassSampler(dataset.labels, run.m_per_class, batch_size=run.batch_size,
                                length_before_new_iter=run.batch_size * num_batches)
-    torch.manual_seed(seed)
+    np.random.seed(seed)  # PML's sampler draws from NumPy: the same batches for every model
     indices = list(sampler)
     trunk.eval(), embedder.eval()
     batches = []
@@ -104,7 +104,8 @@ def plot(path, results, lams, title):
 
 
 def report(results, lams, header):
-    lines = [f"# Relative weight analysis", "", *header, "", f"Formulas: `{FORMULAS}`", "",
+    """weights.md: the settings, the formulas and a row per model."""
+    lines = ["# Relative weight analysis", "", *header, "", f"Formulas: `{FORMULAS}`", "",
              "| model | pairs | median p | " + " | ".join(f"hardest 10 % share, lam {lam:g}" for lam in lams) + " |",
              "|---|---|---|" + "---|" * len(lams)]
     for name, (probs, hardest) in results.items():
