@@ -85,7 +85,7 @@ class ICELoss(BaseMetricLossFunction):
             losses, indices = self.losses_from_symmetric_tiles(queries, kernel, labels, plan)
         else:
             losses, indices = self.losses_from_pair_lists(
-                queries, refs, kernel, plan, labels, indices_tuple, ref_labels, ref_emb is embeddings
+                queries, refs, kernel, plan, labels, indices_tuple, ref_labels, ref_is_batch
             )
         if losses is None:
             return self.zero_losses()
