@@ -7,6 +7,8 @@ import platform
 
 import torch
 
+from .files import atomic_write_text
+
 GIB = 2**30
 
 
@@ -101,9 +103,9 @@ def write_report(rows, header, args):
     bank_tag = f"_M{args.ref_size}" if args.ref_size else ""
     stem = args.name or f"{args.device}_{args.dtype}_D{args.dim}_B{args.batches[0]}-{args.batches[-1]}{bank_tag}"
     table = "\n".join([f"- {line}" for line in header] + [""] + table_lines(rows, args.device)) + "\n"
-    (args.out / f"{stem}.md").write_text(table)
+    atomic_write_text(args.out / f"{stem}.md", table)
     config = {key: str(value) if key in ("out", "losses") else value for key, value in vars(args).items()}
-    (args.out / f"{stem}.json").write_text(json.dumps({"config": config, "header": header, "rows": rows}, indent=1))
+    atomic_write_text(args.out / f"{stem}.json", json.dumps({"config": config, "header": header, "rows": rows}, indent=1))
     plot(rows, " | ".join(header[:2]), args.out / f"{stem}.png")
     print("\n" + table)
     print(f"wrote {args.out / stem}.md, .json, .png")
