@@ -7,7 +7,7 @@ from pathlib import Path
 import torch
 from pytorch_metric_learning import testers
 
-from .datasets import BenchmarkData, TensorImageDataset
+from .datasets import BenchmarkData, RandomAffineImages, TensorImageDataset
 from .files import BrokenFile, atomic_torch_save, read_torch
 from .models import build_trunk
 from .settings import Settings
@@ -35,7 +35,10 @@ def _compute_features(settings: Settings, data: BenchmarkData, cache: Path) -> d
     )
     features = {}
     for split in _splits(data):
-        embeddings, _ = tester.get_all_embeddings(getattr(data, split), trunk)
+        images = getattr(data, split)
+        if isinstance(images, RandomAffineImages):  # a frozen trunk's features are computed once, unaugmented
+            images = images.unaugmented()
+        embeddings, _ = tester.get_all_embeddings(images, trunk)
         features[split] = embeddings.cpu()
     atomic_torch_save(cache, features)
     return features

@@ -30,7 +30,8 @@ import numpy as np
 import torch
 
 from .files import atomic_write_bytes
-from .datasets import BenchmarkData, DatasetNotInstalled, TensorImageDataset, limit_per_class, validation_split
+from .datasets import (BenchmarkData, DatasetNotInstalled, RandomAffineImages, TensorImageDataset, limit_per_class,
+                       validation_split)
 
 GLYPH_FONTS = tuple(
     f"DejaVu{family}{style}.ttf"
@@ -223,47 +224,6 @@ def alternating_split(num_classes: int, test_every: int = 1):
     in_val = np.zeros(len(train), dtype=bool)
     in_val[4::5] = True
     return train[~in_val], train[in_val], test
-
-
-class RandomAffineImages(TensorImageDataset):
-    """Training images held in memory, each batch drawn with its own small random affine map.
-
-    Rotation up to ``degrees``, shear up to ``shear`` degrees, scale within ``1 +- scale``
-    and shift up to ``translate`` of the side, sampled per image from torch's generator
-    (seeded by the harness) and applied to the whole batch at once with ``affine_grid`` /
-    ``grid_sample`` (torchvision's per-image RandomAffine costs as much as a training step
-    here). The background, -1 after normalisation, fills what comes into view.
-    """
-
-    def __init__(self, images: torch.Tensor, labels: np.ndarray, degrees=8.0, shear=8.0, scale=0.1, translate=0.06):
-        super().__init__(images, labels)
-        self.degrees, self.shear, self.scale, self.translate = degrees, shear, scale, translate
-
-    def __getitem__(self, index):
-        return self.__getitems__([index])[0]
-
-    def __getitems__(self, indices):
-        """The batch of ``indices`` (DataLoader calls this once per batch), augmented."""
-        images = self.images[indices]
-        n = len(indices)
-
-        def uniform(bound):
-            return (torch.rand(n) * 2 - 1) * bound
-
-        angle, shear = torch.deg2rad(uniform(self.degrees)), torch.deg2rad(uniform(self.shear))
-        scale = 1 + uniform(self.scale)
-        cos, sin, tan = torch.cos(angle), torch.sin(angle), torch.tan(shear)
-        theta = torch.stack([
-            torch.stack([cos * scale, (cos * tan - sin) * scale, 2 * uniform(self.translate)], dim=1),
-            torch.stack([sin * scale, (sin * tan + cos) * scale, 2 * uniform(self.translate)], dim=1),
-        ], dim=1)
-        grid = torch.nn.functional.affine_grid(theta, list(images.shape), align_corners=False)
-        warped = torch.nn.functional.grid_sample(images + 1, grid, align_corners=False) - 1
-        return [(image, int(label)) for image, label in zip(warped, self.labels[indices])]
-
-    def subset(self, indices):
-        return RandomAffineImages(self.images[indices], self.labels[indices], self.degrees, self.shear,
-                                  self.scale, self.translate)
 
 
 def load_glyphs(root=None, val_mode="auto", limit=None, test_every=3, *, font_dir=None, fonts: Sequence[str] = GLYPH_FONTS,

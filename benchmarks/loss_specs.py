@@ -1,9 +1,10 @@
 """Loss specifications such as ``ice:scale=32,lam=1``: parsing, validation and construction.
 
 A spec names a registered loss and optionally sets its hyperparameters. Parameters are
-those of the PML loss class, of its miner (prefixed ``miner_``) and, for ICE, of its
-reducer (``lam``, ``normalize``). Everything is checked when the spec is parsed, so a
-typo fails before any training starts.
+those of the PML loss class, of its miner (prefixed ``miner_``), for ICE of its reducer
+(``lam``, ``normalize``) and, for a loss with its own parameters (proxies, class weights),
+``loss_lr``: the learning rate of its optimizer (default: the run's ``--loss-lr``).
+Everything is checked when the spec is parsed, so a typo fails before any training starts.
 """
 
 import ast
@@ -50,6 +51,7 @@ class LossEntry:
     miner_class: Optional[Callable[[], type]] = None
     miner_defaults: Dict[str, Any] = dataclasses.field(default_factory=dict)
     reducer_class: Optional[Callable[[], type]] = None
+    own_parameters: bool = False  # trains proxies or class weights with its own optimizer (``loss_lr``)
 
     def loss_parameters(self):
         return _hyperparameters(self.loss_class())
@@ -64,7 +66,7 @@ class LossEntry:
         names = list(self.loss_parameters())
         names += ["miner_" + n for n in self.miner_parameters()]
         names += list(self.reducer_parameters())
-        return names
+        return names + [LOSS_LR] * self.own_parameters
 
 
 def _hyperparameters(cls) -> Dict[str, Any]:
@@ -78,6 +80,9 @@ def _hyperparameters(cls) -> Dict[str, Any]:
             continue
         result[name] = None if param.default is param.empty else param.default
     return result
+
+
+LOSS_LR = "loss_lr"
 
 
 def _pml(name):
@@ -111,10 +116,11 @@ LOSSES: Dict[str, LossEntry] = {
     ),
     "contrastive": LossEntry("PML ContrastiveLoss", _pml("ContrastiveLoss")),
     "circle": LossEntry("PML CircleLoss", _pml("CircleLoss")),
-    "proxyanchor": LossEntry("PML ProxyAnchorLoss (trainable proxies)", _pml("ProxyAnchorLoss")),
-    "arcface": LossEntry("PML ArcFaceLoss (trainable class weights)", _pml("ArcFaceLoss")),
+    "proxyanchor": LossEntry("PML ProxyAnchorLoss (trainable proxies)", _pml("ProxyAnchorLoss"),
+                             own_parameters=True),
+    "arcface": LossEntry("PML ArcFaceLoss (trainable class weights)", _pml("ArcFaceLoss"), own_parameters=True),
     "normsoftmax": LossEntry(
-        "PML NormalizedSoftmaxLoss (trainable class weights)", _pml("NormalizedSoftmaxLoss")
+        "PML NormalizedSoftmaxLoss (trainable class weights)", _pml("NormalizedSoftmaxLoss"), own_parameters=True
     ),
 }
 
@@ -154,6 +160,8 @@ class LossSpec:
         reducer_kw = {}
         reducer_names = self.entry.reducer_parameters()
         for key, value in self.params:
+            if key == LOSS_LR:
+                continue
             if key.startswith("miner_") and key[len("miner_"):] in self.entry.miner_parameters():
                 miner_kw[key[len("miner_"):]] = value
             elif key in reducer_names:
@@ -161,6 +169,11 @@ class LossSpec:
             else:
                 loss_kw[key] = value
         return loss_kw, miner_kw, reducer_kw
+
+    @property
+    def loss_lr(self) -> Optional[float]:
+        """The learning rate this spec sets for the loss's own parameters, or None."""
+        return dict(self.params).get(LOSS_LR)
 
     def build(self, num_classes: int, embedding_size: int):
         """Return ``(loss, miner or None)`` built from this spec."""
@@ -190,6 +203,8 @@ class LossSpec:
             values["miner_" + k] = miner_kw.get(k, v)
         for k, v in self.entry.reducer_parameters().items():
             values[k] = reducer_kw.get(k, v)
+        if self.entry.own_parameters:
+            values[LOSS_LR] = self.loss_lr  # None: the run's --loss-lr
         return values
 
 
@@ -235,6 +250,9 @@ def parse_loss_spec(text: str) -> LossSpec:
         if key in params:
             raise LossSpecError(f"parameter '{key}' of loss '{name}' is given twice")
         params[key] = _parse_value(value.strip())
+    if LOSS_LR in params and not (isinstance(params[LOSS_LR], (int, float)) and not isinstance(params[LOSS_LR], bool)
+                                  and params[LOSS_LR] > 0):
+        raise LossSpecError(f"loss_lr of loss '{name}' must be a number > 0, got {params[LOSS_LR]!r}")
     spec = LossSpec(name, tuple(sorted(params.items())))
     # Fail now on bad values (e.g. a negative scale), not after hours of other runs.
     spec.build(num_classes=2, embedding_size=8)

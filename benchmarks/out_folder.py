@@ -16,6 +16,7 @@ from . import significance
 from .files import BrokenFile, atomic_write_json, read_json
 from .reporting import sort_rows, write_plots, write_results_csv, write_summary
 from .run_store import RunStore
+from .settings import stored_identity
 
 RunKey = Tuple[str, int]  # (loss label, seed)
 
@@ -63,6 +64,7 @@ class OutFolder:
             return
         if not isinstance(stored, dict):
             raise BrokenFile(f"{self.config} does not hold the settings of {self.path}; restore or delete it")
+        stored = stored_identity(stored)
         differing = [k for k in identity if stored.get(k) != identity[k]]
         if differing:
             details = ", ".join(f"{k}: {stored.get(k)!r} there, {identity[k]!r} now" for k in differing)

@@ -23,7 +23,7 @@ class DatasetEntry:
     channels: int
     default_model: str
     image_size: Optional[int]  # side of RGB images; None for sets whose images have one fixed size
-    training: Dict[str, Any]  # defaults of epochs, batch_size, m_per_class, embedding_size, lr, freeze_trunk
+    training: Dict[str, Any]  # defaults of the per-dataset settings (``_training``)
     size: str
     install: str
     licence: str
@@ -37,9 +37,9 @@ class DatasetEntry:
         return self.loader(**{k: v for k, v in offered.items() if k in accepted})
 
 
-def _training(epochs, batch_size, m_per_class, embedding_size, lr, freeze_trunk=False):
-    return dict(epochs=epochs, batch_size=batch_size, m_per_class=m_per_class,
-                embedding_size=embedding_size, lr=lr, freeze_trunk=freeze_trunk)
+def _training(epochs, batch_size, m_per_class, embedding_size, lr, freeze_trunk=False, passes_per_epoch=1):
+    return dict(epochs=epochs, batch_size=batch_size, m_per_class=m_per_class, embedding_size=embedding_size,
+                lr=lr, freeze_trunk=freeze_trunk, passes_per_epoch=passes_per_epoch)
 
 
 _PML_INSTALL = "PML's `datasets` module: `--data-root DIR`, add `--download` to fetch"
@@ -69,8 +69,8 @@ DATASETS: Dict[str, DatasetEntry] = {
         licence="MIT", command="python -m benchmarks.run --dataset fashion-mnist --limit-per-class 300",
     ),
     "emoji": DatasetEntry(
-        loader=datasets.load_emoji, channels=3, default_model="efficientnet-lite0", image_size=128,
-        training=_training(30, 128, 2, 128, 1e-4, freeze_trunk=True),
+        loader=datasets.load_emoji, channels=3, default_model="cnn4", image_size=32,
+        training=_training(6, 128, 2, 64, 1e-3, passes_per_epoch=8),
         size="3,822 images, 1,911 classes (Google and Twitter drawings)",
         install=f"`{datasets.EMOJI_INSTALL}` (found under `./node_modules`, its parents or `~`, or `--data-root`)",
         licence="Apache 2.0 (Noto), CC BY 4.0 (Twemoji)", command="python -m benchmarks.run --dataset emoji",

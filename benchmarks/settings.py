@@ -168,6 +168,8 @@ class Settings:
     m_per_class: int = setting(None, "images per class in a batch (MPerClassSampler; at least 2, or no pair is "
                                "positive)", Integer(2, note=" (a batch needs positive pairs)"), identity=True,
                                per_dataset=True, metavar="M")
+    passes_per_epoch: int = setting(None, "passes over the training split between two evaluations (one epoch)",
+                                    Integer(1), identity=True, per_dataset=True, metavar="P")
     lr: float = setting(None, "Adam learning rate of trunk and embedder", Number(above_zero=True), identity=True,
                         per_dataset=True)
     loss_lr: float = setting(1e-2, "Adam learning rate of a loss's own parameters (proxies, class weights; "
@@ -193,6 +195,15 @@ class Settings:
     def identity(self) -> dict:
         """The fields that identify an --out folder (config.json)."""
         return {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.metadata["identity"]}
+
+
+# Identity fields added after folders were made, with the value those folders were made with.
+VALUES_BEFORE_FIELD = {"passes_per_epoch": 1}
+
+
+def stored_identity(stored: dict) -> dict:
+    """An identity written by an earlier harness, completed with the values of fields it lacks."""
+    return {**VALUES_BEFORE_FIELD, **stored}
 
 
 FIELDS = {f.name: f for f in dataclasses.fields(Settings)}

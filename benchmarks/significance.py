@@ -187,7 +187,7 @@ def _points(x: float) -> str:
     return f"{100 * x:+.1f}"
 
 
-def _p_text(p: float) -> str:
+def p_text(p: float) -> str:
     return "< 0.001" if p < 0.001 else f"{p:.3f}"
 
 
@@ -196,7 +196,7 @@ def verdict(a: str, b: str, difference: PairedDifference, metric: str = HEADLINE
     the difference in brackets is the better loss minus the other (a - b when none is)."""
     sign = -1.0 if difference.significant and difference.mean < 0 else 1.0
     low, high = sorted((sign * difference.ci_low, sign * difference.ci_high))
-    p = _p_text(difference.p_value)
+    p = p_text(difference.p_value)
     details = (f"Δ{SHORT_NAMES[metric]} {_points(sign * difference.mean)} points, 95 % CI "
                f"[{_points(low)}, {_points(high)}], p {p if p.startswith('<') else '= ' + p}")
     if not difference.significant:
@@ -231,7 +231,7 @@ def comparison_table(scores: Mapping[str, Mapping[int, QueryScores]], ice_label:
             cells = [f"`{label}`", f"`{baseline}` ({role})", str(seeds), str(differences[HEADLINE_METRIC].num_queries)]
             for metric in QUERY_METRICS:
                 d = differences[metric]
-                cells += [_points(d.mean), f"[{_points(d.ci_low)}, {_points(d.ci_high)}]", _p_text(d.p_value)]
+                cells += [_points(d.mean), f"[{_points(d.ci_low)}, {_points(d.ci_high)}]", p_text(d.p_value)]
             lines.append("| " + " | ".join(cells) + " |")
             verdicts.append(verdict(f"`{label}`", f"`{baseline}`", differences[HEADLINE_METRIC]))
         sentences.append(f"Against `{baseline}` ({role}), on test MAP@R: " + "; ".join(verdicts) + ".")

@@ -130,8 +130,10 @@ def accuracy_row(tester, spec_label: str, seed: int, epoch: int) -> dict:
     return row
 
 
-def build_optimizers(trunk, embedder, loss, settings: Settings) -> Dict[str, torch.optim.Optimizer]:
-    """Adam for a trainable trunk, the embedder and a loss with parameters (at --loss-lr)."""
+def build_optimizers(trunk, embedder, loss, settings: Settings, loss_lr: Optional[float] = None
+                     ) -> Dict[str, torch.optim.Optimizer]:
+    """Adam for a trainable trunk, the embedder and a loss with parameters (at ``loss_lr``,
+    the spec's own, else --loss-lr)."""
     optimizers = {}
     if any(p.requires_grad for p in trunk.parameters()):
         optimizers["trunk_optimizer"] = torch.optim.Adam(trunk.parameters(), lr=settings.lr,
@@ -139,7 +141,7 @@ def build_optimizers(trunk, embedder, loss, settings: Settings) -> Dict[str, tor
     optimizers["embedder_optimizer"] = torch.optim.Adam(embedder.parameters(), lr=settings.lr,
                                                         weight_decay=settings.weight_decay)
     if has_trainable_parameters(loss):
-        optimizers["metric_loss_optimizer"] = torch.optim.Adam(loss.parameters(), lr=settings.loss_lr)
+        optimizers["metric_loss_optimizer"] = torch.optim.Adam(loss.parameters(), lr=loss_lr or settings.loss_lr)
     return optimizers
 
 
@@ -193,12 +195,12 @@ class Run:
         self.device = torch.device(settings.device)
         loss, self.miner = spec.build(num_classes=data.num_train_classes, embedding_size=embedder.out_features)
         self.trunk, self.embedder, self.loss = trunk.to(self.device), embedder.to(self.device), loss.to(self.device)
-        self.optimizers = build_optimizers(self.trunk, self.embedder, self.loss, settings)
+        self.optimizers = build_optimizers(self.trunk, self.embedder, self.loss, settings, spec.loss_lr)
         labels = np.asarray(data.train.labels)
         self.per_rank_batch = settings.batch_size // self.world
         self.sampler = samplers.MPerClassSampler(
             labels, settings.m_per_class, batch_size=self.per_rank_batch,
-            length_before_new_iter=max(self.per_rank_batch, len(labels) // self.world),
+            length_before_new_iter=max(self.per_rank_batch, settings.passes_per_epoch * len(labels) // self.world),
         )
         self.scaler = torch.amp.GradScaler(self.device.type) if settings.amp == "fp16" else None
         self.checkpoint = stored.checkpoint

@@ -37,10 +37,9 @@ from .features import cached_features
 from .files import atomic_write_bytes, atomic_write_text
 from .metrics import PRIMARY_METRIC
 from .run_store import RunStore, StoredRun
-from .settings import FIELDS, Settings, UsageError, resolve
+from .settings import FIELDS, Settings, UsageError, resolve, stored_identity
 from .training import NonFiniteLossError, Run
 
-LOSS_LR = "loss_lr"  # a training option, tuned for ProxyAnchor; every other key is a loss-spec parameter
 DEFAULT_TRIALS = 20
 COUNTED_STATES = (optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.PRUNED)  # pruned = diverged
 
@@ -80,7 +79,7 @@ SEARCH_SPACES: Dict[str, Tuple[Parameter, ...]] = {
     "triplet": (Parameter("margin", 0.0, 1.0, tied=("miner_margin",)),
                 Parameter("miner_type_of_triplets", choices=("all", "hard", "semihard"))),
     "contrastive": (Parameter("pos_margin", 0.0, 1.0), Parameter("neg_margin", 0.0, 2.0)),
-    "proxyanchor": (Parameter("margin", 0.0, 0.5), Parameter("alpha", 1, 128, log=True), Parameter(LOSS_LR, 1e-4, 1e-1, log=True)),
+    "proxyanchor": (Parameter("margin", 0.0, 0.5), Parameter("alpha", 1, 128, log=True), Parameter(loss_specs.LOSS_LR, 1e-4, 1e-1, log=True)),
     "arcface": (Parameter("margin", 5.0, 60.0), Parameter("scale", 8, 128, log=True)),
 }
 # run settings written to best.toml: the training budget every loss was tuned with (the settings
@@ -128,24 +127,17 @@ def parse_loss_names(text: str) -> List[str]:
                          f"names of losses that can be tuned: {', '.join(SEARCH_SPACES)}")
     if len(set(names)) < len(names):
         raise UsageError(f"loss given twice in --losses {text!r}")
-    trainable = [n for n in names if loss_specs.has_trainable_parameters(
-        loss_specs.parse_loss_spec(n).build(num_classes=2, embedding_size=8)[0])]
-    if "proxyanchor" in names and len(trainable) > 1:
-        raise UsageError(f"{', '.join(trainable)} all train their own parameters with --loss-lr, which proxyanchor "
-                         "tunes: one run config holds one --loss-lr, so tune proxyanchor in its own --out")
     return names
 
 
-def trial_spec(loss: str, trial) -> Tuple[loss_specs.LossSpec, Dict[str, float]]:
-    """The loss spec a trial trains and its training overrides (ProxyAnchor's loss_lr)."""
-    params, overrides = {}, {}
+def trial_spec(loss: str, trial) -> loss_specs.LossSpec:
+    """The loss spec a trial trains."""
+    params = {}
     for parameter in SEARCH_SPACES[loss]:
         value = parameter.suggest(trial)
-        target = overrides if parameter.name == LOSS_LR else params
         for key in (parameter.name, *parameter.tied):
-            target[key] = value
-    text = loss + ":" + ",".join(f"{k}={v!r}" for k, v in params.items())
-    return loss_specs.parse_loss_spec(text), overrides
+            params[key] = value
+    return loss_specs.parse_loss_spec(loss + ":" + ",".join(f"{k}={v!r}" for k, v in params.items()))
 
 
 def open_storage(url: str):
@@ -185,7 +177,7 @@ def open_study(storage, settings: Settings, loss: str, sampler_seed: int, seeds:
     stored = study.user_attrs.get("settings")
     if stored is None:
         study.set_user_attr("settings", identity)
-    elif stored != identity:
+    elif (stored := stored_identity(stored)) != identity:
         differing = ", ".join(f"{k}: {stored.get(k)!r} there, {v!r} now" for k, v in identity.items() if stored.get(k) != v)
         raise UsageError(f"study '{study.study_name}' in the storage was tuned with other settings ({differing}); "
                          "choose another --out or --storage")
@@ -207,15 +199,12 @@ def best_trial(study, trials: int):
 def tune_loss(study, loss: str, settings: Settings, data: BenchmarkData, trials: int, seeds: int, out: Path, log) -> None:
     """Run trials until the study holds ``trials`` finished ones (shared with other processes)."""
     def objective(trial):
-        spec, overrides = trial_spec(loss, trial)
+        spec = trial_spec(loss, trial)
         trial.set_user_attr("loss", spec.label)
         trial.set_user_attr("process", f"{socket.gethostname()}:{os.getpid()}")
-        for key, value in overrides.items():
-            trial.set_user_attr(key, value)
-        trial_settings = dataclasses.replace(settings, **overrides)
         try:
             with tempfile.TemporaryDirectory(prefix=f"{loss}-{trial.number}-", dir=out / "trials") as run_dir:
-                return float(np.mean([validation_map_at_r(trial_settings, data, spec, s, Path(run_dir) / f"seed{s}")
+                return float(np.mean([validation_map_at_r(settings, data, spec, s, Path(run_dir) / f"seed{s}")
                                       for s in range(seeds)]))
         except NonFiniteLossError as error:
             trial.set_user_attr("error", str(error))
@@ -231,20 +220,12 @@ def tune_loss(study, loss: str, settings: Settings, data: BenchmarkData, trials:
         study.optimize(objective, callbacks=[report, finished], gc_after_trial=True)
 
 
-def trial_loss_text(trial) -> str:
-    text = f"`{trial.user_attrs.get('loss', '?')}`"
-    return text + (f", loss-lr {trial.user_attrs[LOSS_LR]}" if LOSS_LR in trial.user_attrs else "")
-
-
 def write_best_toml(path: Path, settings: Settings, studies: Dict[str, object], trials: int, command: str) -> Optional[str]:
     """best.toml: the budget options and the best spec of each loss; None when a loss has no completed trial."""
     best = {loss: best_trial(study, trials) for loss, study in studies.items()}
     if any(t is None for t in best.values()):
         return None
     values = budget(settings)
-    for trial in best.values():
-        if LOSS_LR in trial.user_attrs:
-            values[LOSS_LR] = trial.user_attrs[LOSS_LR]
     values["seeds"] = FINAL_SEEDS
     values["losses"] = ",".join(t.user_attrs["loss"] for t in best.values())
     lines = [f"# Written by: {command}",
@@ -270,7 +251,7 @@ def write_report(out: Path, settings: Settings, data: BenchmarkData, studies: Di
         counted = {t.number for t in counted_trials(study, trials)}
         best = best_trial(study, trials)
         parts += [f"## {loss}", "", "Search space: " + "; ".join(p.describe() for p in SEARCH_SPACES[loss]) + ".", "",
-                  f"Best: {trial_loss_text(best)}, val MAP@R {100 * best.value:.2f}" if best else "Best: none yet", "",
+                  f"Best: `{best.user_attrs['loss']}`, val MAP@R {100 * best.value:.2f}" if best else "Best: none yet", "",
                   "| trial | state | val MAP@R | settings | seconds | process |", "|---|---|---|---|---|---|"]
         for t in study.get_trials(deepcopy=False):
             state = t.state.name.lower()
@@ -282,7 +263,7 @@ def write_report(out: Path, settings: Settings, data: BenchmarkData, studies: Di
                 state += " (beyond the budget, not counted)"
             value = f"{100 * t.value:.2f}" if t.value is not None else "-"
             seconds = f"{t.duration.total_seconds():.0f}" if t.duration else "-"
-            parts.append(f"| {t.number} | {state} | {value} | {trial_loss_text(t)} | {seconds} | {t.user_attrs.get('process', '-')} |")
+            parts.append(f"| {t.number} | {state} | {value} | `{t.user_attrs.get('loss', '?')}` | {seconds} | {t.user_attrs.get('process', '-')} |")
         parts.append("")
         write_plot(out / "plots" / f"{loss}.png", loss, counted_trials(study, trials))
     atomic_write_text(out / "tuning.md", "\n".join(parts))

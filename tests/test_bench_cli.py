@@ -1,6 +1,7 @@
 """Command line of the harness: loss specs, bad options and missing datasets fail at once."""
 
 import pytest
+import torch
 
 from benchmarks import loss_specs, run, settings
 
@@ -37,9 +38,25 @@ def test_proxy_losses_get_classes_and_embedding_size():
     assert loss_specs.has_trainable_parameters(loss)
 
 
+def test_a_loss_with_own_parameters_takes_its_own_learning_rate():
+    from benchmarks import training
+    from benchmarks.settings import resolve
+
+    spec = loss_specs.parse_loss_spec("proxyanchor:loss_lr=0.003,margin=0.2")
+    assert spec.loss_lr == 0.003 and spec.describe_values()["loss_lr"] == 0.003
+    loss, _ = spec.build(num_classes=7, embedding_size=5)
+    settings = resolve(["--dataset", "digits"])
+    model = torch.nn.Linear(5, 5)
+    chosen = training.build_optimizers(model, model, loss, settings, spec.loss_lr)["metric_loss_optimizer"]
+    default = training.build_optimizers(model, model, loss, settings)["metric_loss_optimizer"]
+    assert chosen.param_groups[0]["lr"] == 0.003 and default.param_groups[0]["lr"] == settings.loss_lr
+
+
 @pytest.mark.parametrize(
     "text, message",
     [
+        ("ice:loss_lr=0.1", "unknown parameter 'loss_lr' for loss 'ice'"),
+        ("arcface:loss_lr=0", "loss_lr of loss 'arcface' must be a number > 0"),
         ("nosuchloss", "unknown loss 'nosuchloss'; valid losses: arcface, circle, contrastive, ice"),
         ("ice:temperature=1", "unknown parameter 'temperature' for loss 'ice'; valid parameters: scale"),
         ("ntxent:temperature", "must be written key=value"),

@@ -31,7 +31,7 @@ def test_settings_are_frozen():
 def test_config_json_holds_exactly_the_identifying_settings():
     assert list(settings.resolve([]).identity()) == [
         "dataset", "data_root", "model", "pretrained", "freeze_trunk", "embedding_size", "batch_size",
-        "m_per_class", "lr", "loss_lr", "weight_decay", "image_size", "limit_per_class", "val", "amp"]
+        "m_per_class", "passes_per_epoch", "lr", "loss_lr", "weight_decay", "image_size", "limit_per_class", "val", "amp"]
 
 
 @pytest.mark.parametrize("name", sorted(DATASETS))
@@ -109,3 +109,33 @@ def test_default_losses_come_from_the_dataset_tuned_file(tmp_path, monkeypatch):
     assert resolved.seeds == 3  # only the losses are taken from the tuned file
     explicit = settings.resolve(["--dataset", "digits", "--losses", "supcon"])
     assert [s.label for s in explicit.losses] == ["supcon"]
+
+
+def test_passes_per_epoch_sets_the_iterations_between_evaluations(tmp_path):
+    data = run.prepare_data(settings.resolve(TINY), 1)
+    iterations = {}
+    for passes in (1, 3):
+        resolved = settings.resolve(TINY + ["--passes-per-epoch", str(passes), "--out", str(tmp_path / str(passes))])
+        trunk, embedder = training_models(resolved, data)
+        job = training.Run(data, trunk, embedder, resolved.losses[0], 0, resolved, training.RunStore(tmp_path / str(passes)),
+                           training.StoredRun("new", []), on_rows=lambda rows: None)
+        iterations[passes] = len(job.sampler) // job.per_rank_batch
+    assert iterations[3] == 3 * iterations[1] == 3 * (len(data.train) // 16)
+
+
+def training_models(resolved, data):
+    from benchmarks.experiment import fresh_models
+
+    return fresh_models(resolved, data.in_channels, None, 0)
+
+
+def test_folders_made_before_passes_per_epoch_existed_still_open(tmp_path):
+    from benchmarks.files import atomic_write_json
+    from benchmarks.out_folder import IdentityMismatch, OutFolder
+
+    identity = settings.resolve(TINY).identity()
+    earlier = {k: v for k, v in identity.items() if k != "passes_per_epoch"}
+    atomic_write_json(tmp_path / "config.json", earlier)
+    OutFolder(tmp_path).check_identity(identity)  # made with one pass per epoch: the same settings
+    with pytest.raises(IdentityMismatch, match="passes_per_epoch: 1 there, 2 now"):
+        OutFolder(tmp_path).check_identity(dict(identity, passes_per_epoch=2))

@@ -1,0 +1,197 @@
+"""The paper's ablation of ICE's reweighting and scale: ``python -m benchmarks.ablation [options]``.
+
+Around the tuned ICE of ``--losses`` (default: the dataset's tuned settings), train
+
+- every lam of ``LAMS`` with each normalization of ``NORMALIZATIONS``, at the tuned scale
+  (lam = 0 once: every weight is 1, so both normalizations are the same loss);
+- every scale of ``SCALES`` (and the tuned one) at the tuned lam and normalization;
+
+``--seeds`` seeds each (default 5), with ``python -m benchmarks.run`` in ``--out`` (default
+``results/ablation-<dataset>``; rerunning resumes). Then it writes ``ablation.md``: test
+MAP@R and P@1 at each run's best validation epoch (mean ± std over seeds), the setting that
+validation picks in each group, and each lam > 0 against lam = 0 of its normalization,
+paired over test queries (``significance.compare_losses``); and ``ablation.png``.
+Every other option is an option of ``benchmarks.run`` (dataset, budget, ``--config``).
+"""
+
+import argparse
+import dataclasses
+import io
+import os
+import shlex
+import sys
+from pathlib import Path
+from typing import Dict, List, Sequence, Tuple
+
+from . import run, significance
+from .files import atomic_write_bytes, atomic_write_text
+from .loss_specs import LossSpec, parse_loss_spec
+from .metrics import PRIMARY_METRIC
+from .out_folder import OutFolder
+from .reporting import best_epoch_rows, mean_std
+from .settings import Settings, UsageError, resolve
+
+LAMS = (0, 0.5, 1, 2, 4)
+NORMALIZATIONS = ("batch", "anchor")
+SCALES = (2, 4, 8, 16, 32, 64)
+
+
+@dataclasses.dataclass(frozen=True)
+class Setting:
+    """One ablated ICE: its hyperparameters and its spec."""
+
+    scale: float
+    lam: float
+    normalize: str
+
+    @property
+    def spec(self) -> LossSpec:
+        return parse_loss_spec(f"ice:lam={self.lam:g},normalize={self.normalize!r},scale={self.scale:g}")
+
+
+def tuned_ice(settings: Settings) -> Setting:
+    """The first ICE spec of the settings' losses, as the centre of the ablation."""
+    ice = next((spec for spec in settings.losses if spec.name == "ice"), None)
+    if ice is None:
+        raise UsageError("--losses names no ICE spec to ablate around, e.g. --losses ice:scale=16,lam=1")
+    values = ice.describe_values()
+    return Setting(float(values["scale"]), float(values["lam"]), values["normalize"])
+
+
+def grid(centre: Setting) -> Dict[str, List[Setting]]:
+    """The two groups of the ablation: the lam x normalization grid and the scale sweep."""
+    no_reweighting = Setting(centre.scale, 0, NORMALIZATIONS[0])  # all weights 1: both normalizations agree
+    lam_grid = [no_reweighting] + [Setting(centre.scale, lam, normalize)
+                                   for normalize in NORMALIZATIONS for lam in LAMS if lam > 0]
+    scales = sorted(set(SCALES) | {centre.scale})
+    return {"lam": lam_grid, "scale": [dataclasses.replace(centre, scale=s) for s in scales]}
+
+
+def all_settings(groups: Dict[str, List[Setting]]) -> List[Setting]:
+    return list(dict.fromkeys(s for group in groups.values() for s in group))
+
+
+def collect(folder: OutFolder, settings: Sequence[Setting], seeds: int, epochs: int):
+    """Best-validation-epoch rows and per-query test scores of each finished setting."""
+    rows, run_folders = [], {}
+    for setting in settings:
+        label = setting.spec.label
+        for seed in range(seeds):
+            store = folder.run_store(setting.spec.folder_name, seed)
+            stored = store.load(epochs, restart_broken=False)
+            if stored.status == "finished":
+                rows += stored.rows
+                run_folders[(label, seed)] = store.folder
+    return best_epoch_rows(rows), significance.load_run_scores(run_folders)
+
+
+def _cell(chosen: Sequence[dict], metric: str) -> str:
+    mean, std = mean_std([100 * r[metric] for r in chosen])
+    return f"{mean:.1f} ± {std:.1f}"
+
+
+def group_table(group: str, settings: Sequence[Setting], best, scores) -> List[str]:
+    """Markdown rows of one group; '*' marks the best validation MAP@R; lam > 0 is compared
+    with lam = 0 of its normalization (paired over test queries)."""
+    lines = ["| normalize | lam | scale | seeds | val MAP@R | test MAP@R | test P@1 | ΔMAP@R vs lam = 0 "
+             "[95 % CI], p | ΔP@1 vs lam = 0 [95 % CI], p |", "|---|---|---|---|---|---|---|---|---|"]
+    found = [s for s in settings if s.spec.label in best]
+    if not found:
+        return lines
+    picked = max(found, key=lambda s: mean_std([r["val_" + PRIMARY_METRIC] for r in best[s.spec.label]])[0])
+    for setting in found:
+        label, chosen = setting.spec.label, best[setting.spec.label]
+        reference = Setting(setting.scale, 0, NORMALIZATIONS[0]).spec.label
+        comparisons = ["", ""]
+        if group == "lam" and setting.lam > 0 and reference in scores and label in scores:
+            differences = significance.compare_losses(scores, label, reference)
+            comparisons = [f"{100 * d.mean:+.1f} [{100 * d.ci_low:+.1f}, {100 * d.ci_high:+.1f}], "
+                           f"{significance.p_text(d.p_value)}" for d in
+                           (differences[m] for m in significance.QUERY_METRICS)]
+        marker = " *" if setting == picked else ""
+        lines.append(f"| {setting.normalize} | {setting.lam:g} | {setting.scale:g}{marker} | {len(chosen)} | "
+                     f"{_cell(chosen, 'val_' + PRIMARY_METRIC)} | {_cell(chosen, PRIMARY_METRIC)} | "
+                     f"{_cell(chosen, 'precision_at_1')} | {comparisons[0]} | {comparisons[1]} |")
+    return lines
+
+
+def write_plot(path: Path, groups: Dict[str, List[Setting]], best) -> None:
+    """Test and validation MAP@R against lam (one line per normalization) and against scale."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (by_lam, by_scale) = plt.subplots(1, 2, figsize=(11, 4))
+    def draw(ax, points: Sequence[Tuple[float, str]], name: str):
+        for split, style in ((PRIMARY_METRIC, "-o"), ("val_" + PRIMARY_METRIC, "--s")):
+            kept = [(x, mean_std([100 * r[split] for r in best[label]])) for x, label in points if label in best]
+            if kept:
+                ax.errorbar([x for x, _ in kept], [m for _, (m, _) in kept], yerr=[s for _, (_, s) in kept],
+                            fmt=style, capsize=3, label=f"{name}, {'test' if split == PRIMARY_METRIC else 'validation'}")
+    for normalize in NORMALIZATIONS:
+        points = [(s.lam, s.spec.label) for s in groups["lam"] if s.normalize == normalize or s.lam == 0]
+        draw(by_lam, points, f"normalize={normalize}")
+    centre = groups["scale"][0]
+    draw(by_scale, [(s.scale, s.spec.label) for s in groups["scale"]], f"lam={centre.lam:g}, {centre.normalize}")
+    by_lam.set_xlabel("lam")
+    by_scale.set_xlabel("scale")
+    by_scale.set_xscale("log")
+    for ax in (by_lam, by_scale):
+        ax.set_ylabel("MAP@R (%), mean ± std over seeds")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7)
+    fig.tight_layout()
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png", dpi=100)
+    plt.close(fig)
+    atomic_write_bytes(path, buffer.getvalue())
+
+
+def write_report(out: Path, settings: Settings, centre: Setting, seeds: int, command: str) -> str:
+    groups = grid(centre)
+    best, scores = collect(OutFolder(out), all_settings(groups), seeds, settings.epochs)
+    parts = ["# ICE ablation: the reweighting (lam, normalize) and the scale", "", f"Command: `{command}`", "",
+             f"- dataset {settings.dataset}, model {settings.model}, {settings.epochs} epochs, batch "
+             f"{settings.batch_size} ({settings.m_per_class} per class), lr {settings.lr}; seeds 0..{seeds - 1}",
+             f"- centre (the tuned ICE): scale {centre.scale:g}, lam {centre.lam:g}, normalize {centre.normalize}",
+             "- metrics at each run's best validation epoch, in %, mean ± std over seeds; `*` marks the setting "
+             "with the best validation MAP@R in its group (the one validation selects)",
+             "- Δ vs lam = 0: the same scale with lam = 0 (no reweighting: every weight is 1, so "
+             "the normalizations agree and lam = 0 is trained once), paired over test "
+             "queries and pooled over seeds; 95 % bootstrap interval and Wilcoxon p, no multiplicity correction",
+             "", "## lam and normalize, at the tuned scale", "", *group_table("lam", groups["lam"], best, scores),
+             "", f"## scale, at lam {centre.lam:g} and normalize {centre.normalize}", "",
+             *group_table("scale", groups["scale"], best, scores), "", "![ablation](ablation.png)", ""]
+    text = "\n".join(parts)
+    atomic_write_text(out / "ablation.md", text)
+    write_plot(out / "ablation.png", groups, best)
+    return text
+
+
+def main(argv=None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    command = "python -m benchmarks.ablation " + " ".join(shlex.quote(a) for a in argv)
+    parser = argparse.ArgumentParser(
+        prog="python -m benchmarks.ablation", description=__doc__.split("\n\n", 1)[1],
+        formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--seeds", type=int, default=5, metavar="K", help="seeds 0..K-1 per setting (default 5)")
+    parser.add_argument("--out", metavar="DIR", help="output folder (default: results/ablation-<dataset>)")
+    args, run_argv = parser.parse_known_args(argv)
+    try:
+        settings = resolve(run_argv)
+        centre = tuned_ice(settings)
+    except UsageError as error:
+        print(f"python -m benchmarks.ablation: error: {error}", file=sys.stderr)
+        return 2
+    out = Path(args.out or os.path.join("results", f"ablation-{settings.dataset}"))
+    labels = ",".join(s.spec.label for s in all_settings(grid(centre)))
+    status = run.main(run_argv + ["--losses", labels, "--seeds", str(args.seeds), "--out", str(out)])
+    if status:
+        return status
+    print("\n" + write_report(out, settings, centre, args.seeds, command))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
