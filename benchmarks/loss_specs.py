@@ -175,10 +175,15 @@ class LossSpec:
         """The learning rate this spec sets for the loss's own parameters, or None."""
         return dict(self.params).get(LOSS_LR)
 
-    def build(self, num_classes: int, embedding_size: int):
-        """Return ``(loss, miner or None)`` built from this spec."""
+    def build(self, num_classes: int, embedding_size: int, collect_stats: bool = False):
+        """Return ``(loss, miner or None)`` built from this spec; ``collect_stats`` makes the
+        loss, its reducer and its miner keep PML's statistics of the last batch (for
+        record-keeper: ICE's weight spread, a miner's pair counts, ...)."""
         entry = self.entry
         loss_kw, miner_kw, reducer_kw = self._split_params()
+        if collect_stats:
+            loss_kw["collect_stats"] = miner_kw["collect_stats"] = True
+            reducer_kw = dict(reducer_kw, collect_stats=True) if entry.reducer_class else reducer_kw
         loss_class = entry.loss_class()
         accepted = inspect.signature(loss_class.__init__).parameters
         if "num_classes" in accepted:

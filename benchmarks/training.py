@@ -193,7 +193,8 @@ class Run:
         self.data, self.spec, self.seed, self.settings, self.store = data, spec, seed, settings, store
         self.on_rows = on_rows
         self.device = torch.device(settings.device)
-        loss, self.miner = spec.build(num_classes=data.num_train_classes, embedding_size=embedder.out_features)
+        loss, self.miner = spec.build(num_classes=data.num_train_classes, embedding_size=embedder.out_features,
+                                      collect_stats=True)
         self.trunk, self.embedder, self.loss = trunk.to(self.device), embedder.to(self.device), loss.to(self.device)
         self.optimizers = build_optimizers(self.trunk, self.embedder, self.loss, settings, spec.loss_lr)
         labels = np.asarray(data.train.labels)

@@ -49,6 +49,23 @@ def test_smoke_run_on_digits(tmp_path, capsys):
     # Proxy losses train their proxies with their own optimizer.
     checkpoint = torch.load(out / "runs" / "proxyanchor" / "seed0" / "checkpoint.pth", weights_only=False)
     assert "metric_loss_optimizer" in checkpoint["optimizers"]
+    check_ice_weight_statistics_are_logged(run_dir)
+
+
+def check_ice_weight_statistics_are_logged(run_dir):
+    """ICE's reducer statistics reach record-keeper's CSV and tensorboard (PML's log_freq: every 10th iteration of an epoch)."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    group = "metric_loss_ICELoss__modules_reducer_ICEReweightReducer"
+    rows = read_rows(run_dir / "logs" / f"{group}.csv")
+    iterations = [int(r["~iteration~"]) for r in rows]
+    assert iterations == sorted(set(iterations)) and len(rows) >= 2
+    for row in rows:
+        assert float(row["max_weight_over_mean"]) >= 1.0
+        assert 0.0 < float(row["effective_sample_size"]) <= 1.0
+    events = EventAccumulator(str(run_dir / "tensorboard")).Reload()
+    logged = [e.value for e in events.Scalars(f"{group}/max_weight_over_mean")]
+    assert logged == pytest.approx([float(r["max_weight_over_mean"]) for r in rows], rel=1e-6)
 
 
 def test_interrupted_run_resumes_to_the_same_rows(tmp_path, monkeypatch):
