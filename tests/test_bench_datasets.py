@@ -5,6 +5,7 @@ import json
 import struct
 
 import numpy as np
+import torch
 import pytest
 from PIL import Image
 
@@ -93,6 +94,31 @@ def test_emoji_pairs_google_and_twitter_images(tmp_path, monkeypatch):
     assert classes_of(data.val) == {9, 10, 11}  # the last fifth of the 12 training classes
     image, _ = data.test[0]
     assert tuple(image.shape) == (3, 32, 32)
+
+
+def test_emoji_training_images_are_augmented_validation_and_test_are_not(tmp_path):
+    make_emoji_packages(tmp_path / "node_modules", 24)
+    data = registry.load_dataset("emoji", root=tmp_path / "node_modules", image_size=32)
+    assert isinstance(data.train, datasets.RandomAffineImages) and data.train.padding == "border"
+    assert not isinstance(data.val, datasets.RandomAffineImages) and not isinstance(data.test, datasets.RandomAffineImages)
+    assert type(data.train.unaugmented()) is datasets.TensorImageDataset
+
+
+@pytest.mark.parametrize("padding, exposed", [("border", 1.0), ("background", -1.0)])
+def test_random_affine_fills_what_comes_into_view(padding, exposed):
+    images = torch.ones(16, 3, 32, 32)  # a white canvas (1) with a dark square (0) in the middle
+    images[:, :, 12:20, 12:20] = 0.0
+    augmented = datasets.RandomAffineImages(images, np.arange(16), degrees=30, shear=10, scale=0.2, translate=0.1,
+                                            padding=padding)
+    torch.manual_seed(0)
+    batch = augmented.__getitems__(list(range(16)))
+    warped = torch.stack([image for image, _ in batch])
+    assert [label for _, label in batch] == list(range(16))
+    assert not any(torch.allclose(w, images[0], atol=1e-3) for w in warped)  # each image moved
+    corners = warped[:, :, [0, 0, -1, -1], [0, -1, 0, -1]]
+    assert (corners - exposed).abs().max() < 1e-4 if padding == "border" else (corners < 0.5).any()
+    with pytest.raises(ValueError, match="padding must be 'background' or 'border'"):
+        datasets.RandomAffineImages(images, np.arange(16), padding="zeros")
 
 
 def test_emoji_errors_name_the_npm_command(tmp_path, monkeypatch):

@@ -9,8 +9,11 @@ from pathlib import Path
 
 import optuna
 import pytest
+import torch
 
-from benchmarks import features, loss_specs, run, tune
+from benchmarks import features, loss_specs, run, training, tune
+from benchmarks.datasets import RandomAffineImages
+from benchmarks.models import build_trunk
 from benchmarks.files import read_torch
 from benchmarks.settings import resolve
 
@@ -186,3 +189,15 @@ def test_a_feature_cache_made_while_tuning_is_completed_by_a_run(tmp_path):
     final = features.cached_features(settings, data, tmp_path, 0, 1, said.append)
     assert len(said) == 2 and final.test.images.shape == (len(data.test), tuned.train.images.shape[1])
     assert set(read_torch(tmp_path / "cache" / "trunk_features.pt")) == {"train", "val", "test"}
+
+
+def test_a_frozen_trunk_sees_the_training_images_unaugmented(tmp_path):
+    settings = resolve(TINY + ["--freeze-trunk", "--model", "cnn"])
+    data = run.prepare_data(settings, 1)
+    images = data.train.images
+    augmented = dataclasses.replace(data, train=RandomAffineImages(images, data.train.labels, degrees=30))
+    cached = features.cached_features(settings, augmented, tmp_path, 0, 1, lambda text: None)
+    training.seed_everything(0)
+    trunk = build_trunk("cnn", data.in_channels).eval()
+    with torch.no_grad():
+        assert torch.allclose(cached.train.images, trunk(images), atol=1e-5)
