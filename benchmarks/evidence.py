@@ -1,0 +1,94 @@
+"""The README's "Does ICE help?" table of a finished --out folder: ``python -m benchmarks.evidence DIR...``.
+
+One row per loss: test MAP@R and P@1 at each run's best validation epoch (mean ± std over
+seeds, in %), then the loss minus ICE on the same test queries (``significance``: the
+difference in points, its 95 % bootstrap interval and the Wilcoxon p), and a last line
+saying which losses are better than ICE, worse, or not distinguishable from it. The first
+row is the untrained model. Reads the run folders only; trains nothing.
+"""
+
+import argparse
+import sys
+from pathlib import Path
+from typing import Dict, List
+
+from . import significance
+from .metrics import PRIMARY_METRIC
+from .out_folder import OutFolder
+from .reporting import best_epoch_rows, mean_std
+
+METRIC_COLUMNS = (("MAP@R", PRIMARY_METRIC), ("P@1", "precision_at_1"))
+
+
+def finished_runs(folder: OutFolder):
+    """Rows and folders of every run of ``folder`` with a checkpoint (failed runs left out),
+    keyed by (loss label, seed): run its command to the end first."""
+    rows, run_folders = {}, {}
+    for store in folder.other_run_stores([]):
+        stored = store.load(epochs=0, restart_broken=False)
+        if stored.status == "finished" and stored.rows:
+            key = (stored.rows[0]["loss"], stored.rows[0]["seed"])
+            rows[key], run_folders[key] = stored.rows, store.folder
+    return rows, run_folders
+
+
+def _mean_std_text(rows: List[dict], metric: str) -> str:
+    mean, std = mean_std([100 * r[metric] for r in rows])
+    return f"{mean:.1f} ± {std:.1f}"
+
+
+def _difference_text(difference: significance.PairedDifference) -> str:
+    return (f"{100 * difference.mean:+.1f} [{100 * difference.ci_low:+.1f}, {100 * difference.ci_high:+.1f}], "
+            f"p {significance.p_text(difference.p_value)}")
+
+
+def ice_table(out) -> str:
+    """Markdown table of every loss in ``out`` against its ICE run (the first loss named ``ice``)."""
+    rows_by_run, run_folders = finished_runs(OutFolder(out))
+    if not rows_by_run:
+        raise ValueError(f"{out} holds no finished run")
+    labels = list(dict.fromkeys(label for label, _ in sorted(rows_by_run, key=lambda k: (k[0].partition(":")[0] != "ice", k))))
+    ice = labels[0]
+    if not ice.startswith("ice"):
+        raise ValueError(f"{out} holds no ICE run to compare with")
+    all_rows = [r for rows in rows_by_run.values() for r in rows]
+    best = best_epoch_rows(all_rows)
+    scores = significance.load_run_scores(run_folders)
+    header = ["loss", "seeds"] + [name for name, _ in METRIC_COLUMNS] + [f"Δ{name} vs ICE [95 % CI], p" for name, _ in METRIC_COLUMNS]
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    untrained = list({r["seed"]: r for r in all_rows if r["epoch"] == 0}.values())
+    lines.append("| untrained model | " + str(len(untrained)) + " | "
+                 + " | ".join(_mean_std_text(untrained, m) for _, m in METRIC_COLUMNS) + " | | |")
+    verdicts: Dict[str, List[str]] = {"better": [], "worse": [], "same": []}
+    for label in labels:
+        cells = [f"`{label}`", str(len(best[label]))] + [_mean_std_text(best[label], m) for _, m in METRIC_COLUMNS]
+        if label == ice:
+            cells += ["", ""]
+        else:
+            differences = significance.compare_losses(scores, label, ice)
+            cells += [_difference_text(differences[m]) for _, m in METRIC_COLUMNS]
+            headline = differences[PRIMARY_METRIC]
+            kind = "same" if not headline.significant else ("better" if headline.mean > 0 else "worse")
+            verdicts[kind].append(label.partition(":")[0])
+        lines.append("| " + " | ".join(cells) + " |")
+    summary = (f"On test MAP@R, better than ICE: {', '.join(verdicts['better']) or 'none'}; worse than ICE: "
+               f"{', '.join(verdicts['worse']) or 'none'}; no detectable difference: {', '.join(verdicts['same']) or 'none'}.")
+    return "\n".join(lines + ["", summary])
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m benchmarks.evidence", description=__doc__.split("\n\n")[1])
+    parser.add_argument("out", nargs="+", help="--out folders of python -m benchmarks.run")
+    args = parser.parse_args(argv)
+    for out in args.out:
+        try:
+            table = ice_table(Path(out))
+        except ValueError as error:
+            print(f"python -m benchmarks.evidence: error: {error}", file=sys.stderr)
+            return 2
+        print(f"{out}\n\n{table}\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
