@@ -93,8 +93,10 @@ def _cell(chosen: Sequence[dict], metric: str) -> str:
 def group_table(group: str, settings: Sequence[Setting], best, scores) -> List[str]:
     """Markdown rows of one group; '*' marks the best validation MAP@R; lam > 0 is compared
     with lam = 0 of its normalization (paired over test queries)."""
-    lines = ["| normalize | lam | scale | seeds | val MAP@R | test MAP@R | test P@1 | ΔMAP@R vs lam = 0 "
-             "[95 % CI], p | ΔP@1 vs lam = 0 [95 % CI], p |", "|---|---|---|---|---|---|---|---|---|"]
+    header = ["normalize", "lam", "scale", "seeds", "val MAP@R", "test MAP@R", "test P@1"]
+    if group == "lam":
+        header += ["ΔMAP@R vs lam = 0 [95 % CI], p", "ΔP@1 vs lam = 0 [95 % CI], p"]
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     found = [s for s in settings if s.spec.label in best]
     if not found:
         return lines
@@ -102,16 +104,16 @@ def group_table(group: str, settings: Sequence[Setting], best, scores) -> List[s
     for setting in found:
         label, chosen = setting.spec.label, best[setting.spec.label]
         reference = Setting(setting.scale, 0, NORMALIZATIONS[0]).spec.label
-        comparisons = ["", ""]
+        comparisons = ["", ""] if group == "lam" else []
         if group == "lam" and setting.lam > 0 and reference in scores and label in scores:
             differences = significance.compare_losses(scores, label, reference)
             comparisons = [f"{100 * d.mean:+.1f} [{100 * d.ci_low:+.1f}, {100 * d.ci_high:+.1f}], "
                            f"{significance.p_text(d.p_value)}" for d in
                            (differences[m] for m in significance.QUERY_METRICS)]
         marker = " *" if setting == picked else ""
-        lines.append(f"| {setting.normalize} | {setting.lam:g} | {setting.scale:g}{marker} | {len(chosen)} | "
-                     f"{_cell(chosen, 'val_' + PRIMARY_METRIC)} | {_cell(chosen, PRIMARY_METRIC)} | "
-                     f"{_cell(chosen, 'precision_at_1')} | {comparisons[0]} | {comparisons[1]} |")
+        cells = [setting.normalize, f"{setting.lam:g}", f"{setting.scale:g}{marker}", str(len(chosen)),
+                 _cell(chosen, "val_" + PRIMARY_METRIC), _cell(chosen, PRIMARY_METRIC), _cell(chosen, "precision_at_1")]
+        lines.append("| " + " | ".join(cells + comparisons) + " |")
     return lines
 
 
@@ -123,20 +125,23 @@ def write_plot(path: Path, groups: Dict[str, List[Setting]], best) -> None:
     import matplotlib.pyplot as plt
 
     fig, (by_lam, by_scale) = plt.subplots(1, 2, figsize=(11, 4))
-    def draw(ax, points: Sequence[Tuple[float, str]], name: str):
+    def draw(ax, points: Sequence[Tuple[float, str]], name: str, colour: str):
         for split, style in ((PRIMARY_METRIC, "-o"), ("val_" + PRIMARY_METRIC, "--s")):
             kept = [(x, mean_std([100 * r[split] for r in best[label]])) for x, label in points if label in best]
             if kept:
-                ax.errorbar([x for x, _ in kept], [m for _, (m, _) in kept], yerr=[s for _, (_, s) in kept],
-                            fmt=style, capsize=3, label=f"{name}, {'test' if split == PRIMARY_METRIC else 'validation'}")
-    for normalize in NORMALIZATIONS:
+                ax.errorbar([x for x, _ in kept], [m for _, (m, _) in kept], yerr=[s for _, (_, s) in kept], fmt=style,
+                            color=colour, capsize=3, label=f"{name}, {'test' if split == PRIMARY_METRIC else 'validation'}")
+    for normalize, colour in zip(NORMALIZATIONS, ("tab:blue", "tab:orange")):
         points = [(s.lam, s.spec.label) for s in groups["lam"] if s.normalize == normalize or s.lam == 0]
-        draw(by_lam, points, f"normalize={normalize}")
+        draw(by_lam, points, f"normalize={normalize}", colour)
     centre = groups["scale"][0]
-    draw(by_scale, [(s.scale, s.spec.label) for s in groups["scale"]], f"lam={centre.lam:g}, {centre.normalize}")
+    draw(by_scale, [(s.scale, s.spec.label) for s in groups["scale"]], f"lam={centre.lam:g}, {centre.normalize}",
+         "tab:green")
     by_lam.set_xlabel("lam")
     by_scale.set_xlabel("scale")
     by_scale.set_xscale("log")
+    by_scale.minorticks_off()
+    by_scale.set_xticks([s.scale for s in groups["scale"]], [f"{s.scale:g}" for s in groups["scale"]])
     for ax in (by_lam, by_scale):
         ax.set_ylabel("MAP@R (%), mean ± std over seeds")
         ax.grid(alpha=0.3)
