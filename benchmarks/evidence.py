@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Dict, List
 
 from . import significance
+from .loss_specs import LOSSES
 from .metrics import PRIMARY_METRIC
 from .out_folder import OutFolder
 from .reporting import best_epoch_rows, mean_std
@@ -47,7 +48,9 @@ def ice_table(out) -> str:
     rows_by_run, run_folders = finished_runs(OutFolder(out))
     if not rows_by_run:
         raise ValueError(f"{out} holds no finished run")
-    labels = list(dict.fromkeys(label for label, _ in sorted(rows_by_run, key=lambda k: (k[0].partition(":")[0] != "ice", k))))
+    registry_order = list(LOSSES)  # ICE first, then PML's losses in the harness's order
+    labels = sorted({label for label, _ in rows_by_run},
+                    key=lambda label: (registry_order.index(label.partition(":")[0]), label))
     ice = labels[0]
     if not ice.startswith("ice"):
         raise ValueError(f"{out} holds no ICE run to compare with")
