@@ -142,6 +142,7 @@ def write_plot(path: Path, groups: Dict[str, List[Setting]], best) -> None:
     by_scale.set_xscale("log")
     by_scale.minorticks_off()
     by_scale.set_xticks([s.scale for s in groups["scale"]], [f"{s.scale:g}" for s in groups["scale"]])
+    by_scale.tick_params(axis="x", labelrotation=45)
     for ax in (by_lam, by_scale):
         ax.set_ylabel("MAP@R (%), mean ± std over seeds")
         ax.grid(alpha=0.3)
