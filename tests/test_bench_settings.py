@@ -58,6 +58,14 @@ def test_readme_dataset_table_matches_the_registry():
     assert registry.readme_table() in README.read_text()
 
 
+def test_the_digits_split_sizes_in_the_table_are_those_loaded():
+    data = registry.load_dataset("digits")
+    sizes = [(len(split), len(set(split.labels.tolist()))) for split in (data.train, data.val, data.test)]
+    assert sizes == [(723, 5), (178, 5), (896, 5)]
+    assert "5 training classes (723 images; 178 more validate" in DATASETS["digits"].split
+    assert "5 test classes (896 images)" in DATASETS["digits"].split
+
+
 def test_registry_loader_gets_only_the_options_it_takes():
     data = registry.load_dataset("digits", root="/ignored", image_size=99, limit=20)
     assert len(data.test) == 100 and data.in_channels == DATASETS["digits"].channels
