@@ -28,7 +28,7 @@ from .files import atomic_write_bytes, atomic_write_text
 from .loss_specs import LossSpec, parse_loss_spec
 from .metrics import PRIMARY_METRIC
 from .out_folder import OutFolder
-from .reporting import best_epoch_rows, mean_std
+from .reporting import best_epoch_rows, mean_std, mean_std_text
 from .settings import Settings, UsageError, resolve
 
 LAMS = (0, 0.5, 1, 2, 4)
@@ -85,11 +85,6 @@ def collect(folder: OutFolder, settings: Sequence[Setting], seeds: int, epochs: 
     return best_epoch_rows(rows), significance.load_run_scores(run_folders)
 
 
-def _cell(chosen: Sequence[dict], metric: str) -> str:
-    mean, std = mean_std([100 * r[metric] for r in chosen])
-    return f"{mean:.1f} ± {std:.1f}"
-
-
 def group_table(group: str, settings: Sequence[Setting], best, scores) -> List[str]:
     """Markdown rows of one group; '*' marks the best validation MAP@R; lam > 0 is compared
     with lam = 0 of its normalization (paired over test queries)."""
@@ -107,12 +102,10 @@ def group_table(group: str, settings: Sequence[Setting], best, scores) -> List[s
         comparisons = ["", ""] if group == "lam" else []
         if group == "lam" and setting.lam > 0 and reference in scores and label in scores:
             differences = significance.compare_losses(scores, label, reference)
-            comparisons = [f"{100 * d.mean:+.1f} [{100 * d.ci_low:+.1f}, {100 * d.ci_high:+.1f}], "
-                           f"{significance.p_text(d.p_value)}" for d in
-                           (differences[m] for m in significance.QUERY_METRICS)]
+            comparisons = [significance.difference_text(differences[m]) for m in significance.QUERY_METRICS]
         marker = " *" if setting == picked else ""
         cells = [setting.normalize, f"{setting.lam:g}", f"{setting.scale:g}{marker}", str(len(chosen)),
-                 _cell(chosen, "val_" + PRIMARY_METRIC), _cell(chosen, PRIMARY_METRIC), _cell(chosen, "precision_at_1")]
+                 mean_std_text(chosen, "val_" + PRIMARY_METRIC), mean_std_text(chosen, PRIMARY_METRIC), mean_std_text(chosen, "precision_at_1")]
         lines.append("| " + " | ".join(cells + comparisons) + " |")
     return lines
 

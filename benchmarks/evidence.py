@@ -16,7 +16,7 @@ from . import significance
 from .loss_specs import LOSSES
 from .metrics import PRIMARY_METRIC
 from .out_folder import OutFolder
-from .reporting import best_epoch_rows, mean_std
+from .reporting import best_epoch_rows, mean_std_text
 
 METRIC_COLUMNS = (("MAP@R", PRIMARY_METRIC), ("P@1", "precision_at_1"))
 
@@ -31,16 +31,6 @@ def finished_runs(folder: OutFolder):
             key = (stored.rows[0]["loss"], stored.rows[0]["seed"])
             rows[key], run_folders[key] = stored.rows, store.folder
     return rows, run_folders
-
-
-def _mean_std_text(rows: List[dict], metric: str) -> str:
-    mean, std = mean_std([100 * r[metric] for r in rows])
-    return f"{mean:.1f} ± {std:.1f}"
-
-
-def _difference_text(difference: significance.PairedDifference) -> str:
-    return (f"{100 * difference.mean:+.1f} [{100 * difference.ci_low:+.1f}, {100 * difference.ci_high:+.1f}], "
-            f"p {significance.p_text(difference.p_value)}")
 
 
 def ice_table(out) -> str:
@@ -61,15 +51,15 @@ def ice_table(out) -> str:
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     untrained = list({r["seed"]: r for r in all_rows if r["epoch"] == 0}.values())
     lines.append("| untrained model | " + str(len(untrained)) + " | "
-                 + " | ".join(_mean_std_text(untrained, m) for _, m in METRIC_COLUMNS) + " | | |")
+                 + " | ".join(mean_std_text(untrained, m) for _, m in METRIC_COLUMNS) + " | | |")
     verdicts: Dict[str, List[str]] = {"better": [], "worse": [], "same": []}
     for label in labels:
-        cells = [f"`{label}`", str(len(best[label]))] + [_mean_std_text(best[label], m) for _, m in METRIC_COLUMNS]
+        cells = [f"`{label}`", str(len(best[label]))] + [mean_std_text(best[label], m) for _, m in METRIC_COLUMNS]
         if label == ice:
             cells += ["", ""]
         else:
             differences = significance.compare_losses(scores, label, ice)
-            cells += [_difference_text(differences[m]) for _, m in METRIC_COLUMNS]
+            cells += [significance.difference_text(differences[m]) for _, m in METRIC_COLUMNS]
             headline = differences[PRIMARY_METRIC]
             kind = "same" if not headline.significant else ("better" if headline.mean > 0 else "worse")
             verdicts[kind].append(label.partition(":")[0])

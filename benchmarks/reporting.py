@@ -63,6 +63,12 @@ def mean_std(values: Sequence[float]):
     return mean, math.sqrt(sum((v - mean) ** 2 for v in values) / (n - 1))
 
 
+def mean_std_text(rows: Sequence[dict], metric: str) -> str:
+    """``"mean ± std"`` of a metric over rows, in %."""
+    mean, std = mean_std([100 * r[metric] for r in rows])
+    return f"{mean:.1f} ± {std:.1f}"
+
+
 def summary_table(rows: Sequence[dict], loss_order: Sequence[str]) -> str:
     """Markdown table: mean ± std over seeds of the test metrics at the best validation epoch."""
     best = best_epoch_rows(rows)

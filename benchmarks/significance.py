@@ -191,6 +191,12 @@ def p_text(p: float) -> str:
     return "< 0.001" if p < 0.001 else f"{p:.3f}"
 
 
+def difference_text(difference: PairedDifference) -> str:
+    """``"+1.2 [+0.8, +1.6], p < 0.001"``: the difference and its interval in points, and p."""
+    return (f"{_points(difference.mean)} [{_points(difference.ci_low)}, {_points(difference.ci_high)}], "
+            f"p {p_text(difference.p_value)}")
+
+
 def verdict(a: str, b: str, difference: PairedDifference, metric: str = HEADLINE_METRIC) -> str:
     """``"a is better than b (…)"``, ``"b is better than a (…)"`` or ``"no detectable difference …"``;
     the difference in brackets is the better loss minus the other (a - b when none is)."""
