@@ -73,16 +73,11 @@ def all_settings(groups: Dict[str, List[Setting]]) -> List[Setting]:
 
 def collect(folder: OutFolder, settings: Sequence[Setting], seeds: int, epochs: int):
     """Best-validation-epoch rows and per-query test scores of each finished setting."""
-    rows, run_folders = [], {}
-    for setting in settings:
-        label = setting.spec.label
-        for seed in range(seeds):
-            store = folder.run_store(setting.spec.folder_name, seed)
-            stored = store.load(epochs, restart_broken=False)
-            if stored.status == "finished":
-                rows += stored.rows
-                run_folders[(label, seed)] = store.folder
-    return best_epoch_rows(rows), significance.load_run_scores(run_folders)
+    rows_by_run, run_folders = folder.finished_runs(epochs)
+    wanted = {(setting.spec.label, seed) for setting in settings for seed in range(seeds)}
+    keys = [key for key in rows_by_run if key in wanted]
+    rows = [row for key in keys for row in rows_by_run[key]]
+    return best_epoch_rows(rows), significance.load_run_scores({key: run_folders[key] for key in keys})
 
 
 def group_table(group: str, settings: Sequence[Setting], best, scores) -> List[str]:

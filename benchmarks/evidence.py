@@ -21,21 +21,9 @@ from .reporting import best_epoch_rows, mean_std_text
 METRIC_COLUMNS = (("MAP@R", PRIMARY_METRIC), ("P@1", "precision_at_1"))
 
 
-def finished_runs(folder: OutFolder):
-    """Rows and folders of every run of ``folder`` with a checkpoint (failed runs left out),
-    keyed by (loss label, seed): run its command to the end first."""
-    rows, run_folders = {}, {}
-    for store in folder.other_run_stores([]):
-        stored = store.load(epochs=0, restart_broken=False)
-        if stored.status == "finished" and stored.rows:
-            key = (stored.rows[0]["loss"], stored.rows[0]["seed"])
-            rows[key], run_folders[key] = stored.rows, store.folder
-    return rows, run_folders
-
-
 def ice_table(out) -> str:
     """Markdown table of every loss in ``out`` against its ICE run (the first loss named ``ice``)."""
-    rows_by_run, run_folders = finished_runs(OutFolder(out))
+    rows_by_run, run_folders = OutFolder(out).finished_runs(epochs=0)  # the command was run to its end
     if not rows_by_run:
         raise ValueError(f"{out} holds no finished run")
     registry_order = list(LOSSES)  # ICE first, then PML's losses in the harness's order

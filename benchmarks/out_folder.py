@@ -84,6 +84,17 @@ class OutFolder:
         found += sorted(p.parent for p in (self.path / "runs").glob("*/seed*/failed.json"))
         return [RunStore(folder) for folder in dict.fromkeys(found) if folder not in known_folders]
 
+    def finished_runs(self, epochs: int):
+        """Rows and folder of every run on disk that trained ``epochs`` epochs or stopped early
+        (``epochs=0``: every run with a checkpoint), keyed by (loss label, seed); failed runs left out."""
+        rows, run_folders = {}, {}
+        for store in self.other_run_stores([]):
+            stored = store.load(epochs, restart_broken=False)
+            if stored.status == "finished" and stored.rows:
+                key = (stored.rows[0]["loss"], stored.rows[0]["seed"])
+                rows[key], run_folders[key] = stored.rows, store.folder
+        return rows, run_folders
+
     def publish_rows(self, rows_by_run: Dict[RunKey, List[dict]], loss_order: Sequence[str]) -> None:
         """results.csv: every row of every run, failed runs included."""
         write_results_csv(self.results_csv, sort_rows([r for rows in rows_by_run.values() for r in rows], loss_order))

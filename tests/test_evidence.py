@@ -62,7 +62,7 @@ def test_the_ice_table_reads_means_and_paired_differences_from_the_runs(tmp_path
     lines = table.splitlines()
     assert lines[2].startswith("| untrained model | 2 |") and lines[3].startswith("| `ice` | 2 |")
     assert lines[4].startswith(f"| `ntxent` | 2 | {ntxent_map:.1f} ± ")
-    _, run_folders = evidence.finished_runs(OutFolder(out))
+    _, run_folders = OutFolder(out).finished_runs(epochs=1)
     d = significance.compare_losses(significance.load_run_scores(run_folders), "ntxent", "ice")["precision_at_1"]
     assert lines[4].endswith(f"{100 * d.mean:+.1f} [{100 * d.ci_low:+.1f}, {100 * d.ci_high:+.1f}], "
                              f"p {significance.p_text(d.p_value)} |")
