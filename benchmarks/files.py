@@ -69,8 +69,10 @@ def read_json(path, default=None):
 
 
 def read_torch(path):
-    """What ``torch.save`` stored in ``path`` (on the CPU); ``BrokenFile`` when it cannot be read."""
+    """What ``torch.save`` stored in ``path`` (on the CPU), read with ``weights_only=True``: tensors
+    and plain Python values only, so a planted pickle cannot run code. ``BrokenFile`` otherwise."""
     try:
-        return torch.load(path, map_location="cpu", weights_only=False)
+        return torch.load(path, map_location="cpu", weights_only=True)
     except (RuntimeError, EOFError, OSError, pickle.UnpicklingError, zipfile.BadZipFile) as error:
-        raise BrokenFile(f"{path} cannot be read ({type(error).__name__}: {error})") from error
+        raise BrokenFile(f"{path} cannot be read as tensors and plain values ({type(error).__name__}: "
+                         f"{str(error).splitlines()[0] if str(error) else ''})") from error

@@ -16,7 +16,7 @@ from . import significance
 from .files import BrokenFile, atomic_write_json, read_json
 from .reporting import sort_rows, write_plots, write_results_csv, write_summary
 from .run_store import RunStore
-from .settings import stored_identity
+from .settings import UsageError, stored_identity
 
 RunKey = Tuple[str, int]  # (loss label, seed)
 
@@ -36,7 +36,14 @@ class OutFolder:
     def lock(self, say):
         """Hold ``.lock`` for the whole command; wait (saying so) while another command holds it."""
         self.path.mkdir(parents=True, exist_ok=True)
-        with open(self.path / ".lock", "a+") as handle:
+        lock = self.path / ".lock"
+        try:  # never through a link: a planted .lock -> victim would have the victim truncated
+            fd = os.open(lock, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW, 0o666)
+        except OSError as error:
+            if lock.is_symlink():
+                raise UsageError(f"{lock} is a symbolic link; remove it (the lock file must be a plain file)") from error
+            raise
+        with os.fdopen(fd, "r+") as handle:
             try:
                 fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
             except BlockingIOError:

@@ -119,10 +119,12 @@ def main(argv=None) -> int:
     except USER_ERRORS as error:
         return _refuse(error, console)
     folder = OutFolder(settings.out)
-    with folder.lock(console.say) if rank == 0 else contextlib.nullcontext():
-        if processes > 1:
-            torch.distributed.barrier()  # the other ranks read the folder once rank 0 holds it
+    with contextlib.ExitStack() as held:
         try:
+            if rank == 0:
+                held.enter_context(folder.lock(console.say))
+            if processes > 1:
+                torch.distributed.barrier()  # the other ranks read the folder once rank 0 holds it
             data, feature_size = open_folder(settings, folder, data, console, rank, processes)
         except USER_ERRORS as error:
             return _refuse(error, console)

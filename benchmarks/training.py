@@ -102,18 +102,21 @@ def seed_everything(seed: int, rank: int = 0) -> None:
 
 
 def _rng_state(sampler) -> dict:
-    """Random states, plus the sampler's class order, which it shuffles in place every epoch."""
+    """Random states, plus the sampler's class order, which it shuffles in place every epoch,
+    in the plain types that ``torch.load(weights_only=True)`` accepts."""
+    name, keys, position, has_gauss, cached_gaussian = np.random.get_state()
     return {
         "python": random.getstate(),
-        "numpy": np.random.get_state(),
+        "numpy": (name, torch.from_numpy(keys.astype(np.int64)), int(position), int(has_gauss), float(cached_gaussian)),
         "torch": torch.get_rng_state(),
-        "sampler_labels": list(sampler.labels),
+        "sampler_labels": [label.item() if hasattr(label, "item") else label for label in sampler.labels],
     }
 
 
 def _set_rng_state(state: dict, sampler) -> None:
     random.setstate(state["python"])
-    np.random.set_state(state["numpy"])
+    name, keys, position, has_gauss, cached_gaussian = state["numpy"]
+    np.random.set_state((name, keys.numpy().astype(np.uint32), position, has_gauss, cached_gaussian))
     torch.set_rng_state(state["torch"])
     sampler.labels = list(state["sampler_labels"])
 

@@ -19,6 +19,7 @@ import dataclasses
 import io
 import json
 import os
+import re
 import shlex
 import socket
 import sys
@@ -138,6 +139,14 @@ def trial_spec(loss: str, trial) -> loss_specs.LossSpec:
         for key in (parameter.name, *parameter.tied):
             params[key] = value
     return loss_specs.parse_loss_spec(loss + ":" + ",".join(f"{k}={v!r}" for k, v in params.items()))
+
+
+CREDENTIALS = re.compile(r"(\b[A-Za-z][\w+.-]*://[^\s:/@]*:)[^\s@]*@")
+
+
+def mask_credentials(text: str) -> str:
+    """``text`` with the password of every ``scheme://user:password@host`` URL replaced by ``***``."""
+    return CREDENTIALS.sub(r"\1***@", text)
 
 
 def open_storage(url: str):
@@ -327,7 +336,7 @@ def say(*parts) -> None:
 
 def main(argv=None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
-    command = "python -m benchmarks.tune " + " ".join(shlex.quote(a) for a in argv)
+    command = mask_credentials("python -m benchmarks.tune " + " ".join(shlex.quote(a) for a in argv))
     args, run_argv = build_parser().parse_known_args(argv)
     try:
         if args.trials < 1 or args.seeds < 1:
@@ -342,7 +351,7 @@ def main(argv=None) -> int:
         optuna.logging.set_verbosity(optuna.logging.WARNING)
         studies = {loss: open_study(storage, settings, loss, args.sampler_seed, args.seeds) for loss in losses}
     except run.USER_ERRORS as error:
-        print(f"python -m benchmarks.tune: error: {error}", file=sys.stderr)
+        print(mask_credentials(f"python -m benchmarks.tune: error: {error}"), file=sys.stderr)
         return 2
     started = time.time()
     for loss, study in studies.items():
@@ -350,7 +359,7 @@ def main(argv=None) -> int:
         try:
             tune_loss(study, loss, settings, data, args.trials, args.seeds, out, say)
         except UsageError as error:
-            print(f"python -m benchmarks.tune: error: {error}", file=sys.stderr)
+            print(mask_credentials(f"python -m benchmarks.tune: error: {error}"), file=sys.stderr)
             return 2
     write_report(out, settings, data, studies, args.trials, args.seeds, command)
     toml = write_best_toml(out / "best.toml", settings, studies, args.trials, command)

@@ -47,7 +47,7 @@ def test_smoke_run_on_digits(tmp_path, capsys):
     assert (run_dir / "logs" / "logs.db").is_file()
     assert any(name.startswith("events.out.tfevents") for name in os.listdir(run_dir / "tensorboard"))
     # Proxy losses train their proxies with their own optimizer.
-    checkpoint = torch.load(out / "runs" / "proxyanchor" / "seed0" / "checkpoint.pth", weights_only=False)
+    checkpoint = torch.load(out / "runs" / "proxyanchor" / "seed0" / "checkpoint.pth", weights_only=True)
     assert "metric_loss_optimizer" in checkpoint["optimizers"]
     check_ice_weight_statistics_are_logged(run_dir)
 

@@ -102,7 +102,7 @@ def test_amp_autocasts_training_on_the_cpu(tmp_path, monkeypatch, amp, dtype):
     assert run.main(TINY + ["--amp", amp, "--device", "cpu", "--losses", "ice", "--out", str(tmp_path / "o")]) == 0
     assert dtypes and set(dtypes) == {dtype}
     assert f'"amp": "{amp}"' in (tmp_path / "o" / "config.json").read_text()
-    checkpoint = torch.load(tmp_path / "o" / "runs" / "ice" / "seed0" / "checkpoint.pth", weights_only=False)
+    checkpoint = torch.load(tmp_path / "o" / "runs" / "ice" / "seed0" / "checkpoint.pth", weights_only=True)
     assert (checkpoint["scaler"] is not None) == (amp == "fp16")  # the GradScaler's state resumes with the run
 
 

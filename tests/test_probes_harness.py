@@ -9,8 +9,10 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 from benchmarks import run, settings
+from benchmarks.files import BrokenFile, read_torch
 from benchmarks.run_store import RunStore
 
 REPO = Path(__file__).resolve().parents[1]
@@ -185,3 +187,41 @@ def test_record_keeper_logs_hold_each_epoch_once_after_a_resume(tmp_path, monkey
     with sqlite3.connect(logs / "logs.db") as db:
         table = next(name for (name,) in db.execute("SELECT name FROM sqlite_master") if name.endswith("TEST_vs_self"))
         assert [e for (e,) in db.execute(f'SELECT epoch FROM "{table}" ORDER BY id')] == [0, 1, 2, 3]
+
+
+class _Payload:
+    """A pickle that writes a marker file when loaded with weights_only=False."""
+
+    def __init__(self, marker):
+        self.marker = str(marker)
+
+    def __reduce__(self):
+        return (Path.write_text, (Path(self.marker), "code ran"))
+
+
+def test_a_planted_checkpoint_never_runs_its_code(tmp_path, capsys):
+    out, marker = tmp_path / "out", tmp_path / "marker"
+    planted = out / "runs" / "zzz" / "seed7" / "checkpoint.pth"
+    planted.parent.mkdir(parents=True)
+    torch.save({"rows": [], "payload": _Payload(marker)}, planted)
+    assert run.main(TINY + ["--losses", "ice", "--out", str(out)]) == 0
+    assert not marker.exists()
+    assert f"{planted} cannot be read as tensors and plain values" in capsys.readouterr().out
+
+
+def test_a_planted_feature_cache_never_runs_its_code(tmp_path):
+    marker, cache = tmp_path / "marker", tmp_path / "trunk_features.pt"
+    torch.save({"train": _Payload(marker)}, cache)
+    with pytest.raises(BrokenFile, match="cannot be read as tensors and plain values"):
+        read_torch(cache)
+    assert not marker.exists()
+
+
+def test_a_lock_file_that_is_a_link_is_refused_and_its_target_untouched(tmp_path, capsys):
+    out, victim = tmp_path / "out", tmp_path / "victim"
+    victim.write_text("precious\n")
+    out.mkdir()
+    (out / ".lock").symlink_to(victim)
+    assert run.main(TINY + ["--losses", "ice", "--out", str(out)]) == 2
+    assert f"{out / '.lock'} is a symbolic link" in capsys.readouterr().err
+    assert victim.read_text() == "precious\n"

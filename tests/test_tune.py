@@ -201,3 +201,22 @@ def test_a_frozen_trunk_sees_the_training_images_unaugmented(tmp_path):
     trunk = build_trunk("cnn", data.in_channels).eval()
     with torch.no_grad():
         assert torch.allclose(cached.train.images, trunk(images), atol=1e-5)
+
+
+def test_a_storage_password_is_never_written_or_printed(tmp_path, monkeypatch, capsys):
+    url = "postgresql+psycopg2://bench:hunter2@127.0.0.1:5433/optuna"
+    assert tune.main(["--storage", url, "--out", str(tmp_path / "refused")]) == 2  # no driver or server here
+    assert "hunter2" not in capsys.readouterr().err
+    local = optuna.storages.RDBStorage(f"sqlite:///{tmp_path / 'tuning.db'}")
+    monkeypatch.setattr(tune, "open_storage", lambda given: local if given == url else pytest.fail(given))
+    out = tmp_path / "tune"
+    assert tune.main(TINY + ["--trials", "1", "--losses", "ntxent", "--storage", url, "--out", str(out)]) == 0
+    printed = capsys.readouterr()
+    written = (out / "best.toml").read_text() + (out / "tuning.md").read_text()
+    assert "postgresql+psycopg2://bench:***@127.0.0.1:5433/optuna" in written
+    assert "hunter2" not in written + printed.out + printed.err
+
+
+def test_credentials_are_masked_in_any_url():
+    assert tune.mask_credentials("a://u:p@h/x b://v:q:r@h c://h:80/y sqlite:////d/t.db") == \
+        "a://u:***@h/x b://v:***@h c://h:80/y sqlite:////d/t.db"
