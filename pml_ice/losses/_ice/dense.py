@@ -9,7 +9,9 @@ from types import SimpleNamespace
 
 import torch
 
-from .ice_function import ICEPairLosses, accumulation_dtype
+from .chunked import ICEPairLosses
+from .logits import accumulation_dtype
+from .pair_terms import save_and_finish
 
 
 def label_positives(same_label, ref_is_batch):
@@ -38,14 +40,11 @@ class ICELabelLosses(ICEPairLosses):
             row_max = torch.amax(logits, dim=1).nan_to_num_(neginf=0.0)
             exp_logits = logits.sub_(row_max[:, None]).exp_()
             row_sum = exp_logits.sum(dim=1).clamp_min_(torch.finfo(acc_dtype).tiny)
-            lse = row_max + torch.log(row_sum)
-            margin = lse[positives[0]] - pos_logits
             ctx.kernel, ctx.refs_are_queries = kernel, refs is queries
             ctx.positives = SimpleNamespace(anchors=positives[0], refs=positives[1])
-            ctx.save_for_backward(
-                queries, refs, lse, row_sum, torch.sigmoid(margin), exp_logits
+            return save_and_finish(
+                ctx, positives[0], pos_logits, row_max, row_sum, queries, refs, exp_logits
             )
-            return torch.logaddexp(margin, torch.zeros_like(margin))
 
     @staticmethod
     def backward(ctx, grad_losses):

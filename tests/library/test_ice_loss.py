@@ -11,7 +11,8 @@ from pytorch_metric_learning import losses as pml_losses
 from pytorch_metric_learning import miners
 
 from pml_ice import losses, reducers
-from pml_ice.losses import ice_function
+from pml_ice.losses._ice import plan
+from pml_ice.losses._ice.dense import ICELabelLosses
 from reference import (
     COSINE,
     DistanceSpec,
@@ -465,7 +466,7 @@ def test_empty_indices_tuple_gives_zero_loss(device):
 def test_gpu_backward_form_runs_and_matches_on_cpu(agreement, make_batch, monkeypatch, case):
     """The backward GPUs use (positives in the dense gradient, ``(G + G^T) Q`` when the
     references are the batch), forced on the CPU so that CI checks it too."""
-    monkeypatch.setattr(ice_function, "sparse_positives_pay_off", lambda device: False)
+    monkeypatch.setattr(plan, "sparse_positives_pay_off", lambda device: False)
     embeddings, labels = make_batch(n=12, n_classes=4, seed=9)
     ref_emb, ref_labels = make_batch(n=10, n_classes=4, seed=10) if case == "ref_emb" else (None, None)
     indices_tuple = mine("multi_similarity", embeddings, labels) if case == "miner" else None
@@ -473,3 +474,43 @@ def test_gpu_backward_form_runs_and_matches_on_cpu(agreement, make_batch, monkey
         agreement, make_ice(16.0, 1.0, "batch"), f"gpu backward form {case}", embeddings, labels,
         indices_tuple, ref_emb, ref_labels, scale=16.0, lam=1.0, normalize="batch",
     )
+
+
+@pytest.mark.parametrize("memory_efficient", [False, True], ids=["dense", "chunked"])
+@pytest.mark.parametrize(
+    "labels, ref_labels",
+    [
+        (torch.arange(16) // 4 + 256, torch.tensor([0, 1, 2, 3, 0, 1], dtype=torch.uint8)),
+        (torch.arange(16) // 4 + 0.5, torch.tensor([0, 1, 2, 3, 0, 1])),
+    ],
+    ids=["wider-than-uint8", "float-vs-long"],
+)
+def test_labels_are_compared_in_their_common_dtype(device, memory_efficient, labels, ref_labels):
+    """Distinct labels must not wrap onto each other: no positive pair here, so zero,
+    as PML's NTXentLoss says."""
+    x, ref = torch.randn(16, 8), torch.randn(6, 8)
+    args = (x.to(device), labels.to(device))
+    kwargs = dict(ref_emb=ref.to(device), ref_labels=ref_labels.to(device))
+    ice = losses.ICELoss(reducer=reducers.MeanReducer(), memory_efficient=memory_efficient)
+    assert ice(*args, **kwargs).item() == 0.0
+    assert pml_losses.NTXentLoss()(*args, **kwargs).item() == 0.0
+
+
+@pytest.mark.parametrize("memory_efficient", [False, True], ids=["dense", "chunked"])
+def test_bool_labels_are_two_classes(make_batch, memory_efficient):
+    embeddings, labels = make_batch(n=10, n_classes=2, seed=3, dtype=torch.float64)
+    loss_func = losses.ICELoss(memory_efficient=memory_efficient)
+    assert loss_func(embeddings, labels.bool()).item() == pytest.approx(
+        loss_func(embeddings, labels).item(), rel=1e-12
+    )
+
+
+def test_dense_path_skips_the_logits_when_no_anchor_has_a_negative(monkeypatch):
+    def fail(*args):
+        raise AssertionError("logits computed for a batch without negatives")
+
+    monkeypatch.setattr(ICELabelLosses, "apply", fail)
+    embeddings = torch.randn(64, 4, requires_grad=True)
+    value = losses.ICELoss()(embeddings, torch.full((64,), 3))
+    value.backward()
+    assert value.item() == 0.0

@@ -1,5 +1,6 @@
 """Every bad input of the issue gets an error whose message names the problem."""
 
+import numpy as np
 import pytest
 import torch
 
@@ -95,3 +96,31 @@ def test_valid_edge_values_are_accepted(labels, device):
         scale=1e-3, reducer=reducers.ICEReweightReducer(lam=0.0, normalize="anchor")
     )
     assert torch.isfinite(loss_func(torch.randn(6, 4, device=device), labels))
+
+
+def test_bool_indices_tuple_is_refused(device):
+    x, y = torch.randn(6, 4, device=device), torch.tensor([0, 0, 1, 1, 2, 2], device=device)
+    mask = torch.tensor([True, False, True, False, True, False], device=device)
+    with pytest.raises(ValueError, match=r"indices_tuple\[0\].*integer.*torch.bool"):
+        losses.ICELoss()(x, y, (mask, mask, mask))
+
+
+@pytest.mark.parametrize("value", [True, False, 1e39, float("inf"), float("nan"), "16", -1.0])
+def test_bad_scale_is_refused(value):
+    with pytest.raises(ValueError, match="scale"):
+        losses.ICELoss(scale=value)
+
+
+@pytest.mark.parametrize("value", [True, 1e39, float("nan"), -0.5, None])
+def test_bad_lam_is_refused(value):
+    with pytest.raises(ValueError, match="lam"):
+        reducers.ICEReweightReducer(lam=value)
+
+
+def test_numpy_numbers_are_accepted(make_batch):
+    embeddings, labels = make_batch()
+    loss_func = losses.ICELoss(
+        scale=np.float32(16), reducer=reducers.ICEReweightReducer(lam=np.float64(1))
+    )
+    assert loss_func.scale == 16.0 and loss_func.reducer.lam == 1.0
+    assert torch.isfinite(loss_func(embeddings, labels))
