@@ -82,6 +82,11 @@ def check_labels(name, labels, expected_length):
             f"ICELoss: {name} must have shape ({expected_length},), "
             f"got {tuple(labels.shape)}"
         )
+    if labels.is_floating_point() and bool(torch.isnan(labels).any()):
+        raise ValueError(
+            f"ICELoss: {name} contain NaN; NaN is not equal to itself, so it names no "
+            "class (give every sample a real label)"
+        )
 
 
 def check_indices_tuple(indices_tuple, num_anchors, num_refs):
