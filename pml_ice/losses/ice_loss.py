@@ -1,3 +1,5 @@
+from functools import partial
+
 import torch
 from pytorch_metric_learning.distances import CosineSimilarity
 from pytorch_metric_learning.losses import BaseMetricLossFunction
@@ -104,7 +106,9 @@ class ICELoss(BaseMetricLossFunction):
             self.num_neg_pairs = int((~same_label[has_positive]).sum())
         if len(positives[0]) == 0:
             return None, None
-        return ICELabelLosses.apply(queries, refs, kernel, same_label, positives), positives
+        negative_mask = partial(torch.ne, labels[:, None], ref_labels[None, :])
+        losses = ICELabelLosses.apply(queries, refs, kernel, same_label, positives, negative_mask)
+        return losses, positives
 
     def losses_from_symmetric_tiles(self, queries, kernel, labels, plan):
         """The chunked path for pairs from labels within the batch: ``Z`` is symmetric,

@@ -14,13 +14,17 @@ With ``g_ij`` the incoming gradient of ``l_ij`` and ``q_ij = 1 - p_ij = sigmoid(
 The exponentials ``exp(Z - max_i Z)`` are either kept from the forward pass
 (``save_exp``), and backward is two matrix products with them, or recomputed chunk by
 chunk (one extra product, one sub and one exp), so that no (anchors x references)
-matrix is held whole.
+matrix is held whole. Under ``create_graph=True`` backward builds a differentiable
+graph of the gradient instead (``twice_differentiable``).
 """
+
+from functools import partial
 
 import torch
 
 from .logits import accumulation_dtype
 from .pair_terms import save_and_finish
+from .twice_differentiable import dense_mask, graph_of_gradient
 
 
 def chunk_ranges(num_rows, chunk_rows):
@@ -99,6 +103,9 @@ class ICEPairLosses(torch.autograd.Function):
         ctx.kernel, ctx.chunk_rows, ctx.refs_are_queries = kernel, chunk_rows, refs is queries
         ctx.positives, ctx.masked = positives, masked
         ctx.masked_are_negatives = pairs.masked_are_negatives
+        ctx.negative_mask = partial(
+            dense_mask, pairs.masked, num_rows, num_refs, pairs.masked_are_negatives
+        )
         return save_and_finish(
             ctx, positives.anchors, pos_logits, row_max, row_sum,
             queries, refs, buffer if save_exp else None,
@@ -108,11 +115,19 @@ class ICEPairLosses(torch.autograd.Function):
     def run_backward(ctx, grad_losses):
         queries, refs, saved_exp, lse, row_sum, one_minus_p = ctx.saved_tensors
         positives = ctx.positives
+        if ctx.refs_are_queries:
+            refs = queries
+        if torch.is_grad_enabled():  # create_graph: a gradient that is itself differentiable
+            grads = graph_of_gradient(
+                ctx.kernel, queries, refs, ctx.negative_mask(),
+                (positives.anchors, positives.refs), grad_losses, ctx.needs_input_grad[1],
+            )
+            return grads + (None,) * 4
         pos_grad = grad_losses.to(lse.dtype) * one_minus_p
         neg_coef = torch.zeros_like(lse).index_add_(0, positives.anchors, pos_grad)
         grad_queries = torch.zeros(queries.shape, dtype=lse.dtype, device=queries.device)
         if ctx.refs_are_queries:  # one tensor, one gradient buffer for both roles
-            refs, grad_refs = queries, grad_queries
+            grad_refs = grad_queries
         elif ctx.needs_input_grad[1]:
             grad_refs = torch.zeros(refs.shape, dtype=lse.dtype, device=refs.device)
         else:

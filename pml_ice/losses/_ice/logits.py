@@ -78,6 +78,10 @@ class InnerProductLogits(LogitsKernel):
             return torch.mm(queries * self.coef, refs.T, out=out)
         return out.copy_(torch.mm(queries, refs.T)).mul_(self.coef)
 
+    def differentiable_logits(self, queries, refs, dtype):
+        """``Z`` in ``dtype`` with ordinary (twice differentiable) operations."""
+        return self.coef * (queries.to(dtype) @ refs.to(dtype).T)
+
     def add_grads(self, queries, refs, grad_logits, grad_queries, grad_refs):
         """Add the gradients of ``sum(grad_logits * Z)`` to ``grad_queries`` and ``grad_refs``.
         When the references are the queries (``Z = c Q Q^T``, one gradient buffer),
@@ -135,6 +139,10 @@ class DistanceLogits(LogitsKernel):
         with torch.no_grad():
             mat = self.distance(queries.to(out.dtype), refs.to(out.dtype))
             return out.copy_(mat).mul_(self.coef)
+
+    def differentiable_logits(self, queries, refs, dtype):
+        """``Z`` in ``dtype`` through the distance's own (differentiable) operations."""
+        return self.coef * self.distance(queries.to(dtype), refs.to(dtype))
 
     def add_grads(self, queries, refs, grad_logits, grad_queries, grad_refs):
         queries = queries.detach().to(grad_logits.dtype).requires_grad_(True)

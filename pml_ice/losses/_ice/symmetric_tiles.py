@@ -21,6 +21,7 @@ import torch
 from .chunked import chunk_ranges
 from .logits import accumulation_dtype, add_matmul
 from .pair_terms import save_and_finish
+from .twice_differentiable import graph_of_gradient
 
 
 def tile_pairs(num_rows, side):
@@ -80,6 +81,12 @@ class ICESymmetricTiles(torch.autograd.Function):
         with torch.autocast(grad_losses.device.type, enabled=False):
             queries, labels, anchors, refs, lse, _, one_minus_p = ctx.saved_tensors
             kernel, acc_dtype = ctx.kernel, lse.dtype
+            if torch.is_grad_enabled():  # create_graph: a differentiable gradient
+                negative = labels[:, None] != labels[None, :]
+                grad = graph_of_gradient(
+                    kernel, queries, queries, negative, (anchors, refs), grad_losses, False
+                )[0]
+                return grad, None, None, None, None
             pos_grad = grad_losses.to(acc_dtype) * one_minus_p
             neg_coef = torch.zeros_like(lse).index_add_(0, anchors, pos_grad)
             # c_i exp(Z - LSE_i) = sign(c_i) exp(Z - (LSE_i - log|c_i|)); rows with c_i = 0
