@@ -25,7 +25,21 @@ class ICELoss(BaseMetricLossFunction):
 
     Returns one ``"pos_pair"`` sub-loss, so every PML reducer applies; the default
     reducer is :class:`~pml_ice.reducers.ICEReweightReducer` (ICE's sample reweighting).
-    Anchors without a negative carry no information and are left out.
+    Anchors without a negative carry no information and are left out; a mined pair
+    listed twice counts once.
+
+    - Self-pairs ``(i, i)`` are removed only without ``ref_emb`` (the batch is its own
+      reference set); a given ``ref_emb``, even the embeddings tensor itself, is a
+      separate set and keeps them.
+    - The reduced loss has the embeddings' dtype on every path; logits, log-sum-exp,
+      per-pair losses and gradients are computed in at least float32.
+    - With ``reducer=MeanReducer()`` it equals PML's ``NTXentLoss(temperature=1/scale)``
+      exactly when no pair is listed twice and every anchor of a positive pair has a
+      negative: always with labels within the batch, not in general for triplet miners
+      (NTXent counts a repeated pair each time) or ``PairMarginMiner`` (NTXent keeps a
+      positive whose anchor has no mined negative as a zero term of its mean).
+    - It is twice differentiable: under ``create_graph=True`` backward builds the
+      gradient from ordinary autograd operations (holding the logits whole).
 
     Args:
         scale: the inverse temperature ``s > 0``. The default, with the default
@@ -64,7 +78,13 @@ class ICELoss(BaseMetricLossFunction):
         self, embeddings, labels=None, indices_tuple=None, ref_emb=None, ref_labels=None
     ):
         check_loss_inputs(embeddings, labels, indices_tuple, ref_emb, ref_labels)
-        return super().forward(embeddings, labels, indices_tuple, ref_emb, ref_labels)
+        if ref_emb is embeddings:
+            # a given reference set is a set of its own, even the batch's own tensor:
+            # only ref_emb=None (which PML turns into the batch itself) drops (i, i)
+            ref_emb = ref_emb.view_as(ref_emb)
+        loss = super().forward(embeddings, labels, indices_tuple, ref_emb, ref_labels)
+        # DoNothingReducer hands back the loss dict, per-pair losses in at least float32
+        return loss.to(embeddings.dtype) if torch.is_tensor(loss) else loss
 
     def compute_loss(self, embeddings, labels, indices_tuple, ref_emb, ref_labels):
         queries, refs, kernel = logits_kernel(self.distance, self.scale, embeddings, ref_emb)
