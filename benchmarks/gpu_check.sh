@@ -22,9 +22,7 @@ speed() {  # name, then benchmarks.speed options
 }
 speed float32 --batches 1024,4096,16384,65536 --losses $LOSSES
 speed bank_1M --batches 4096 --ref-size 1048576 --losses floor,ice
-PML_ICE_TEST_DEVICE=cuda python3 -m pytest -q -p no:cacheprovider tests/test_ice_loss.py \
-    tests/test_reducer.py tests/test_precision.py tests/test_memory_efficient.py \
-    tests/test_wrappers.py tests/test_errors.py tests/test_probes_library.py > "$OUT/pytest_cuda.txt" 2>&1
+PML_ICE_TEST_DEVICE=cuda python3 -m pytest -q -p no:cacheprovider tests/library > "$OUT/pytest_cuda.txt" 2>&1
 tail -n 1 "$OUT/pytest_cuda.txt"
 speed bfloat16 --batches 1024,4096,16384,65536 --losses $LOSSES --dtype bfloat16
 speed dense_65536 --batches 65536 --losses floor,ice,ice:memory_efficient=False

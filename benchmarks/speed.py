@@ -132,7 +132,7 @@ def estimate_step_bytes(candidate, batch, ref_size, dim, per_class, dtype, devic
     if candidate == FLOOR:
         return vectors + 4 * pairs * elem
     if candidate.name == "ice":
-        from pml_ice.losses.ice_function import plan_computation
+        from pml_ice.losses._ice.plan import plan_computation
 
         params = dict(candidate.params)
         plan = plan_computation(batch, ref, device, params.get("memory_efficient"), params.get("chunk_size"), dtype)

@@ -9,7 +9,7 @@ import pytest
 import torch
 from pytorch_metric_learning import distances
 
-from pml_ice.losses import ice_function
+from pml_ice.losses._ice import plan
 from reference import DistanceSpec
 
 DEVICE_ENV_VAR = "PML_ICE_TEST_DEVICE"
@@ -123,4 +123,4 @@ def pair_losses_of():
 def use_symmetric_tiles(monkeypatch, enabled):
     """Make the chunked path for labels within the batch use (or not) the symmetric
     tiles on every device and dtype, so that the CPU tests check both."""
-    monkeypatch.setattr(ice_function, "symmetric_tiles_pay_off", lambda kind, dtype: enabled)
+    monkeypatch.setattr(plan, "symmetric_tiles_pay_off", lambda kind, dtype: enabled)

@@ -1,4 +1,15 @@
-"""Slow, obviously-correct float64 reference of ICE, written from ICE-SPEC.md.
+"""Slow, obviously-correct float64 reference of ICE, written from the project's
+definition of the loss:
+
+    l_ij = -log p_ij = softplus(LSE_i - Z_ij),   LSE_i = logsumexp_{k in N(i)} Z_ik
+    w_ij = exp(lam * (1 - p_ij))  (without gradient)
+    batch:  L = sum_ij w_ij l_ij / sum_ij w_ij
+    anchor: L = mean_i (sum_j w_ij l_ij / sum_j w_ij)
+
+with ``Z = s * S`` (``-s * d`` for a distance), positives ``P(i)`` the same-label
+references (minus ``i`` itself without a reference set) or the mined positives
+(duplicates counted once), negatives ``N(i)`` the others or the mined negatives, and
+pairs whose anchor has no negative left out.
 
 Everything is computed with plain Python loops over anchors and pairs, one pair at a
 time, so that the reference shares no vectorised trick with the implementation under

@@ -1,14 +1,17 @@
-import torch
-from pytorch_metric_learning.distances import CosineSimilarity, DotProductSimilarity
-from pytorch_metric_learning.losses import BaseMetricLossFunction
-from pytorch_metric_learning.utils import common_functions as c_f
+from functools import partial
 
-from ..checks import check_positive_real
+import torch
+from pytorch_metric_learning.distances import CosineSimilarity
+from pytorch_metric_learning.losses import BaseMetricLossFunction
+
+from ..checks import check_loss_inputs, check_positive_real
 from ..reducers.ice_reweight_reducer import ICEReweightReducer
-from .ice_function import DistanceLogits, ICEPairLosses, InnerProductLogits, plan_computation
-from .ice_label_losses import ICELabelLosses, label_positives
-from .ice_symmetric_tiles import ICESymmetricTiles
-from .ice_pairs import ICEPairs, PairList, pairs_from_indices_tuple, pairs_from_labels
+from ._ice.chunked import ICEPairLosses
+from ._ice.dense import ICELabelLosses, label_positives
+from ._ice.logits import InnerProductLogits, logits_kernel
+from ._ice.pairs import keep_anchors_with_negatives, pairs_from_indices_tuple, pairs_from_labels
+from ._ice.plan import plan_computation
+from ._ice.symmetric_tiles import ICESymmetricTiles
 
 
 class ICELoss(BaseMetricLossFunction):
@@ -22,15 +25,27 @@ class ICELoss(BaseMetricLossFunction):
 
     Returns one ``"pos_pair"`` sub-loss, so every PML reducer applies; the default
     reducer is :class:`~pml_ice.reducers.ICEReweightReducer` (ICE's sample reweighting).
-    Anchors without a negative carry no information and are left out.
+    Anchors without a negative carry no information and are left out; a mined pair
+    listed twice counts once.
+
+    - Self-pairs ``(i, i)`` are removed only without ``ref_emb`` (the batch is its own
+      reference set); a given ``ref_emb``, even the embeddings tensor itself, is a
+      separate set and keeps them.
+    - The reduced loss has the embeddings' dtype on every path; logits, log-sum-exp,
+      per-pair losses and gradients are computed in at least float32.
+    - With ``reducer=MeanReducer()`` it equals PML's ``NTXentLoss(temperature=1/scale)``
+      exactly when no pair is listed twice and every anchor of a positive pair has a
+      negative: always with labels within the batch, not in general for triplet miners
+      (NTXent counts a repeated pair each time) or ``PairMarginMiner`` (NTXent keeps a
+      positive whose anchor has no mined negative as a zero term of its mean).
+    - It is twice differentiable: under ``create_graph=True`` backward builds the
+      gradient from ordinary autograd operations (holding the logits whole).
 
     Args:
-        scale: the inverse temperature ``s > 0``. The default 113 (with the reducer's
-            ``lam=1.53``) is the best batch-normalised trial of a validation-only
-            tuning run on glyphs (``python -m benchmarks.tune --trials 8``, 1 seed;
-            ``benchmarks/tuned/glyphs-tuning.md``): validation MAP@R 74.4, where all
-            eight ICE trials scored 73.0 to 75.2, a spread close to seed noise; see
-            the README's "Choosing scale and lam".
+        scale: the inverse temperature ``s > 0``. The default, with the default
+            reducer's ``lam``, is the best batch-normalised trial of a validation-only
+            tuning run on glyphs (``benchmarks/tuned/glyphs-tuning.md``); see the
+            docs page "Tuning", "Choosing scale and lam" (docs/tuning.md).
         memory_efficient: ``None`` (default) chunks the anchors and recomputes the
             logits in backward when ``anchors x references`` exceeds the device's
             ``DENSE_LOGITS_LIMIT`` (2**26 on a CPU, 2**28 on a GPU), so memory stays
@@ -62,11 +77,17 @@ class ICELoss(BaseMetricLossFunction):
     def forward(
         self, embeddings, labels=None, indices_tuple=None, ref_emb=None, ref_labels=None
     ):
-        check_inputs(embeddings, labels, indices_tuple, ref_emb, ref_labels)
-        return super().forward(embeddings, labels, indices_tuple, ref_emb, ref_labels)
+        check_loss_inputs(embeddings, labels, indices_tuple, ref_emb, ref_labels)
+        if ref_emb is embeddings:
+            # a given reference set is a set of its own, even the batch's own tensor:
+            # only ref_emb=None (which PML turns into the batch itself) drops (i, i)
+            ref_emb = ref_emb.view_as(ref_emb)
+        loss = super().forward(embeddings, labels, indices_tuple, ref_emb, ref_labels)
+        # DoNothingReducer hands back the loss dict, per-pair losses in at least float32
+        return loss.to(embeddings.dtype) if torch.is_tensor(loss) else loss
 
     def compute_loss(self, embeddings, labels, indices_tuple, ref_emb, ref_labels):
-        queries, refs, kernel = self.logits_kernel(embeddings, ref_emb)
+        queries, refs, kernel = logits_kernel(self.distance, self.scale, embeddings, ref_emb)
         plan = plan_computation(
             len(embeddings), len(ref_emb), embeddings.device, self.memory_efficient,
             self.chunk_size, queries.dtype,
@@ -105,7 +126,9 @@ class ICELoss(BaseMetricLossFunction):
             self.num_neg_pairs = int((~same_label[has_positive]).sum())
         if len(positives[0]) == 0:
             return None, None
-        return ICELabelLosses.apply(queries, refs, kernel, same_label, positives), positives
+        negative_mask = partial(torch.ne, labels[:, None], ref_labels[None, :])
+        losses = ICELabelLosses.apply(queries, refs, kernel, same_label, positives, negative_mask)
+        return losses, positives
 
     def losses_from_symmetric_tiles(self, queries, kernel, labels, plan):
         """The chunked path for pairs from labels within the batch: ``Z`` is symmetric,
@@ -142,155 +165,8 @@ class ICELoss(BaseMetricLossFunction):
         )
         return losses, (anchors[pairs.positives.anchors], pairs.positives.refs)
 
-    def logits_kernel(self, embeddings, ref_emb):
-        """Embeddings ready for the logits, and how to compute them.
-
-        Cosine and dot-product similarities become a plain matrix product of the
-        (normalised) embeddings, in the autocast dtype under ``torch.autocast``; any
-        other distance is evaluated chunk by chunk in at least float32.
-        """
-        sign = 1.0 if self.distance.is_inverted else -1.0
-        if is_inner_product(self.distance):
-            queries = self.distance.maybe_normalize(embeddings)
-            refs = (
-                queries if ref_emb is embeddings else self.distance.maybe_normalize(ref_emb)
-            )
-            self.distance.set_default_stats(embeddings, ref_emb, queries, refs)
-            device_type = embeddings.device.type
-            if torch.is_autocast_enabled(device_type):
-                autocast_dtype = torch.get_autocast_dtype(device_type)
-                queries, refs = queries.to(autocast_dtype), refs.to(autocast_dtype)
-            return queries, refs, InnerProductLogits(sign * self.scale)
-        return embeddings, ref_emb, DistanceLogits(self.distance, sign * self.scale)
-
     def get_default_reducer(self):
         return ICEReweightReducer()
 
     def get_default_distance(self):
         return CosineSimilarity()
-
-
-def is_inner_product(distance):
-    """True when the distance matrix is exactly ``normalize(q) @ normalize(r).T``."""
-    return (
-        isinstance(distance, DotProductSimilarity)
-        and type(distance).compute_mat is DotProductSimilarity.compute_mat
-        and distance.power == 1
-    )
-
-
-def keep_anchors_with_negatives(pairs, num_anchors):
-    """Drop positive pairs whose anchor has no negative, and renumber the remaining
-    anchors ``0..A-1`` so that only their rows are computed. Returns the kept
-    anchors' original indices and the renumbered pairs."""
-    positives, masked = pairs.positives, pairs.masked
-    has_negative = pairs.num_negatives > 0
-    valid = has_negative[positives.anchors]
-    anchors = torch.unique(positives.anchors[valid])
-    new_index = torch.full(
-        (num_anchors,), -1, dtype=torch.long, device=positives.anchors.device
-    )
-    new_index[anchors] = torch.arange(len(anchors), device=anchors.device)
-
-    def renumber(pair_list, keep):
-        pair_anchors, refs = pair_list.select(keep)
-        return PairList.from_sorted(new_index[pair_anchors], refs, len(anchors))
-
-    return anchors, ICEPairs(
-        renumber(positives, valid),
-        renumber(masked, new_index[masked.anchors] >= 0),
-        pairs.masked_are_negatives,
-        pairs.num_negatives,
-    )
-
-
-def check_inputs(embeddings, labels, indices_tuple, ref_emb, ref_labels):
-    """Clear errors for inputs ICE cannot use."""
-    check_embeddings("embeddings", embeddings)
-    if labels is None and indices_tuple is None:
-        raise ValueError("ICELoss: labels and indices_tuple cannot both be None")
-    check_labels("labels", labels, len(embeddings))
-    if ref_emb is not None:
-        check_embeddings("ref_emb", ref_emb)
-        if ref_emb.shape[1] != embeddings.shape[1]:
-            raise ValueError(
-                f"ICELoss: ref_emb has embedding size {ref_emb.shape[1]} but embeddings "
-                f"have {embeddings.shape[1]}"
-            )
-        if ref_emb.dtype != embeddings.dtype:
-            raise TypeError(
-                f"ICELoss: ref_emb dtype {ref_emb.dtype} differs from embeddings dtype "
-                f"{embeddings.dtype}"
-            )
-        if indices_tuple is None and ref_labels is None:
-            raise ValueError(
-                "ICELoss: ref_labels are required with ref_emb when pairs come from labels"
-            )
-        check_labels("ref_labels", ref_labels, len(ref_emb))
-    elif ref_labels is not None:
-        raise ValueError("ICELoss: ref_labels were given without ref_emb")
-    if indices_tuple is not None:
-        num_refs = len(embeddings) if ref_emb is None else len(ref_emb)
-        check_indices_tuple(indices_tuple, len(embeddings), num_refs)
-
-
-def describe(value):
-    if torch.is_tensor(value):
-        return f"a {value.dtype} tensor of shape {tuple(value.shape)}"
-    return repr(type(value))
-
-
-def check_embeddings(name, embeddings):
-    if not torch.is_tensor(embeddings):
-        raise TypeError(f"ICELoss: {name} must be a torch.Tensor, got {type(embeddings)}")
-    if embeddings.ndim != 2:
-        raise ValueError(
-            f"ICELoss: {name} must be 2-D (batch_size, embedding_size), "
-            f"got shape {tuple(embeddings.shape)}"
-        )
-    if not embeddings.is_floating_point():
-        raise TypeError(f"ICELoss: {name} must be floating point, got {embeddings.dtype}")
-
-
-def check_labels(name, labels, expected_length):
-    if labels is None:
-        return
-    if not torch.is_tensor(labels):
-        raise TypeError(f"ICELoss: {name} must be a torch.Tensor, got {type(labels)}")
-    if labels.ndim != 1 or len(labels) != expected_length:
-        raise ValueError(
-            f"ICELoss: {name} must have shape ({expected_length},), "
-            f"got {tuple(labels.shape)}"
-        )
-
-
-def check_indices_tuple(indices_tuple, num_anchors, num_refs):
-    if not c_f.is_list_or_tuple(indices_tuple) or len(indices_tuple) not in (3, 4):
-        raise ValueError(
-            "ICELoss: indices_tuple must be (anchors, positives, negatives) or "
-            "(anchors1, positives, anchors2, negatives)"
-        )
-    for position, index in enumerate(indices_tuple):
-        if (
-            not torch.is_tensor(index)
-            or index.ndim != 1
-            or index.is_floating_point()
-            or index.is_complex()
-            or index.dtype == torch.bool
-        ):
-            raise ValueError(
-                f"ICELoss: indices_tuple[{position}] must be a 1-D integer tensor of "
-                f"indices, got {describe(index)}"
-            )
-        is_anchor = position == 0 or (len(indices_tuple) == 4 and position == 2)
-        bound = num_anchors if is_anchor else num_refs
-        if len(index) > 0 and (index.min() < 0 or index.max() >= bound):
-            raise ValueError(
-                f"ICELoss: indices_tuple[{position}] has indices outside [0, {bound})"
-            )
-    groups = [indices_tuple] if len(indices_tuple) == 3 else [indices_tuple[:2], indices_tuple[2:]]
-    for group in groups:
-        if len({len(index) for index in group}) != 1:
-            raise ValueError(
-                "ICELoss: the tensors of indices_tuple that form tuples must have equal lengths"
-            )

@@ -23,10 +23,9 @@ class ICEReweightReducer(BaseReducer):
     losses are their own anchors.
 
     Args:
-        lam: ``lam >= 0``. The default 1.53 comes from the same validation-only
-            tuning run as ICELoss's default scale (its best trial with
-            ``normalize="batch"``, the spec's default normalisation); see the README's
-            "Choosing scale and lam".
+        lam: ``lam >= 0``. The default comes from the same validation-only tuning
+            run as ICELoss's default scale (its best trial with ``normalize="batch"``,
+            the spec's default normalisation); see docs/tuning.md, "Choosing scale and lam".
         normalize: ``"batch"`` (default) or ``"anchor"``.
     """
 

@@ -18,7 +18,10 @@ tile: their logits and gradients are row-wise dot products and scatters.
 
 import torch
 
-from .ice_function import accumulation_dtype, add_matmul, chunk_ranges
+from .chunked import chunk_ranges
+from .logits import accumulation_dtype, add_matmul
+from .pair_terms import save_and_finish
+from .twice_differentiable import graph_of_gradient
 
 
 def tile_pairs(num_rows, side):
@@ -65,20 +68,25 @@ class ICESymmetricTiles(torch.autograd.Function):
                 update_lse(running_max, total, *rows, logits, dim=1)
                 if rows != cols:
                     update_lse(running_max, total, *cols, logits, dim=0)
-            lse = running_max + torch.log(total)
             anchors, refs = positives
             pair_queries = queries.to(acc_dtype)
             pos_logits = kernel.coef * torch.sum(pair_queries[anchors] * pair_queries[refs], dim=1)
-            margin = lse[anchors] - pos_logits
             ctx.kernel, ctx.side = kernel, side
-            ctx.save_for_backward(queries, labels, anchors, refs, lse, torch.sigmoid(margin))
-            return torch.logaddexp(margin, torch.zeros_like(margin))
+            return save_and_finish(
+                ctx, anchors, pos_logits, running_max, total, queries, labels, anchors, refs
+            )
 
     @staticmethod
     def backward(ctx, grad_losses):
         with torch.autocast(grad_losses.device.type, enabled=False):
-            queries, labels, anchors, refs, lse, one_minus_p = ctx.saved_tensors
+            queries, labels, anchors, refs, lse, _, one_minus_p = ctx.saved_tensors
             kernel, acc_dtype = ctx.kernel, lse.dtype
+            if torch.is_grad_enabled():  # create_graph: a differentiable gradient
+                negative = labels[:, None] != labels[None, :]
+                grad = graph_of_gradient(
+                    kernel, queries, queries, negative, (anchors, refs), grad_losses, False
+                )[0]
+                return grad, None, None, None, None
             pos_grad = grad_losses.to(acc_dtype) * one_minus_p
             neg_coef = torch.zeros_like(lse).index_add_(0, anchors, pos_grad)
             # c_i exp(Z - LSE_i) = sign(c_i) exp(Z - (LSE_i - log|c_i|)); rows with c_i = 0

@@ -9,9 +9,11 @@ import pytest
 import torch
 from pytorch_metric_learning import losses as pml_losses
 from pytorch_metric_learning import miners
+from pytorch_metric_learning.utils import loss_and_miner_utils as lmu
 
 from pml_ice import losses, reducers
-from pml_ice.losses import ice_function
+from pml_ice.losses._ice import plan
+from pml_ice.losses._ice.dense import ICELabelLosses
 from reference import (
     COSINE,
     DistanceSpec,
@@ -465,7 +467,7 @@ def test_empty_indices_tuple_gives_zero_loss(device):
 def test_gpu_backward_form_runs_and_matches_on_cpu(agreement, make_batch, monkeypatch, case):
     """The backward GPUs use (positives in the dense gradient, ``(G + G^T) Q`` when the
     references are the batch), forced on the CPU so that CI checks it too."""
-    monkeypatch.setattr(ice_function, "sparse_positives_pay_off", lambda device: False)
+    monkeypatch.setattr(plan, "sparse_positives_pay_off", lambda device: False)
     embeddings, labels = make_batch(n=12, n_classes=4, seed=9)
     ref_emb, ref_labels = make_batch(n=10, n_classes=4, seed=10) if case == "ref_emb" else (None, None)
     indices_tuple = mine("multi_similarity", embeddings, labels) if case == "miner" else None
@@ -473,3 +475,147 @@ def test_gpu_backward_form_runs_and_matches_on_cpu(agreement, make_batch, monkey
         agreement, make_ice(16.0, 1.0, "batch"), f"gpu backward form {case}", embeddings, labels,
         indices_tuple, ref_emb, ref_labels, scale=16.0, lam=1.0, normalize="batch",
     )
+
+
+@pytest.mark.parametrize("memory_efficient", [False, True], ids=["dense", "chunked"])
+@pytest.mark.parametrize(
+    "labels, ref_labels",
+    [
+        (torch.arange(16) // 4 + 256, torch.tensor([0, 1, 2, 3, 0, 1], dtype=torch.uint8)),
+        (torch.arange(16) // 4 + 0.5, torch.tensor([0, 1, 2, 3, 0, 1])),
+    ],
+    ids=["wider-than-uint8", "float-vs-long"],
+)
+def test_labels_are_compared_in_their_common_dtype(device, memory_efficient, labels, ref_labels):
+    """Distinct labels must not wrap onto each other: no positive pair here, so zero,
+    as PML's NTXentLoss says."""
+    x, ref = torch.randn(16, 8), torch.randn(6, 8)
+    args = (x.to(device), labels.to(device))
+    kwargs = dict(ref_emb=ref.to(device), ref_labels=ref_labels.to(device))
+    ice = losses.ICELoss(reducer=reducers.MeanReducer(), memory_efficient=memory_efficient)
+    assert ice(*args, **kwargs).item() == 0.0
+    assert pml_losses.NTXentLoss()(*args, **kwargs).item() == 0.0
+
+
+@pytest.mark.parametrize("memory_efficient", [False, True], ids=["dense", "chunked"])
+def test_bool_labels_are_two_classes(make_batch, memory_efficient):
+    embeddings, labels = make_batch(n=10, n_classes=2, seed=3, dtype=torch.float64)
+    loss_func = losses.ICELoss(memory_efficient=memory_efficient)
+    assert loss_func(embeddings, labels.bool()).item() == pytest.approx(
+        loss_func(embeddings, labels).item(), rel=1e-12
+    )
+
+
+def test_dense_path_skips_the_logits_when_no_anchor_has_a_negative(monkeypatch):
+    def fail(*args):
+        raise AssertionError("logits computed for a batch without negatives")
+
+    monkeypatch.setattr(ICELabelLosses, "apply", fail)
+    embeddings = torch.randn(64, 4, requires_grad=True)
+    value = losses.ICELoss()(embeddings, torch.full((64,), 3))
+    value.backward()
+    assert value.item() == 0.0
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("reducer", ["mean", "ice"])
+@pytest.mark.parametrize(
+    "labels", [torch.arange(32) % 4, torch.arange(32)], ids=["pairs", "zero_loss"]
+)
+def test_loss_has_the_embeddings_dtype_on_every_path(device, dtype, reducer, labels):
+    """Rule: the loss comes back in the embeddings' dtype, also when there is no pair
+    (PML's zero loss); inside, everything is at least float32."""
+    x = torch.randn(32, 8, device=device, dtype=dtype, requires_grad=True)
+    reducer = reducers.MeanReducer() if reducer == "mean" else reducers.ICEReweightReducer()
+    value = losses.ICELoss(scale=16.0, reducer=reducer)(x, labels.to(device))
+    assert value.dtype == dtype
+    value.backward()
+    assert x.grad.dtype == dtype and torch.isfinite(x.grad).all()
+
+
+def test_self_pairs_are_removed_only_without_ref_emb(agreement, make_batch):
+    """Rule: only the batch as its own reference set (no ref_emb) drops (i, i); a given
+    ref_emb is a separate set, whatever tensor or labels object it is."""
+    embeddings, labels = make_batch(n=12, n_classes=4, seed=2, dtype=torch.float64)
+    loss_func = losses.ICELoss(scale=16.0, reducer=reducers.MeanReducer())
+    with_self = ice_reference(
+        embeddings.cpu(), labels.cpu(), ref_emb=embeddings.cpu(), ref_labels=labels.cpu(),
+        scale=16.0,
+    )
+    without_self = ice_reference(embeddings.cpu(), labels.cpu(), scale=16.0)
+    assert with_self.item() != pytest.approx(without_self.item(), rel=1e-3)
+    same_tensor = loss_func(embeddings, labels, ref_emb=embeddings, ref_labels=labels.clone())
+    cloned = loss_func(embeddings, labels, ref_emb=embeddings.clone(), ref_labels=labels)
+    agreement.check("self pairs ref_emb=embeddings float64", same_tensor, with_self, 1e-12)
+    agreement.check("self pairs ref_emb=clone float64", cloned, with_self, 1e-12)
+    no_ref = loss_func(embeddings, labels)
+    agreement.check("self pairs no ref_emb float64", no_ref, without_self, 1e-12)
+
+
+def test_two_views_sharing_one_labels_tensor_keep_their_cross_view_positives(
+    agreement, make_batch, pair_losses_of
+):
+    """ref_labels is labels (SelfSupervisedLoss's call): (i, i) across the views is the
+    positive that matters and must stay."""
+    view1, labels = make_batch(n=8, n_classes=8, seed=4, dtype=torch.float64)
+    view2 = view1 + 0.1 * torch.randn_like(view1)
+    loss_func = losses.ICELoss(scale=16.0, reducer=reducers.DoNothingReducer())
+    pairs = pair_losses_of(
+        loss_func.compute_loss(view1, labels, None, view2, labels)
+    )
+    assert set(pairs) == {(i, i) for i in range(8)}
+    value = losses.ICELoss(scale=16.0, reducer=reducers.MeanReducer())(
+        view1, labels, ref_emb=view2, ref_labels=labels
+    )
+    expected = ice_reference(
+        view1.cpu(), labels.cpu(), ref_emb=view2.cpu(), ref_labels=labels.cpu(), scale=16.0
+    )
+    agreement.check("two views loss float64", value, expected, 1e-12)
+
+
+def ntxent_equality_batch():
+    generator = torch.Generator().manual_seed(0)
+    embeddings = torch.randn(32, 8, generator=generator, dtype=torch.float64)
+    return embeddings, torch.randint(0, 4, (32,), generator=generator)
+
+
+def pairs_as_ice_counts_them(indices_tuple, labels):
+    """The pairs ICE uses: each pair once, positives of anchors without a negative left out."""
+    a1, p, a2, n = lmu.convert_to_pairs(indices_tuple, labels)
+    positives = torch.unique(torch.stack([a1, p], dim=1), dim=0)
+    negatives = torch.unique(torch.stack([a2, n], dim=1), dim=0)
+    has_negative = torch.isin(positives[:, 0], negatives[:, 0])
+    positives = positives[has_negative]
+    return positives[:, 0], positives[:, 1], negatives[:, 0], negatives[:, 1]
+
+
+@pytest.mark.parametrize(
+    "miner",
+    [miners.BatchEasyHardMiner(), miners.MultiSimilarityMiner(0.1)],
+    ids=["batch_easy_hard", "multi_similarity"],
+)
+def test_mean_reducer_equals_ntxent_on_duplicate_free_pairs(agreement, miner):
+    embeddings, labels = ntxent_equality_batch()
+    pairs = pairs_as_ice_counts_them(miner(embeddings, labels), labels)
+    assert len(pairs[0]) > 0
+    ice = losses.ICELoss(scale=8.0, reducer=reducers.MeanReducer())(embeddings, labels, pairs)
+    ntxent = pml_losses.NTXentLoss(temperature=1 / 8.0)(embeddings, labels, pairs)
+    agreement.check("NTXent equivalence mined pairs float64", ice, ntxent, 1e-9)
+
+
+@pytest.mark.parametrize(
+    "miner",
+    [miners.TripletMarginMiner(0.2), miners.PairMarginMiner(0.2, 0.8)],
+    ids=["triplet_margin", "pair_margin"],
+)
+def test_mean_reducer_differs_from_ntxent_as_explained(agreement, miner):
+    """Triplets repeat pairs, which NTXent counts each time; PairMarginMiner leaves some
+    positives' anchors without a negative, which NTXent keeps as zero terms. NTXent on
+    the pairs as ICE counts them (once each, such positives left out) is ICE again."""
+    embeddings, labels = ntxent_equality_batch()
+    mined = miner(embeddings, labels)
+    ice = losses.ICELoss(scale=8.0, reducer=reducers.MeanReducer())(embeddings, labels, mined)
+    ntxent = pml_losses.NTXentLoss(temperature=1 / 8.0)
+    assert ice.item() != pytest.approx(ntxent(embeddings, labels, mined).item(), rel=1e-2)
+    as_ice_counts = ntxent(embeddings, labels, pairs_as_ice_counts_them(mined, labels))
+    agreement.check("NTXent on pairs as ICE counts them float64", ice, as_ice_counts, 1e-9)

@@ -10,7 +10,8 @@ from pytorch_metric_learning.distances import CosineSimilarity, LpDistance
 
 from pml_ice import losses, reducers
 from conftest import use_symmetric_tiles
-from pml_ice.losses.ice_function import ComputationPlan, plan_computation
+from pml_ice.losses._ice import pairs
+from pml_ice.losses._ice.plan import ComputationPlan, plan_computation
 from reference import COSINE, DistanceSpec, ice_pair_losses
 
 SCALE = 24.0
@@ -276,3 +277,21 @@ def test_signed_upstream_gradients_match_the_reference(
     assert set(expected) == set(pairs)
     sum(weight(a, p) * value for (a, p), value in expected.items()).backward()
     agreement.check("signed upstream grad embeddings float64", leaf.grad, reference_leaf.grad, 1e-9)
+
+
+def test_no_pairs_are_built_when_no_anchor_has_a_negative(monkeypatch):
+    """One label for the whole batch: the answer is zero, so no pair list may grow with
+    the square of the batch."""
+    built = []
+    original = pairs.PairList.from_sorted.__func__
+
+    def recording_from_sorted(cls, anchors, refs, num_anchors):
+        built.append(len(anchors))
+        return original(cls, anchors, refs, num_anchors)
+
+    monkeypatch.setattr(pairs.PairList, "from_sorted", classmethod(recording_from_sorted))
+    embeddings = torch.randn(3000, 4, requires_grad=True)
+    labels = torch.zeros(3000, dtype=torch.long)
+    value = losses.ICELoss(memory_efficient=True)(embeddings, labels)
+    value.backward()
+    assert value.item() == 0.0 and max(built) == 0

@@ -9,7 +9,9 @@ from types import SimpleNamespace
 
 import torch
 
-from .ice_function import ICEPairLosses, accumulation_dtype
+from .chunked import ICEPairLosses
+from .logits import accumulation_dtype
+from .pair_terms import save_and_finish
 
 
 def label_positives(same_label, ref_is_batch):
@@ -24,10 +26,12 @@ def label_positives(same_label, ref_is_batch):
 
 class ICELabelLosses(ICEPairLosses):
     """``softplus(LSE_i - Z_ij)`` for ``positives = (anchors, refs)``, where ``LSE_i`` runs
-    over the references whose label differs (``same_label[i, k]`` False)."""
+    over the references whose label differs (``same_label[i, k]`` False).
+    ``negative_mask()`` rebuilds ``~same_label`` for a backward under ``create_graph``,
+    so that the mask is not held until backward."""
 
     @staticmethod
-    def forward(ctx, queries, refs, kernel, same_label, positives):
+    def forward(ctx, queries, refs, kernel, same_label, positives, negative_mask):
         with torch.autocast(queries.device.type, enabled=False):
             acc_dtype = accumulation_dtype(queries.dtype)
             logits = queries.new_empty(len(queries), len(refs), dtype=acc_dtype)
@@ -38,16 +42,14 @@ class ICELabelLosses(ICEPairLosses):
             row_max = torch.amax(logits, dim=1).nan_to_num_(neginf=0.0)
             exp_logits = logits.sub_(row_max[:, None]).exp_()
             row_sum = exp_logits.sum(dim=1).clamp_min_(torch.finfo(acc_dtype).tiny)
-            lse = row_max + torch.log(row_sum)
-            margin = lse[positives[0]] - pos_logits
             ctx.kernel, ctx.refs_are_queries = kernel, refs is queries
             ctx.positives = SimpleNamespace(anchors=positives[0], refs=positives[1])
-            ctx.save_for_backward(
-                queries, refs, lse, row_sum, torch.sigmoid(margin), exp_logits
+            ctx.negative_mask = negative_mask
+            return save_and_finish(
+                ctx, positives[0], pos_logits, row_max, row_sum, queries, refs, exp_logits
             )
-            return torch.logaddexp(margin, torch.zeros_like(margin))
 
     @staticmethod
     def backward(ctx, grad_losses):
         grad_queries, grad_refs = ICEPairLosses.backward(ctx, grad_losses)[:2]
-        return grad_queries, grad_refs, None, None, None
+        return grad_queries, grad_refs, None, None, None, None

@@ -100,3 +100,28 @@ def pairs_from_indices_tuple(indices_tuple, num_anchors, num_refs, device):
     positives = unique_pairs(a1, p, num_anchors, num_refs)
     negatives = unique_pairs(a2, n, num_anchors, num_refs)
     return ICEPairs(positives, negatives, True, negatives.counts())
+
+
+def keep_anchors_with_negatives(pairs, num_anchors):
+    """Drop positive pairs whose anchor has no negative, and renumber the remaining
+    anchors ``0..A-1`` so that only their rows are computed. Returns the kept
+    anchors' original indices and the renumbered pairs."""
+    positives, masked = pairs.positives, pairs.masked
+    has_negative = pairs.num_negatives > 0
+    valid = has_negative[positives.anchors]
+    anchors = torch.unique(positives.anchors[valid])
+    new_index = torch.full(
+        (num_anchors,), -1, dtype=torch.long, device=positives.anchors.device
+    )
+    new_index[anchors] = torch.arange(len(anchors), device=anchors.device)
+
+    def renumber(pair_list, keep):
+        pair_anchors, refs = pair_list.select(keep)
+        return PairList.from_sorted(new_index[pair_anchors], refs, len(anchors))
+
+    return anchors, ICEPairs(
+        renumber(positives, valid),
+        renumber(masked, new_index[masked.anchors] >= 0),
+        pairs.masked_are_negatives,
+        pairs.num_negatives,
+    )

@@ -1,5 +1,6 @@
 """Every bad input of the issue gets an error whose message names the problem."""
 
+import numpy as np
 import pytest
 import torch
 
@@ -95,3 +96,56 @@ def test_valid_edge_values_are_accepted(labels, device):
         scale=1e-3, reducer=reducers.ICEReweightReducer(lam=0.0, normalize="anchor")
     )
     assert torch.isfinite(loss_func(torch.randn(6, 4, device=device), labels))
+
+
+def test_bool_indices_tuple_is_refused(device):
+    x, y = torch.randn(6, 4, device=device), torch.tensor([0, 0, 1, 1, 2, 2], device=device)
+    mask = torch.tensor([True, False, True, False, True, False], device=device)
+    with pytest.raises(ValueError, match=r"indices_tuple\[0\].*integer.*torch.bool"):
+        losses.ICELoss()(x, y, (mask, mask, mask))
+
+
+@pytest.mark.parametrize("value", [True, False, 1e39, float("inf"), float("nan"), "16", -1.0])
+def test_bad_scale_is_refused(value):
+    with pytest.raises(ValueError, match="scale"):
+        losses.ICELoss(scale=value)
+
+
+@pytest.mark.parametrize("value", [True, 1e39, float("nan"), -0.5, None])
+def test_bad_lam_is_refused(value):
+    with pytest.raises(ValueError, match="lam"):
+        reducers.ICEReweightReducer(lam=value)
+
+
+def test_numpy_numbers_are_accepted(make_batch):
+    embeddings, labels = make_batch()
+    loss_func = losses.ICELoss(
+        scale=np.float32(16), reducer=reducers.ICEReweightReducer(lam=np.float64(1))
+    )
+    assert loss_func.scale == 16.0 and loss_func.reducer.lam == 1.0
+    assert torch.isfinite(loss_func(embeddings, labels))
+
+
+@pytest.mark.parametrize(
+    "where", ["labels", "ref_labels", "chunked"], ids=["dense", "ref_labels", "pair_lists"]
+)
+def test_nan_labels_are_refused(device, where):
+    """NaN is not equal to itself: the dense path made each NaN a class of its own and
+    the pair-list path all NaNs one class, so neither answer is right."""
+    x = torch.randn(6, 4, device=device)
+    labels = torch.tensor([0.0, 0.0, 1.0, 1.0, float("nan"), float("nan")], device=device)
+    clean = torch.tensor([0.0, 0.0, 1.0, 1.0, 2.0, 2.0], device=device)
+    loss_func = losses.ICELoss(memory_efficient=where == "chunked")
+    name = "ref_labels" if where == "ref_labels" else "labels"
+    with pytest.raises(ValueError, match=f"{name} contain NaN"):
+        if where == "ref_labels":
+            loss_func(x, clean, ref_emb=x.clone(), ref_labels=labels)
+        else:
+            loss_func(x, labels)
+
+
+def test_cross_batch_memory_smaller_than_the_batch_names_both_sizes(device):
+    memory = losses.CrossBatchMemory(losses.ICELoss(), embedding_size=4, memory_size=5)
+    x, y = torch.randn(8, 4, device=device), torch.arange(8, device=device) % 2
+    with pytest.raises(ValueError, match=r"batch of 8 .*memory_size of 5"):
+        memory(x, y)

@@ -235,3 +235,61 @@ def test_weight_statistics(device, normalize):
     reducer(loss_dict, torch.randn(3, 2, device=device), None)
     assert reducer.max_weight_over_mean == pytest.approx(4 / (7 / 3), rel=1e-9)
     assert reducer.effective_sample_size == pytest.approx(49 / (3 * 21), rel=1e-9)
+
+
+def test_reweighting_half_precision_losses_matches_float32(device):
+    """Weights and their sums overflowed in float16 and the loss came out 0.0."""
+    x = torch.randn(256, 16, generator=torch.Generator().manual_seed(0)).to(device)
+    y = (torch.arange(256) // 4).to(device)
+    loss_func = pml_losses.TripletMarginLoss(reducer=reducers.ICEReweightReducer())
+    expected = loss_func(x, y)
+    half = x.half().requires_grad_()
+    value = loss_func(half, y)
+    assert value.dtype == torch.float16
+    assert value.item() == pytest.approx(expected.item(), rel=2e-2)
+    value.backward()
+    assert torch.isfinite(half.grad).all() and half.grad.abs().sum() > 0
+
+
+@pytest.mark.parametrize("normalize", ["batch", "anchor"])
+@pytest.mark.parametrize("lam", [100.0, 700.0])
+def test_large_lam_is_exact(make_batch, lam, normalize):
+    """lam >= 88 overflowed float32 weights to inf and the loss to NaN."""
+    embeddings, labels = make_batch(n=12, n_classes=3, seed=8, dtype=torch.float64)
+    loss_func = losses.ICELoss(
+        scale=16.0, reducer=reducers.ICEReweightReducer(lam=lam, normalize=normalize)
+    )
+    value = loss_func(embeddings, labels)
+    expected = ice_reference(
+        embeddings.cpu(), labels.cpu(), scale=16.0, lam=lam, normalize=normalize
+    )
+    assert value.item() == pytest.approx(expected.item(), rel=1e-9)
+
+
+@pytest.mark.parametrize("normalize", ["batch", "anchor"])
+def test_huge_lam_in_float32_stays_finite(make_batch, normalize):
+    embeddings, labels = make_batch(n=12, n_classes=3, seed=8)
+    embeddings.requires_grad_()
+    reducer = reducers.ICEReweightReducer(lam=1e30, normalize=normalize)
+    value = losses.ICELoss(reducer=reducer)(embeddings, labels)
+    value.backward()
+    assert torch.isfinite(value) and torch.isfinite(embeddings.grad).all()
+
+
+def test_anchor_normalisation_of_n_by_1_element_losses(make_batch):
+    """MultiSimilarityLoss's element losses: each element is its own anchor, so the
+    anchor normalisation is the plain mean (it crashed on the (N, 1) shape)."""
+    embeddings, labels = make_batch(n=16, n_classes=4, seed=5, dtype=torch.float64)
+    anchor = pml_losses.MultiSimilarityLoss(
+        reducer=reducers.ICEReweightReducer(normalize="anchor")
+    )(embeddings, labels)
+    mean = pml_losses.MultiSimilarityLoss(reducer=reducers.MeanReducer())(embeddings, labels)
+    assert anchor.item() == pytest.approx(mean.item(), rel=1e-12)
+
+
+def test_anchor_normalisation_of_n_by_1_losses_directly(device):
+    element_losses = torch.rand(6, 1, dtype=torch.float64, device=device)
+    loss_dict = {"loss": {"losses": element_losses, "indices": torch.arange(6, device=device),
+                          "reduction_type": "element"}}
+    value = reducers.ICEReweightReducer(normalize="anchor")(loss_dict, torch.randn(6, 2), None)
+    assert value.item() == pytest.approx(element_losses.mean().item(), rel=1e-12)
