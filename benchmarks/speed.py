@@ -3,7 +3,7 @@
 The "floor" is the least any loss of this kind can cost: L2-normalise the embeddings,
 take the similarity matrix product S = X X^T (or X R^T against a memory bank) and run
 its backward with a ready-made gradient of S's shape, nothing else. Losses are named as
-in ``python -m benchmarks.run`` (the same registry, ``benchmarks/loss_specs.py``), with
+in ``python -m benchmarks.run`` (the same registry, ``benchmarks/core/loss_specs.py``), with
 their miners, parameters after a colon, and ``floor`` as a pseudo-loss.
 
 Timing: every candidate is warmed up, then the candidates run round-robin (the starting
@@ -36,8 +36,8 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from . import loss_specs
-from .speed_report import GIB, add_ratios, header_lines, table_lines, write_report
+from .core import loss_specs
+from .report.speed_report import GIB, add_ratios, header_lines, table_lines, write_report
 
 FLOOR = "floor"
 DEFAULT_CANDIDATES = "floor,ice,supcon,multisimilarity,ntxent"

@@ -2,7 +2,7 @@
 
 Embeds batches of validation images (``m_per_class`` per class, as in training) with the
 untrained model of the run's seed and with its checkpoint, and plots, for several ``lam``,
-the formulas of ``benchmarks/weight_analysis.py``: each positive pair's matching
+the formulas of ``benchmarks/report/weight_analysis.py``: each positive pair's matching
 probability ``p``, its weight ``w = exp(lam (1 - p))`` and its share of the gradient
 ``w (1 - p) / sum w (1 - p)``, and the share carried by the hardest 10 % of pairs.
 Writes ``weights.png`` and ``weights.md`` into the run's folder.
@@ -17,11 +17,12 @@ import numpy as np
 import torch
 from pytorch_metric_learning.samplers import MPerClassSampler
 
-from . import loss_specs, settings
-from .experiment import fresh_models
-from .files import atomic_write_text, read_json, read_torch
-from .registry import load_dataset
-from .weight_analysis import HARDEST_FRACTION, pair_weights
+from .core import loss_specs, settings
+from .core.experiment import fresh_models
+from .core.files import atomic_write_text, read_json, read_torch
+from .data.registry import load_dataset
+from .report.plots import save_figure
+from .report.weight_analysis import HARDEST_FRACTION, pair_weights
 
 FORMULAS = ("p = exp(-l),  l = softplus(logsumexp_neg Z - Z_pos);  w = exp(lam (1 - p));  "
             "share = w (1 - p) / sum w (1 - p)")
@@ -99,7 +100,7 @@ def plot(path, results, lams, title):
         axis.legend(fontsize=8)
     figure.suptitle(f"{title}\n{FORMULAS}", fontsize=9)
     figure.tight_layout()
-    figure.savefig(path, dpi=110)
+    save_figure(figure, path, dpi=110)
     plt.close(figure)
 
 

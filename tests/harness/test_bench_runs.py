@@ -10,10 +10,11 @@ from pathlib import Path
 import pytest
 import torch
 
-from benchmarks import run, training
-from benchmarks.metrics import METRICS
+from benchmarks import run
+from benchmarks.core import training
+from benchmarks.report.metrics import METRICS
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 TINY = ["--dataset", "digits", "--epochs", "2", "--seeds", "1", "--limit-per-class", "40", "--batch-size", "32", "--m-per-class", "8", "--patience", "-1"]
 
 

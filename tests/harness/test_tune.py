@@ -11,13 +11,14 @@ import optuna
 import pytest
 import torch
 
-from benchmarks import features, loss_specs, run, training, tune
-from benchmarks.datasets import RandomAffineImages
-from benchmarks.models import build_trunk
-from benchmarks.files import read_torch
-from benchmarks.settings import resolve
+from benchmarks import run, tune
+from benchmarks.core import features, launch, loss_specs, training, tuning
+from benchmarks.core.files import read_torch
+from benchmarks.core.models import build_trunk
+from benchmarks.core.settings import resolve
+from benchmarks.data.transforms import RandomAffineImages
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 TINY = ["--dataset", "digits", "--epochs", "1", "--limit-per-class", "30", "--batch-size", "32", "--m-per-class", "8"]
 
 
@@ -59,21 +60,21 @@ class SealedSplit:
 
 @pytest.mark.parametrize("frozen", [False, True], ids=["trained-trunk", "frozen-trunk"])
 def test_tuning_never_touches_the_test_split(tmp_path, monkeypatch, frozen):
-    real_load = run.load_dataset
+    real_load = launch.load_dataset
 
     def load_with_sealed_test(*args, **kwargs):
         return dataclasses.replace(real_load(*args, **kwargs), test=SealedSplit())
 
-    monkeypatch.setattr(run, "load_dataset", load_with_sealed_test)
+    monkeypatch.setattr(launch, "load_dataset", load_with_sealed_test)
     evaluated = []
 
-    class RunRecordingRows(tune.Run):
+    class RunRecordingRows(tuning.Run):
         def execute(self):
             result = super().execute()
             evaluated.extend(result.rows)
             return result
 
-    monkeypatch.setattr(tune, "Run", RunRecordingRows)
+    monkeypatch.setattr(tuning, "Run", RunRecordingRows)
     flags = ["--freeze-trunk"] if frozen else []
     assert tune.main(TINY + flags + ["--trials", "1", "--losses", "ntxent", "--out", str(tmp_path)]) == 0
     assert [r["epoch"] for r in evaluated] == [0, 1]
@@ -82,7 +83,7 @@ def test_tuning_never_touches_the_test_split(tmp_path, monkeypatch, frozen):
 
 def test_killed_tuning_resumes_keeping_finished_trials(tmp_path, monkeypatch):
     argv = TINY + ["--trials", "3", "--losses", "ntxent", "--out", str(tmp_path)]
-    real = tune.validation_map_at_r
+    real = tuning.validation_map_at_r
     calls = {"n": 0}
 
     def killed_in_third_trial(*args, **kwargs):
@@ -91,13 +92,13 @@ def test_killed_tuning_resumes_keeping_finished_trials(tmp_path, monkeypatch):
             raise KeyboardInterrupt("simulated kill")
         return real(*args, **kwargs)
 
-    monkeypatch.setattr(tune, "validation_map_at_r", killed_in_third_trial)
+    monkeypatch.setattr(tuning, "validation_map_at_r", killed_in_third_trial)
     with pytest.raises(KeyboardInterrupt):
         tune.main(argv)
     before = [(t.number, t.state, t.value, t.params) for t in trials_of(tmp_path, "ntxent")]
     assert [s for _, s, _, _ in before] == [optuna.trial.TrialState.COMPLETE] * 2 + [optuna.trial.TrialState.FAIL]
 
-    monkeypatch.setattr(tune, "validation_map_at_r", real)
+    monkeypatch.setattr(tuning, "validation_map_at_r", real)
     assert tune.main(argv) == 0
     after = trials_of(tmp_path, "ntxent")
     assert [(t.number, t.state, t.value, t.params) for t in after[:3]] == before
@@ -152,10 +153,10 @@ def test_diverged_trials_are_pruned_and_count_toward_the_budget(tmp_path, monkey
     def scripted(opts, data, spec, seed, run_dir):
         value = next(values)
         if value is None:
-            raise tune.NonFiniteLossError(f"loss '{spec.label}' is nan at epoch 1, iteration 2")
+            raise tuning.NonFiniteLossError(f"loss '{spec.label}' is nan at epoch 1, iteration 2")
         return value
 
-    monkeypatch.setattr(tune, "validation_map_at_r", scripted)
+    monkeypatch.setattr(tuning, "validation_map_at_r", scripted)
     assert tune.main(TINY + ["--trials", "3", "--losses", "ntxent", "--out", str(tmp_path)]) == 0
     trials = trials_of(tmp_path, "ntxent")
     assert [t.state for t in trials] == [optuna.trial.TrialState.PRUNED] + [optuna.trial.TrialState.COMPLETE] * 2
@@ -182,7 +183,7 @@ def test_undefined_validation_metric_stops_with_a_clear_error(tmp_path, capsys):
 
 def test_a_feature_cache_made_while_tuning_is_completed_by_a_run(tmp_path):
     settings = resolve(TINY + ["--freeze-trunk"])
-    data = run.prepare_data(settings, 1)
+    data = launch.prepare_data(settings, 1)
     said = []
     tuned = features.cached_features(settings, dataclasses.replace(data, test=None), tmp_path, 0, 1, said.append)
     assert tuned.test is None and set(read_torch(tmp_path / "cache" / "trunk_features.pt")) == {"train", "val"}
@@ -193,7 +194,7 @@ def test_a_feature_cache_made_while_tuning_is_completed_by_a_run(tmp_path):
 
 def test_a_frozen_trunk_sees_the_training_images_unaugmented(tmp_path):
     settings = resolve(TINY + ["--freeze-trunk", "--model", "cnn"])
-    data = run.prepare_data(settings, 1)
+    data = launch.prepare_data(settings, 1)
     images = data.train.images
     augmented = dataclasses.replace(data, train=RandomAffineImages(images, data.train.labels, degrees=30))
     cached = features.cached_features(settings, augmented, tmp_path, 0, 1, lambda text: None)
@@ -218,5 +219,5 @@ def test_a_storage_password_is_never_written_or_printed(tmp_path, monkeypatch, c
 
 
 def test_credentials_are_masked_in_any_url():
-    assert tune.mask_credentials("a://u:p@h/x b://v:q:r@h c://h:80/y sqlite:////d/t.db") == \
+    assert tuning.mask_credentials("a://u:p@h/x b://v:q:r@h c://h:80/y sqlite:////d/t.db") == \
         "a://u:***@h/x b://v:***@h c://h:80/y sqlite:////d/t.db"

@@ -7,7 +7,7 @@ patience on validation MAP@R). After each evaluation its ``RunStore`` writes a c
 holding the models, optimizers, loss parameters, random states and the result rows, so a
 rerun resumes after the last finished epoch and never duplicates a row. Before each
 checkpoint, an evaluation that improves validation MAP@R stores the test split's per-query
-scores (``significance``). Data without a test split (tuning) are evaluated on validation only.
+scores (``report.query_scores``). Data without a test split (tuning) are evaluated on validation only.
 """
 
 import dataclasses
@@ -21,12 +21,12 @@ from pytorch_metric_learning.utils import distributed as pml_dist
 from pytorch_metric_learning.utils import logging_presets
 from pytorch_metric_learning.utils.inference import FaissKMeans
 
+from ..report.metrics import METRICS, PRIMARY_METRIC, RecallAccuracyCalculator
+from ..report.query_scores import KeepEmbeddingsTester, keep_best_test_scores
+from ..report.record_logs import drop_records_after
 from .loss_specs import LossSpec, has_trainable_parameters
-from .metrics import METRICS, PRIMARY_METRIC, RecallAccuracyCalculator
-from .record_logs import drop_records_after
 from .run_store import RunStore, StoredRun
 from .settings import Settings
-from .significance import KeepEmbeddingsTester, keep_best_test_scores
 
 AMP_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 

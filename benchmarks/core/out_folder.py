@@ -12,9 +12,11 @@ import os
 from pathlib import Path
 from typing import Dict, List, Mapping, Sequence, Tuple
 
-from . import significance
+from ..report.plots import write_plots
+from ..report.query_scores import load_run_scores
+from ..report.reporting import sort_rows, write_results_csv, write_summary
+from ..report.tables import comparison_table
 from .files import BrokenFile, atomic_write_json, read_json
-from .reporting import sort_rows, write_plots, write_results_csv, write_summary
 from .run_store import RunStore
 from .settings import UsageError, stored_identity
 
@@ -116,9 +118,9 @@ class OutFolder:
                            key=lambda key: (loss_order.index(key[0]), key[1]))
         kept = sort_rows([r for key in kept_runs for r in rows_by_run[key]], loss_order)
         # significance: each loss against ICE and against the best loss, paired over test queries
-        scores = significance.load_run_scores({key: run_folders[key] for key in kept_runs})
+        scores = load_run_scores({key: run_folders[key] for key in kept_runs})
         ice_label = next((label for label in scores if label.partition(":")[0] == "ice"), None)
-        comparison = significance.comparison_table(scores, ice_label)
+        comparison = comparison_table(scores, ice_label)
         table = write_summary(self.summary, kept, loss_order, header, failures, comparison)
         plots = write_plots(self.path / "plots", kept, loss_order) if kept else []
         return table, comparison, plots

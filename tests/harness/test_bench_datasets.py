@@ -9,7 +9,7 @@ import torch
 import pytest
 from PIL import Image
 
-from benchmarks import datasets, registry
+from benchmarks.data import loaders, registry, splits, transforms
 
 
 def classes_of(split):
@@ -32,11 +32,11 @@ def write_idx(path, array):
 
 
 def test_digits_is_class_disjoint_and_deterministic():
-    data = datasets.load_digits_dataset()
+    data = loaders.load_digits_dataset()
     check_protocol(data, range(10))
     # Fewer than ten training classes: every fifth image of each training class validates.
     assert classes_of(data.val) == classes_of(data.train) == {0, 1, 2, 3, 4}
-    again = datasets.load_digits_dataset()
+    again = loaders.load_digits_dataset()
     assert np.array_equal(again.test.labels, data.test.labels)
     assert (again.train.images == data.train.images).all()
 
@@ -60,7 +60,7 @@ def test_fashion_mnist_from_idx_files(tmp_path):
 
 
 def test_fashion_mnist_missing_files_say_how_to_install(tmp_path):
-    with pytest.raises(datasets.DatasetNotInstalled, match="apt-get install dataset-fashion-mnist"):
+    with pytest.raises(splits.DatasetNotInstalled, match="apt-get install dataset-fashion-mnist"):
         registry.load_dataset("fashion-mnist", root=tmp_path)
 
 
@@ -89,7 +89,7 @@ def test_emoji_pairs_google_and_twitter_images(tmp_path, monkeypatch):
     for split in (data.train, data.val, data.test):
         assert all(count == 2 for count in np.bincount(split.labels)[np.unique(split.labels)])
     # Classes follow the emoji sort order: label 0 is the emoji with the smallest sort_order.
-    classes = datasets.emoji_classes(tmp_path / "node_modules")
+    classes = loaders.emoji_classes(tmp_path / "node_modules")
     assert classes[0] == ("0017.png", "e23") and len(classes) == 24
     assert classes_of(data.val) == {9, 10, 11}  # the last fifth of the 12 training classes
     image, _ = data.test[0]
@@ -99,16 +99,16 @@ def test_emoji_pairs_google_and_twitter_images(tmp_path, monkeypatch):
 def test_emoji_training_images_are_augmented_validation_and_test_are_not(tmp_path):
     make_emoji_packages(tmp_path / "node_modules", 24)
     data = registry.load_dataset("emoji", root=tmp_path / "node_modules", image_size=32)
-    assert isinstance(data.train, datasets.RandomAffineImages) and data.train.padding == "border"
-    assert not isinstance(data.val, datasets.RandomAffineImages) and not isinstance(data.test, datasets.RandomAffineImages)
-    assert type(data.train.unaugmented()) is datasets.TensorImageDataset
+    assert isinstance(data.train, transforms.RandomAffineImages) and data.train.padding == "border"
+    assert not isinstance(data.val, transforms.RandomAffineImages) and not isinstance(data.test, transforms.RandomAffineImages)
+    assert type(data.train.unaugmented()) is splits.TensorImageDataset
 
 
 @pytest.mark.parametrize("padding, exposed", [("border", 1.0), ("background", -1.0)])
 def test_random_affine_fills_what_comes_into_view(padding, exposed):
     images = torch.ones(16, 3, 32, 32)  # a white canvas (1) with a dark square (0) in the middle
     images[:, :, 12:20, 12:20] = 0.0
-    augmented = datasets.RandomAffineImages(images, np.arange(16), degrees=30, shear=10, scale=0.2, translate=0.1,
+    augmented = transforms.RandomAffineImages(images, np.arange(16), degrees=30, shear=10, scale=0.2, translate=0.1,
                                             padding=padding)
     torch.manual_seed(0)
     batch = augmented.__getitems__(list(range(16)))
@@ -118,16 +118,16 @@ def test_random_affine_fills_what_comes_into_view(padding, exposed):
     corners = warped[:, :, [0, 0, -1, -1], [0, -1, 0, -1]]
     assert (corners - exposed).abs().max() < 1e-4 if padding == "border" else (corners < 0.5).any()
     with pytest.raises(ValueError, match="padding must be 'background' or 'border'"):
-        datasets.RandomAffineImages(images, np.arange(16), padding="zeros")
+        transforms.RandomAffineImages(images, np.arange(16), padding="zeros")
 
 
 def test_emoji_errors_name_the_npm_command(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     monkeypatch.setenv("HOME", str(tmp_path))
-    with pytest.raises(datasets.DatasetNotInstalled, match="npm install emoji-datasource-google@16.0.0 emoji-datasource-twitter@16.0.0"):
+    with pytest.raises(splits.DatasetNotInstalled, match="npm install emoji-datasource-google@16.0.0 emoji-datasource-twitter@16.0.0"):
         registry.load_dataset("emoji", root=tmp_path)
     make_emoji_packages(tmp_path / "node_modules", 6, version="15.1.2")
-    with pytest.raises(datasets.DatasetNotInstalled, match="version 15.1.2"):
+    with pytest.raises(splits.DatasetNotInstalled, match="version 15.1.2"):
         registry.load_dataset("emoji", root=tmp_path / "node_modules")
 
 
@@ -176,19 +176,19 @@ def test_cub200_through_pml_datasets(tmp_path):
 
 
 def test_pml_dataset_not_installed(tmp_path):
-    with pytest.raises(datasets.DatasetNotInstalled, match="--download"):
+    with pytest.raises(splits.DatasetNotInstalled, match="--download"):
         registry.load_dataset("sop", root=tmp_path / "missing")
-    with pytest.raises(datasets.DatasetNotInstalled, match="cannot read the dataset"):
+    with pytest.raises(splits.DatasetNotInstalled, match="cannot read the dataset"):
         registry.load_dataset("cars196", root=tmp_path)
 
 
 def test_validation_split_modes():
     labels = np.repeat(np.arange(10), 5)
-    train, val = datasets.validation_split(labels, "classes")
+    train, val = splits.validation_split(labels, "classes")
     assert set(labels[val]) == {8, 9} and set(labels[train]) == set(range(8))
-    train, val = datasets.validation_split(labels, "samples")
+    train, val = splits.validation_split(labels, "samples")
     assert len(val) == 10 and set(labels[val]) == set(range(10))
     with pytest.raises(ValueError, match="leaves no validation images"):
-        datasets.validation_split(np.repeat(np.arange(3), 2), "samples")
+        splits.validation_split(np.repeat(np.arange(3), 2), "samples")
     with pytest.raises(ValueError, match="at least 4 classes"):
-        datasets.class_disjoint_halves(np.array([0, 1, 2]))
+        splits.class_disjoint_halves(np.array([0, 1, 2]))

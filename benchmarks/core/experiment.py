@@ -8,9 +8,9 @@ at the start and kept in every publication.
 import time
 from typing import Dict, List, Optional
 
+from ..data.splits import BenchmarkData, split_sizes
 from . import loss_specs
 from .console import Console
-from .datasets import BenchmarkData, split_sizes
 from .features import FrozenFeatures
 from .models import FROM_SCRATCH_MODELS, build_embedder, build_trunk
 from .out_folder import OutFolder, RunKey

@@ -4,8 +4,8 @@ import numpy as np
 import pytest
 import torch
 
-from benchmarks import glyphs
-from benchmarks.datasets import DatasetNotInstalled
+from benchmarks.data import glyphs
+from benchmarks.data.splits import DatasetNotInstalled
 
 FONTS = ("DejaVuSans.ttf", "DejaVuSansMono-Bold.ttf", "DejaVuSerif-Italic.ttf", "STIXGeneral.ttf", "STIXGeneralBolIta.ttf")
 LATIN = [ord(c) for c in "ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz"]

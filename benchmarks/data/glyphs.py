@@ -29,9 +29,9 @@ from typing import Dict, List, Optional, Sequence
 import numpy as np
 import torch
 
-from .files import atomic_write_bytes
-from .datasets import (BenchmarkData, DatasetNotInstalled, RandomAffineImages, TensorImageDataset, limit_per_class,
-                       validation_split)
+from ..core.files import atomic_write_bytes
+from .splits import BenchmarkData, DatasetNotInstalled, TensorImageDataset, limit_per_class, validation_split
+from .transforms import RandomAffineImages
 
 GLYPH_FONTS = tuple(
     f"DejaVu{family}{style}.ttf"

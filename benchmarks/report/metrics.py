@@ -24,6 +24,16 @@ METRICS = (
     "NMI",
 )
 PRIMARY_METRIC = "mean_average_precision_at_r"
+SHORT_NAMES = {
+    "precision_at_1": "P@1",
+    "recall_at_1": "R@1",
+    "recall_at_2": "R@2",
+    "recall_at_4": "R@4",
+    "recall_at_8": "R@8",
+    "r_precision": "RP",
+    "mean_average_precision_at_r": "MAP@R",
+    "NMI": "NMI",
+}
 
 
 def recall_at_k(knn_labels: torch.Tensor, query_labels: torch.Tensor, k: int) -> float:

@@ -7,10 +7,12 @@ from pathlib import Path
 import pytest
 import torch
 
-from benchmarks import loss_specs, registry, run, settings, training
-from benchmarks.registry import DATASETS
+from benchmarks import run
+from benchmarks.core import launch, loss_specs, settings, training
+from benchmarks.data import registry
+from benchmarks.data.registry import DATASETS
 
-README = Path(__file__).resolve().parents[1] / "benchmarks" / "README.md"
+README = Path(__file__).resolve().parents[2] / "benchmarks" / "README.md"
 TINY = ["--dataset", "digits", "--epochs", "1", "--seeds", "1", "--limit-per-class", "20", "--batch-size", "16", "--m-per-class", "4",
         "--patience", "-1"]
 
@@ -120,7 +122,7 @@ def test_default_losses_come_from_the_dataset_tuned_file(tmp_path, monkeypatch):
 
 
 def test_passes_per_epoch_sets_the_iterations_between_evaluations(tmp_path):
-    data = run.prepare_data(settings.resolve(TINY), 1)
+    data = launch.prepare_data(settings.resolve(TINY), 1)
     iterations = {}
     for passes in (1, 3):
         resolved = settings.resolve(TINY + ["--passes-per-epoch", str(passes), "--out", str(tmp_path / str(passes))])
@@ -132,14 +134,14 @@ def test_passes_per_epoch_sets_the_iterations_between_evaluations(tmp_path):
 
 
 def training_models(resolved, data):
-    from benchmarks.experiment import fresh_models
+    from benchmarks.core.experiment import fresh_models
 
     return fresh_models(resolved, data.in_channels, None, 0)
 
 
 def test_folders_made_before_passes_per_epoch_existed_still_open(tmp_path):
-    from benchmarks.files import atomic_write_json
-    from benchmarks.out_folder import IdentityMismatch, OutFolder
+    from benchmarks.core.files import atomic_write_json
+    from benchmarks.core.out_folder import IdentityMismatch, OutFolder
 
     identity = settings.resolve(TINY).identity()
     earlier = {k: v for k, v in identity.items() if k != "passes_per_epoch"}

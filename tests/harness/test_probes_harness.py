@@ -11,11 +11,12 @@ from pathlib import Path
 import pytest
 import torch
 
-from benchmarks import run, settings
-from benchmarks.files import BrokenFile, read_torch
-from benchmarks.run_store import RunStore
+from benchmarks import run
+from benchmarks.core import settings
+from benchmarks.core.files import BrokenFile, read_torch
+from benchmarks.core.run_store import RunStore
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 TINY = ["--dataset", "digits", "--epochs", "1", "--seeds", "1", "--limit-per-class", "20", "--batch-size", "16", "--m-per-class", "4",
         "--patience", "-1"]
 

@@ -7,7 +7,8 @@ from pathlib import Path
 import torch
 from pytorch_metric_learning import testers
 
-from .datasets import BenchmarkData, RandomAffineImages, TensorImageDataset
+from ..data.splits import BenchmarkData, TensorImageDataset
+from ..data.transforms import RandomAffineImages
 from .files import BrokenFile, atomic_torch_save, read_torch
 from .models import build_trunk
 from .settings import Settings

@@ -5,7 +5,7 @@ import math
 import pytest
 import torch
 
-from benchmarks.weight_analysis import pair_weights
+from benchmarks.report.weight_analysis import pair_weights
 from reference import ice_pair_losses
 
 

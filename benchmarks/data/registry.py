@@ -11,8 +11,8 @@ import functools
 import inspect
 from typing import Any, Callable, Dict, Optional
 
-from . import datasets, glyphs
-from .datasets import BenchmarkData
+from . import glyphs, loaders
+from .splits import BenchmarkData
 
 
 @dataclasses.dataclass(frozen=True)
@@ -48,7 +48,7 @@ _RESEARCH_ONLY = "non-commercial research use (see the dataset's site)"
 
 DATASETS: Dict[str, DatasetEntry] = {
     "digits": DatasetEntry(
-        loader=datasets.load_digits_dataset, channels=1, default_model="cnn", image_size=None,
+        loader=loaders.load_digits_dataset, channels=1, default_model="cnn", image_size=None,
         training=_training(15, 64, 16, 64, 1e-3),
         size="1,797 8x8 images, 10 classes",
         split="5 training classes (723 images; 178 more validate: every fifth image), 5 test classes (896 images)",
@@ -66,7 +66,7 @@ DATASETS: Dict[str, DatasetEntry] = {
         command="python -m benchmarks.run",
     ),
     "fashion-mnist": DatasetEntry(
-        loader=datasets.load_fashion_mnist, channels=1, default_model="cnn", image_size=None,
+        loader=loaders.load_fashion_mnist, channels=1, default_model="cnn", image_size=None,
         training=_training(5, 128, 32, 64, 1e-3),
         size="70,000 28x28 images, 10 classes",
         split="5 training classes (28,000 images; 7,000 more validate: every fifth image), 5 test classes (35,000); with `--limit-per-class 300`: 1,200 / 300 / 1,500 images",
@@ -74,36 +74,36 @@ DATASETS: Dict[str, DatasetEntry] = {
         licence="MIT", command="python -m benchmarks.run --dataset fashion-mnist --limit-per-class 300",
     ),
     "emoji": DatasetEntry(
-        loader=datasets.load_emoji, channels=3, default_model="cnn4", image_size=32,
+        loader=loaders.load_emoji, channels=3, default_model="cnn4", image_size=32,
         training=_training(6, 128, 2, 64, 1e-3, passes_per_epoch=8),
         size="3,822 images, 1,911 classes (Google and Twitter drawings)",
         split="764 training classes (1,528 images), 191 validation classes (382), 956 test classes (1,912)",
-        install=f"`{datasets.EMOJI_INSTALL}` (found under `./node_modules`, its parents or `~`, or `--data-root`)",
+        install=f"`{loaders.EMOJI_INSTALL}` (found under `./node_modules`, its parents or `~`, or `--data-root`)",
         licence="Apache 2.0 (Noto), CC BY 4.0 (Twemoji)", command="python -m benchmarks.run --dataset emoji",
     ),
     "cub200": DatasetEntry(
-        loader=functools.partial(datasets.load_pml_dataset, "cub200"), channels=3, default_model="resnet50",
+        loader=functools.partial(loaders.load_pml_dataset, "cub200"), channels=3, default_model="resnet50",
         image_size=224, training=_training(50, 128, 4, 128, 1e-5),
         size="11,788 images, 200 classes", split="100 training classes (5,864 images, a fifth of the classes validate), 100 test classes (5,924)",
         install=_PML_INSTALL, licence=_RESEARCH_ONLY,
         command="python -m benchmarks.run --dataset cub200 --data-root data/cub --download",
     ),
     "cars196": DatasetEntry(
-        loader=functools.partial(datasets.load_pml_dataset, "cars196"), channels=3, default_model="resnet50",
+        loader=functools.partial(loaders.load_pml_dataset, "cars196"), channels=3, default_model="resnet50",
         image_size=224, training=_training(50, 128, 4, 128, 1e-5),
         size="16,185 images, 196 classes", split="98 training classes (8,054 images, a fifth of the classes validate), 98 test classes (8,131)",
         install=_PML_INSTALL, licence=_RESEARCH_ONLY,
         command="python -m benchmarks.run --dataset cars196 --data-root data/cars --download",
     ),
     "sop": DatasetEntry(
-        loader=functools.partial(datasets.load_pml_dataset, "sop"), channels=3, default_model="resnet50",
+        loader=functools.partial(loaders.load_pml_dataset, "sop"), channels=3, default_model="resnet50",
         image_size=224, training=_training(50, 128, 4, 128, 1e-5),
         size="120,053 images, 22,634 classes", split="11,318 training classes (59,551 images, a fifth of the classes validate), 11,316 test classes (60,502)",
         install=_PML_INSTALL, licence=_RESEARCH_ONLY,
         command="python -m benchmarks.run --dataset sop --data-root data/sop --download",
     ),
     "folder": DatasetEntry(
-        loader=datasets.load_folder, channels=3, default_model="efficientnet-lite0", image_size=224,
+        loader=loaders.load_folder, channels=3, default_model="efficientnet-lite0", image_size=224,
         training=_training(20, 64, 4, 128, 1e-4),
         size="yours", split="the first half of the classes trains (a fifth of them validate; every fifth image under 10 classes), the second half tests",
         install="any folder with one sub-folder of images per class", licence="yours",

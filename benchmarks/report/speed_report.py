@@ -7,7 +7,8 @@ import platform
 
 import torch
 
-from .files import atomic_write_text
+from ..core.files import atomic_write_text
+from .plots import save_figure
 
 GIB = 2**30
 
@@ -91,7 +92,7 @@ def plot(rows, title, path):
             axis.legend(fontsize=8)
     figure.suptitle(title, fontsize=9)
     figure.tight_layout()
-    figure.savefig(path, dpi=120)
+    save_figure(figure, path, dpi=120)
     plt.close(figure)
 
 

@@ -16,9 +16,9 @@ from typing import Optional, Tuple
 
 import torch
 
+from ..data.registry import DATASETS, help_text
 from . import loss_specs
 from .models import FROM_SCRATCH_MODELS, MODELS
-from .registry import DATASETS, help_text
 
 # Losses at tuned settings per dataset: best.toml files of `python -m benchmarks.tune`.
 TUNED_FOLDER = Path(__file__).parent / "tuned"

@@ -3,7 +3,8 @@
 import pytest
 import torch
 
-from benchmarks import loss_specs, run, settings
+from benchmarks import run
+from benchmarks.core import launch, loss_specs, settings
 
 
 def run_main(capsys, *argv):
@@ -39,8 +40,8 @@ def test_proxy_losses_get_classes_and_embedding_size():
 
 
 def test_a_loss_with_own_parameters_takes_its_own_learning_rate():
-    from benchmarks import training
-    from benchmarks.settings import resolve
+    from benchmarks.core import training
+    from benchmarks.core.settings import resolve
 
     spec = loss_specs.parse_loss_spec("proxyanchor:loss_lr=0.003,margin=0.2")
     assert spec.loss_lr == 0.003 and spec.describe_values()["loss_lr"] == 0.003
@@ -97,7 +98,7 @@ def test_bad_command_lines_fail_with_the_problem(capsys, tmp_path, argv, message
 
 
 def test_batch_that_does_not_split_across_processes(capsys, tmp_path, monkeypatch):
-    monkeypatch.setattr(run, "start_processes", lambda settings: (0, 3))
+    monkeypatch.setattr(launch, "start_processes", lambda settings: (0, 3))
     code, captured = run_main(capsys, "--batch-size", "32", "--m-per-class", "8", "--out", str(tmp_path / "out"))
     assert code == 2
     assert "--batch-size 32 must split into 3 process(es) whose share is a multiple of --m-per-class 8" in captured.err
