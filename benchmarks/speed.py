@@ -369,9 +369,9 @@ def parse_args(argv=None):
     parser.add_argument("--max-memory", type=float, default=None, metavar="GIB",
                         help="memory budget for the skip rule, in GiB (default: free RAM or free GPU memory); "
                              f"a candidate estimated above {MEMORY_SAFETY_FRACTION} of it is skipped")
-    parser.add_argument("--out", type=Path, default=Path("benchmarks/results/speed"),
+    parser.add_argument("--out", type=Path, default=Path("results/speed"),
                         help="folder for the .md table, .json raw numbers and .png plot "
-                             "(default benchmarks/results/speed)")
+                             "(default results/speed)")
     parser.add_argument("--name", default=None,
                         help="file name stem of the outputs (default from device, dtype, D, batches, bank)")
     parser.add_argument("--child", action="store_true", help=argparse.SUPPRESS)

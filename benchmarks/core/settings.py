@@ -20,8 +20,8 @@ from ..data.registry import DATASETS, help_text
 from . import loss_specs
 from .models import FROM_SCRATCH_MODELS, MODELS
 
-# Losses at tuned settings per dataset: best.toml files of `python -m benchmarks.tune`.
-TUNED_FOLDER = Path(__file__).parent / "tuned"
+# The tuned losses of a dataset, <dataset>.toml: the losses of a best.toml of `python -m benchmarks.tune`.
+TUNED_FOLDER = Path(__file__).resolve().parents[1] / "tuned" / "configs"
 
 
 class UsageError(ValueError):
@@ -146,7 +146,7 @@ class Settings:
     download: bool = setting(False, "let PML download cub200/cars196/sop into --data-root", Boolean())
     losses: Tuple[loss_specs.LossSpec, ...] = setting(
         loss_specs.DEFAULT_LOSSES, "losses to compare (default: the dataset's tuned losses, "
-        f"benchmarks/tuned/<dataset>.toml, where present, else {loss_specs.DEFAULT_LOSSES})", LossList(),
+        f"benchmarks/tuned/configs/<dataset>.toml, where present, else {loss_specs.DEFAULT_LOSSES})", LossList(),
         metavar="SPECS")
     epochs: int = setting(None, "maximum training epochs per run (epoch 0 = untrained model is always evaluated)",
                           Integer(0), per_dataset=True, metavar="N")
@@ -267,10 +267,17 @@ def _read_toml(path) -> dict:
 
 
 def default_losses(dataset: str) -> str:
-    """The dataset's tuned losses, ``losses`` of ``benchmarks/tuned/<dataset>.toml`` (a
-    ``best.toml`` of ``python -m benchmarks.tune``), else every loss at its library defaults."""
+    """The dataset's tuned losses, ``benchmarks/tuned/configs/<dataset>.toml``, which holds only
+    ``losses`` (those of a ``best.toml`` of ``python -m benchmarks.tune``), else every loss at its
+    library defaults."""
     path = TUNED_FOLDER / f"{dataset}.toml"
-    return _read_toml(path)["losses"] if path.is_file() else loss_specs.DEFAULT_LOSSES
+    if not path.is_file():
+        return loss_specs.DEFAULT_LOSSES
+    values = _read_toml(path)
+    if set(values) != {"losses"}:
+        raise UsageError(f"{path} must hold only 'losses' (the dataset's tuned losses; the other settings "
+                         f"come from the command line or --config), found: {', '.join(sorted(values))}")
+    return values["losses"]
 
 
 def config_file_values(path) -> dict:

@@ -68,10 +68,14 @@ def load_fashion_mnist(root=None, val_mode="auto", limit=None) -> BenchmarkData:
     return assemble(full, 1, val_mode, limit)
 
 
+EMOJI_PACKAGE_FOLDER = Path(__file__).resolve().parent  # package.json: `npm ci --prefix benchmarks/data`
+
+
 def find_node_modules() -> Optional[Path]:
-    """The first ``node_modules`` holding both emoji packages: cwd and parents, then home."""
+    """The first ``node_modules`` holding both emoji packages: cwd and parents, beside this
+    loader's ``package.json``, then home and the system's."""
     start = Path.cwd().resolve()
-    candidates = [p / "node_modules" for p in [start, *start.parents]]
+    candidates = [p / "node_modules" for p in [start, *start.parents]] + [EMOJI_PACKAGE_FOLDER / "node_modules"]
     candidates += [Path.home() / "node_modules", Path("/usr/lib/node_modules"), Path("/usr/local/lib/node_modules")]
     for candidate in candidates:
         if all((candidate / package).is_dir() for package in EMOJI_PACKAGES):
@@ -85,9 +89,9 @@ def _emoji_root(root) -> Path:
         if found is None:
             raise DatasetNotInstalled(
                 "emoji: no node_modules with emoji-datasource-google and "
-                "emoji-datasource-twitter was found in the current folder, its parents or "
-                f"your home. Install them with `{EMOJI_INSTALL}` (in this folder) or pass "
-                "--data-root PATH/TO/node_modules."
+                "emoji-datasource-twitter was found in the current folder, its parents, "
+                f"{EMOJI_PACKAGE_FOLDER} or your home. Install them with `{EMOJI_INSTALL}` (in this "
+                f"folder), or `npm ci --prefix {EMOJI_PACKAGE_FOLDER}`, or pass --data-root PATH/TO/node_modules."
             )
         return found
     root = Path(root)

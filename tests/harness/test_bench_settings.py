@@ -113,12 +113,20 @@ def test_default_losses_come_from_the_dataset_tuned_file(tmp_path, monkeypatch):
     monkeypatch.setattr(settings, "TUNED_FOLDER", tmp_path)
     assert [s.label for s in settings.resolve(["--dataset", "digits"]).losses] == \
         loss_specs.DEFAULT_LOSSES.split(",")
-    (tmp_path / "digits.toml").write_text('seeds = 5\nlosses = "ice:lam=2.0,scale=8.0,ntxent:temperature=0.1"\n')
+    (tmp_path / "digits.toml").write_text('losses = "ice:lam=2.0,scale=8.0,ntxent:temperature=0.1"\n')
     resolved = settings.resolve(["--dataset", "digits"])
     assert [s.label for s in resolved.losses] == ["ice:lam=2.0,scale=8.0", "ntxent:temperature=0.1"]
     assert resolved.seeds == 3  # only the losses are taken from the tuned file
     explicit = settings.resolve(["--dataset", "digits", "--losses", "supcon"])
     assert [s.label for s in explicit.losses] == ["supcon"]
+
+
+def test_a_tuned_file_with_other_settings_is_refused(tmp_path, monkeypatch):
+    """The tuned file of a dataset holds only its losses: a budget there would be read by nothing."""
+    monkeypatch.setattr(settings, "TUNED_FOLDER", tmp_path)
+    (tmp_path / "digits.toml").write_text('seeds = 5\nlosses = "ice"\n')
+    with pytest.raises(settings.UsageError, match="must hold only 'losses'.*found: losses, seeds"):
+        settings.resolve(["--dataset", "digits"])
 
 
 def test_passes_per_epoch_sets_the_iterations_between_evaluations(tmp_path):
