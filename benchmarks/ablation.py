@@ -22,9 +22,11 @@ import sys
 from pathlib import Path
 from typing import Dict, List, Sequence, Tuple
 
+from pml_ice.reducers.ice_reweight_reducer import NORMALIZATIONS
+
 from .core.files import atomic_write_text
 from .core.launch import quiet_known_warnings, run_experiment
-from .core.loss_specs import LossSpec, parse_loss_spec
+from .core.loss_specs import LossSpec, make_loss_spec
 from .core.out_folder import OutFolder
 from .core.settings import Settings, UsageError, resolve
 from .report.metrics import PRIMARY_METRIC
@@ -35,7 +37,6 @@ from .report.reporting import best_epoch_rows, mean_std, mean_std_text
 from .report.tables import difference_text
 
 LAMS = (0, 0.5, 1, 2, 4)
-NORMALIZATIONS = ("batch", "anchor")
 SCALES = (2, 4, 8, 16, 32, 64)
 
 
@@ -49,7 +50,7 @@ class Setting:
 
     @property
     def spec(self) -> LossSpec:
-        return parse_loss_spec(f"ice:lam={self.lam:g},normalize={self.normalize!r},scale={self.scale:g}")
+        return make_loss_spec("ice", {"lam": self.lam, "normalize": self.normalize, "scale": self.scale})
 
 
 def tuned_ice(settings: Settings) -> Setting:

@@ -12,7 +12,7 @@ import sys
 from pathlib import Path
 from typing import Dict, List
 
-from .core.loss_specs import LOSSES
+from .core.loss_registry import LOSSES
 from .core.out_folder import OutFolder
 from .report.metrics import PRIMARY_METRIC
 from .report.paired_tests import compare_losses

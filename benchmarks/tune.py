@@ -1,7 +1,7 @@
 """Tune every loss on validation MAP@R with Optuna: ``python -m benchmarks.tune [options]``.
 
 Each loss gets the same number of trials of Optuna's TPE sampler (fixed seed) over its
-search space (``SEARCH_SPACES``) and the same training budget (the dataset and training
+search space (its ``search_space`` in ``benchmarks/core/loss_registry.py``) and the same training budget (the dataset and training
 options of ``python -m benchmarks.run``). A trial trains one run per seed with the
 harness and scores it by the best validation MAP@R over its trained epochs, averaged over
 seeds. The test split is dropped when the data is loaded: tuning never embeds it.
@@ -23,10 +23,10 @@ from pathlib import Path
 
 import optuna
 
-from .core import loss_specs
+from .core.loss_registry import DEFAULT_LOSSES, LOSSES, TUNABLE_LOSSES
 from .core.launch import USER_ERRORS, quiet_known_warnings
 from .core.settings import UsageError, resolve
-from .core.tuning import (SEARCH_SPACES, counted_trials, load_validation_data, mask_credentials, open_storage,
+from .core.tuning import (counted_trials, load_validation_data, mask_credentials, open_storage,
                           open_study, parse_loss_names, tune_loss)
 from .report.tuning_report import write_best_toml, write_report
 
@@ -41,10 +41,10 @@ def build_parser() -> argparse.ArgumentParser:
         "split is never loaded. Every other option is an option of `python -m benchmarks.run` (dataset, "
         "--epochs, --batch-size, --limit-per-class, --config, ...) and sets the training budget of a trial.",
         epilog="Search spaces:\n" + "\n".join(
-            f"  {loss}: " + "; ".join(p.describe() for p in space) for loss, space in SEARCH_SPACES.items()),
+            f"  {loss}: " + "; ".join(p.describe() for p in LOSSES[loss].search_space) for loss in TUNABLE_LOSSES),
     )
     add = parser.add_argument
-    add("--losses", default=loss_specs.DEFAULT_LOSSES, metavar="NAMES", help=f"losses to tune (default: {loss_specs.DEFAULT_LOSSES})")
+    add("--losses", default=DEFAULT_LOSSES, metavar="NAMES", help=f"losses to tune (default: {DEFAULT_LOSSES})")
     add("--trials", type=int, default=DEFAULT_TRIALS, metavar="N", help=f"finished trials per loss (default {DEFAULT_TRIALS})")
     add("--seeds", type=int, default=1, metavar="K", help="training seeds 0..K-1 per trial, value = mean (default 1)")
     add("--sampler-seed", type=int, default=0, metavar="S", help="seed of the TPE sampler (default 0)")

@@ -10,122 +10,9 @@ Everything is checked when the spec is parsed, so a typo fails before any traini
 import ast
 import dataclasses
 import inspect
-from typing import Any, Callable, Dict, Optional, Tuple
+from typing import Any, Dict, Optional, Tuple
 
-from pytorch_metric_learning import losses as pml_losses
-from pytorch_metric_learning import miners as pml_miners
-
-# Arguments the harness supplies itself or that are not hyperparameters.
-_NOT_HYPERPARAMETERS = {
-    "self",
-    "num_classes",
-    "embedding_size",
-    "distance",
-    "reducer",
-    "embedding_regularizer",
-    "weight_regularizer",
-    "weight_init_func",
-    "collect_stats",
-}
-
-
-def _ice_loss_class():
-    from pml_ice import losses as ice_losses
-
-    return ice_losses.ICELoss
-
-
-def _ice_reducer_class():
-    from pml_ice import reducers as ice_reducers
-
-    return ice_reducers.ICEReweightReducer
-
-
-@dataclasses.dataclass(frozen=True)
-class LossEntry:
-    """A registered loss: its class, default hyperparameters, optional miner and reducer."""
-
-    description: str
-    loss_class: Callable[[], type]
-    defaults: Dict[str, Any] = dataclasses.field(default_factory=dict)
-    miner_class: Optional[Callable[[], type]] = None
-    miner_defaults: Dict[str, Any] = dataclasses.field(default_factory=dict)
-    reducer_class: Optional[Callable[[], type]] = None
-    own_parameters: bool = False  # trains proxies or class weights with its own optimizer (``loss_lr``)
-
-    def loss_parameters(self):
-        return _hyperparameters(self.loss_class())
-
-    def miner_parameters(self):
-        return _hyperparameters(self.miner_class()) if self.miner_class else {}
-
-    def reducer_parameters(self):
-        return _hyperparameters(self.reducer_class()) if self.reducer_class else {}
-
-    def valid_parameters(self):
-        names = list(self.loss_parameters())
-        names += ["miner_" + n for n in self.miner_parameters()]
-        names += list(self.reducer_parameters())
-        return names + [LOSS_LR] * self.own_parameters
-
-
-def _hyperparameters(cls) -> Dict[str, Any]:
-    """Constructor parameters of ``cls`` that are hyperparameters, with their defaults."""
-    result = {}
-    for name, param in inspect.signature(cls.__init__).parameters.items():
-        if name in _NOT_HYPERPARAMETERS or param.kind in (
-            param.VAR_KEYWORD,
-            param.VAR_POSITIONAL,
-        ):
-            continue
-        result[name] = None if param.default is param.empty else param.default
-    return result
-
-
-LOSS_LR = "loss_lr"
-
-
-def _pml(name):
-    return lambda: getattr(pml_losses, name)
-
-
-def _miner(name):
-    return lambda: getattr(pml_miners, name)
-
-
-LOSSES: Dict[str, LossEntry] = {
-    "ice": LossEntry(
-        "Instance Cross Entropy (pml_ice.losses.ICELoss) with ICEReweightReducer",
-        _ice_loss_class,
-        reducer_class=_ice_reducer_class,
-    ),
-    "ntxent": LossEntry("PML NTXentLoss", _pml("NTXentLoss")),
-    "supcon": LossEntry("PML SupConLoss", _pml("SupConLoss")),
-    "multisimilarity": LossEntry(
-        "PML MultiSimilarityLoss with MultiSimilarityMiner",
-        _pml("MultiSimilarityLoss"),
-        miner_class=_miner("MultiSimilarityMiner"),
-        miner_defaults={"epsilon": 0.1},
-    ),
-    "triplet": LossEntry(
-        "PML TripletMarginLoss with a semi-hard TripletMarginMiner",
-        _pml("TripletMarginLoss"),
-        defaults={"margin": 0.2},
-        miner_class=_miner("TripletMarginMiner"),
-        miner_defaults={"margin": 0.2, "type_of_triplets": "semihard"},
-    ),
-    "contrastive": LossEntry("PML ContrastiveLoss", _pml("ContrastiveLoss")),
-    "circle": LossEntry("PML CircleLoss", _pml("CircleLoss")),
-    "proxyanchor": LossEntry("PML ProxyAnchorLoss (trainable proxies)", _pml("ProxyAnchorLoss"),
-                             own_parameters=True),
-    "arcface": LossEntry("PML ArcFaceLoss (trainable class weights)", _pml("ArcFaceLoss"), own_parameters=True),
-    "normsoftmax": LossEntry(
-        "PML NormalizedSoftmaxLoss (trainable class weights)", _pml("NormalizedSoftmaxLoss"), own_parameters=True
-    ),
-}
-
-DEFAULT_LOSSES = "ice,ntxent,supcon,multisimilarity,triplet,contrastive"
-
+from .loss_registry import LOSS_LR, LOSSES, LossEntry
 
 class LossSpecError(ValueError):
     """A loss specification names an unknown loss or parameter, or a bad value."""
@@ -225,20 +112,43 @@ def _parse_value(text: str):
         return text
 
 
-def parse_loss_spec(text: str) -> LossSpec:
-    """Parse ``name`` or ``name:key=value,key=value``; raise ``LossSpecError`` if invalid."""
-    text = text.strip()
-    name, _, rest = text.partition(":")
-    name = name.strip().lower()
+def _canonical(value):
+    """One value per number: an integral float is its int (``scale=32.0`` is ``scale=32``)."""
+    if isinstance(value, float) and value.is_integer() and abs(value) < 2**53:
+        return int(value)
+    return value
+
+
+def make_loss_spec(name: str, params: Dict[str, Any]) -> LossSpec:
+    """The spec of registered loss ``name`` with ``params``, checked by building it once;
+    raise ``LossSpecError`` naming an unknown loss or parameter or a bad value."""
     if name not in LOSSES:
         raise LossSpecError(
             f"unknown loss '{name}'; valid losses: {', '.join(sorted(LOSSES))}"
         )
-    entry = LOSSES[name]
     try:
-        valid = entry.valid_parameters()
+        valid = LOSSES[name].valid_parameters()
     except ImportError as error:
         raise LossSpecError(f"loss '{name}' is not available: {error}") from error
+    for key in params:
+        if key not in valid:
+            raise LossSpecError(
+                f"unknown parameter '{key}' for loss '{name}'; valid parameters: "
+                + (", ".join(valid) if valid else "(none)")
+            )
+    loss_lr = params.get(LOSS_LR)
+    if LOSS_LR in params and not (isinstance(loss_lr, (int, float)) and not isinstance(loss_lr, bool) and loss_lr > 0):
+        raise LossSpecError(f"loss_lr of loss '{name}' must be a number > 0, got {loss_lr!r}")
+    spec = LossSpec(name, tuple(sorted((k, _canonical(v)) for k, v in params.items())))
+    # Fail now on bad values (e.g. a negative scale), not after hours of other runs.
+    spec.build(num_classes=2, embedding_size=8)
+    return spec
+
+
+def parse_loss_spec(text: str) -> LossSpec:
+    """Parse ``name`` or ``name:key=value,key=value``; raise ``LossSpecError`` if invalid."""
+    name, _, rest = text.strip().partition(":")
+    name = name.strip().lower()
     params = {}
     for item in filter(None, (p.strip() for p in rest.split(","))):
         key, sep, value = item.partition("=")
@@ -247,21 +157,10 @@ def parse_loss_spec(text: str) -> LossSpec:
             raise LossSpecError(
                 f"parameter '{item}' of loss '{name}' must be written key=value"
             )
-        if key not in valid:
-            raise LossSpecError(
-                f"unknown parameter '{key}' for loss '{name}'; valid parameters: "
-                + (", ".join(valid) if valid else "(none)")
-            )
         if key in params:
             raise LossSpecError(f"parameter '{key}' of loss '{name}' is given twice")
         params[key] = _parse_value(value.strip())
-    if LOSS_LR in params and not (isinstance(params[LOSS_LR], (int, float)) and not isinstance(params[LOSS_LR], bool)
-                                  and params[LOSS_LR] > 0):
-        raise LossSpecError(f"loss_lr of loss '{name}' must be a number > 0, got {params[LOSS_LR]!r}")
-    spec = LossSpec(name, tuple(sorted(params.items())))
-    # Fail now on bad values (e.g. a negative scale), not after hours of other runs.
-    spec.build(num_classes=2, embedding_size=8)
-    return spec
+    return make_loss_spec(name, params)
 
 
 def split_spec_texts(text: str):

@@ -17,7 +17,7 @@ from typing import Optional, Tuple
 import torch
 
 from ..data.registry import DATASETS, help_text
-from . import loss_specs
+from . import loss_registry, loss_specs
 from .models import FROM_SCRATCH_MODELS, MODELS
 
 # The tuned losses of a dataset, <dataset>.toml: the losses of a best.toml of `python -m benchmarks.tune`.
@@ -145,8 +145,8 @@ class Settings:
                                        "folder)", PathText(), identity=True, metavar="PATH")
     download: bool = setting(False, "let PML download cub200/cars196/sop into --data-root", Boolean())
     losses: Tuple[loss_specs.LossSpec, ...] = setting(
-        loss_specs.DEFAULT_LOSSES, "losses to compare (default: the dataset's tuned losses, "
-        f"benchmarks/tuned/configs/<dataset>.toml, where present, else {loss_specs.DEFAULT_LOSSES})", LossList(),
+        loss_registry.DEFAULT_LOSSES, "losses to compare (default: the dataset's tuned losses, "
+        f"benchmarks/tuned/configs/<dataset>.toml, where present, else {loss_registry.DEFAULT_LOSSES})", LossList(),
         metavar="SPECS")
     epochs: int = setting(None, "maximum training epochs per run (epoch 0 = untrained model is always evaluated)",
                           Integer(0), per_dataset=True, metavar="N")
@@ -272,7 +272,7 @@ def default_losses(dataset: str) -> str:
     library defaults."""
     path = TUNED_FOLDER / f"{dataset}.toml"
     if not path.is_file():
-        return loss_specs.DEFAULT_LOSSES
+        return loss_registry.DEFAULT_LOSSES
     values = _read_toml(path)
     if set(values) != {"losses"}:
         raise UsageError(f"{path} must hold only 'losses' (the dataset's tuned losses; the other settings "

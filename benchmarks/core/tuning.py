@@ -14,7 +14,7 @@ import socket
 import tempfile
 import time
 from pathlib import Path
-from typing import Dict, List, Optional, Tuple
+from typing import Dict, List
 
 import numpy as np
 import optuna
@@ -25,6 +25,7 @@ from . import loss_specs
 from .experiment import fresh_models
 from .features import cached_features
 from .launch import prepare_data
+from .loss_registry import LOSSES, TUNABLE_LOSSES
 from .run_store import RunStore, StoredRun
 from .settings import FIELDS, Settings, UsageError, stored_identity
 from .training import NonFiniteLossError, Run
@@ -32,44 +33,6 @@ from .training import NonFiniteLossError, Run
 COUNTED_STATES = (optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.PRUNED)  # pruned = diverged
 
 
-@dataclasses.dataclass(frozen=True)
-class Parameter:
-    """One searched hyperparameter: a float range (log-uniform when ``log``) or ``choices``.
-    ``tied`` keys get the same value (the triplet miner's margin follows the loss's)."""
-
-    name: str
-    low: Optional[float] = None
-    high: Optional[float] = None
-    log: bool = False
-    choices: Tuple[str, ...] = ()
-    tied: Tuple[str, ...] = ()
-
-    def suggest(self, trial):
-        if self.choices:
-            return trial.suggest_categorical(self.name, self.choices)
-        return float(f"{trial.suggest_float(self.name, self.low, self.high, log=self.log):.3g}")
-
-    def describe(self) -> str:
-        if self.choices:
-            text = "{" + ", ".join(self.choices) + "}"
-        else:
-            text = f"[{self.low:g}, {self.high:g}]" + (" log-uniform" if self.log else " uniform")
-        return f"{self.name} in {text}" + "".join(f", {t} = {self.name}" for t in self.tied)
-
-
-# The first parameter of each loss is its main one (the x axis of its plot).
-SEARCH_SPACES: Dict[str, Tuple[Parameter, ...]] = {
-    "ice": (Parameter("scale", 4, 128, log=True), Parameter("lam", 0.0, 4.0), Parameter("normalize", choices=("batch", "anchor"))),
-    "ntxent": (Parameter("temperature", 0.01, 1.0, log=True),),
-    "supcon": (Parameter("temperature", 0.01, 1.0, log=True),),
-    "multisimilarity": (Parameter("alpha", 0.01, 100, log=True), Parameter("beta", 0.01, 100, log=True),
-                        Parameter("base", 0.0, 1.0), Parameter("miner_epsilon", 0.0, 1.0)),
-    "triplet": (Parameter("margin", 0.0, 1.0, tied=("miner_margin",)),
-                Parameter("miner_type_of_triplets", choices=("all", "hard", "semihard"))),
-    "contrastive": (Parameter("pos_margin", 0.0, 1.0), Parameter("neg_margin", 0.0, 2.0)),
-    "proxyanchor": (Parameter("margin", 0.0, 0.5), Parameter("alpha", 1, 128, log=True), Parameter(loss_specs.LOSS_LR, 1e-4, 1e-1, log=True)),
-    "arcface": (Parameter("margin", 5.0, 60.0), Parameter("scale", 8, 128, log=True)),
-}
 # run settings written to best.toml: the training budget every loss was tuned with (the settings
 # that identify a run's --out folder but the machine's data path, plus the epochs and the patience).
 BUDGET_KEYS = tuple(name for name, field in FIELDS.items() if field.metadata["identity"] and name != "data_root") \
@@ -109,10 +72,10 @@ def validation_map_at_r(settings: Settings, data: BenchmarkData, spec: loss_spec
 
 def parse_loss_names(text: str) -> List[str]:
     names = [n.strip().lower() for n in text.split(",") if n.strip()]
-    unknown = [n for n in names if n not in SEARCH_SPACES]
+    unknown = [n for n in names if n not in TUNABLE_LOSSES]
     if unknown or not names:
         raise UsageError(f"no search space for {', '.join(unknown) or 'an empty list'}; --losses takes "
-                         f"names of losses that can be tuned: {', '.join(SEARCH_SPACES)}")
+                         f"names of losses that can be tuned: {', '.join(TUNABLE_LOSSES)}")
     if len(set(names)) < len(names):
         raise UsageError(f"loss given twice in --losses {text!r}")
     return names
@@ -121,11 +84,11 @@ def parse_loss_names(text: str) -> List[str]:
 def trial_spec(loss: str, trial) -> loss_specs.LossSpec:
     """The loss spec a trial trains."""
     params = {}
-    for parameter in SEARCH_SPACES[loss]:
+    for parameter in LOSSES[loss].search_space:
         value = parameter.suggest(trial)
         for key in (parameter.name, *parameter.tied):
             params[key] = value
-    return loss_specs.parse_loss_spec(loss + ":" + ",".join(f"{k}={v!r}" for k, v in params.items()))
+    return loss_specs.make_loss_spec(loss, params)
 
 
 CREDENTIALS = re.compile(r"(\b[A-Za-z][\w+.-]*://[^\s:/@]*:)[^\s@]*@")
@@ -168,7 +131,7 @@ def open_study(storage, settings: Settings, loss: str, sampler_seed: int, seeds:
         study_name=f"{settings.dataset}-{loss}", storage=storage, direction="maximize", load_if_exists=True,
         sampler=optuna.samplers.TPESampler(seed=sampler_seed),
     )
-    identity = {**budget(settings), "seeds_per_trial": seeds, "search_space": [p.describe() for p in SEARCH_SPACES[loss]]}
+    identity = {**budget(settings), "seeds_per_trial": seeds, "search_space": [p.describe() for p in LOSSES[loss].search_space]}
     identity = json.loads(json.dumps(identity))
     stored = study.user_attrs.get("settings")
     if stored is None:

@@ -9,7 +9,8 @@ import optuna
 
 from ..core.files import atomic_write_text
 from ..core.settings import Settings
-from ..core.tuning import FINAL_SEEDS, SEARCH_SPACES, best_trial, budget, counted_trials
+from ..core.loss_registry import LOSSES
+from ..core.tuning import FINAL_SEEDS, best_trial, budget, counted_trials
 from ..data.splits import BenchmarkData
 from .plots import save_figure
 
@@ -43,7 +44,7 @@ def write_report(out: Path, settings: Settings, data: BenchmarkData, studies: Di
     for loss, study in studies.items():
         counted = {t.number for t in counted_trials(study, trials)}
         best = best_trial(study, trials)
-        parts += [f"## {loss}", "", "Search space: " + "; ".join(p.describe() for p in SEARCH_SPACES[loss]) + ".", "",
+        parts += [f"## {loss}", "", "Search space: " + "; ".join(p.describe() for p in LOSSES[loss].search_space) + ".", "",
                   f"Best: `{best.user_attrs['loss']}`, val MAP@R {100 * best.value:.2f}" if best else "Best: none yet", "",
                   "| trial | state | val MAP@R | settings | seconds | process |", "|---|---|---|---|---|---|"]
         for t in study.get_trials(deepcopy=False):
@@ -70,7 +71,7 @@ def write_plot(path: Path, loss: str, trials: Sequence) -> None:
     import matplotlib.pyplot as plt
 
     complete = [t for t in trials if t.value is not None]
-    main = SEARCH_SPACES[loss][0]
+    main = LOSSES[loss].search_space[0]
     fig, (by_trial, by_param) = plt.subplots(1, 2, figsize=(10, 4))
     numbers, values = [t.number for t in complete], [100 * t.value for t in complete]
     by_trial.plot(numbers, values, "o", label="trial")

@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from benchmarks import run
-from benchmarks.core import launch, loss_specs, settings
+from benchmarks.core import launch, loss_registry, loss_specs, settings
 
 
 def run_main(capsys, *argv):
@@ -22,7 +22,17 @@ def test_loss_list_with_inline_parameters():
     assert specs[2].describe_values()["miner_type_of_triplets"] == "hard"
     loss, miner = specs[2].build(num_classes=3, embedding_size=4)
     assert miner.type_of_triplets == "hard"
-    assert loss_specs.parse_loss_list(loss_specs.DEFAULT_LOSSES)[0].label == "ice"
+    assert loss_specs.parse_loss_list(loss_registry.DEFAULT_LOSSES)[0].label == "ice"
+
+
+def test_a_spec_is_one_value_whatever_its_text():
+    """``scale=32`` and ``scale=32.0`` are one spec with one label (one run folder); labels of
+    non-integral values keep their text, as the tuned default job's folder names do."""
+    assert loss_specs.parse_loss_spec("ice:scale=32") == loss_specs.parse_loss_spec("ice:scale=32.0")
+    assert loss_specs.parse_loss_spec("ice:scale=32.0").label == "ice:scale=32"
+    tuned = "ice:lam=2.56,normalize='anchor',scale=6.03"
+    assert loss_specs.parse_loss_spec(tuned).label == tuned
+    assert loss_specs.make_loss_spec("ice", {"scale": 6.03, "lam": 2.56, "normalize": "anchor"}).label == tuned
 
 
 def test_ice_parameters_reach_loss_and_reducer():

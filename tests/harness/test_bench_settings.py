@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from benchmarks import run
-from benchmarks.core import launch, loss_specs, settings, training
+from benchmarks.core import launch, loss_registry, loss_specs, settings, training
 from benchmarks.data import registry
 from benchmarks.data.registry import DATASETS
 
@@ -112,10 +112,10 @@ def test_default_losses_come_from_the_dataset_tuned_file(tmp_path, monkeypatch):
     """The main job runs each loss at the settings `benchmarks.tune` chose for the dataset."""
     monkeypatch.setattr(settings, "TUNED_FOLDER", tmp_path)
     assert [s.label for s in settings.resolve(["--dataset", "digits"]).losses] == \
-        loss_specs.DEFAULT_LOSSES.split(",")
+        loss_registry.DEFAULT_LOSSES.split(",")
     (tmp_path / "digits.toml").write_text('losses = "ice:lam=2.0,scale=8.0,ntxent:temperature=0.1"\n')
     resolved = settings.resolve(["--dataset", "digits"])
-    assert [s.label for s in resolved.losses] == ["ice:lam=2.0,scale=8.0", "ntxent:temperature=0.1"]
+    assert [s.label for s in resolved.losses] == ["ice:lam=2,scale=8", "ntxent:temperature=0.1"]  # one text per value
     assert resolved.seeds == 3  # only the losses are taken from the tuned file
     explicit = settings.resolve(["--dataset", "digits", "--losses", "supcon"])
     assert [s.label for s in explicit.losses] == ["supcon"]
