@@ -19,7 +19,8 @@ from pytorch_metric_learning.samplers import MPerClassSampler
 
 from .core import loss_specs, settings
 from .core.experiment import fresh_models
-from .core.files import atomic_write_text, read_json, read_torch
+from .core.files import atomic_write_text, read_json
+from .core.run_store import RunStore
 from .data.registry import load_dataset
 from .report.plots import save_figure
 from .report.weight_analysis import HARDEST_FRACTION, pair_weights
@@ -45,10 +46,10 @@ def find_run(out: Path, loss: str, seed: int):
     """(loss spec, checkpoint) of the run of ``loss`` (default: the first ICE run) and ``seed``."""
     folders = sorted(p.parent for p in (out / "runs").glob(f"*/seed{seed}/checkpoint.pth"))
     for folder in folders:
-        checkpoint = read_torch(folder / "checkpoint.pth")
-        label = checkpoint["rows"][0]["loss"]
-        if (loss is None and label.startswith("ice")) or label == loss:
-            return loss_specs.parse_loss_spec(label), checkpoint
+        stored = RunStore(folder).load(epochs=0, restart_broken=False)
+        label = stored.key[0] if stored.key else ""
+        if stored.checkpoint is not None and ((loss is None and label.startswith("ice")) or label == loss):
+            return loss_specs.parse_loss_spec(label), stored.checkpoint
     raise settings.UsageError(f"no finished run of {loss or 'an ICE loss'} with seed {seed} under {out / 'runs'}")
 
 

@@ -13,8 +13,8 @@ from . import loss_specs
 from .console import Console
 from .features import FrozenFeatures
 from .models import FROM_SCRATCH_MODELS, build_embedder, build_trunk
-from .out_folder import OutFolder, RunKey
-from .run_store import RunStore, StoredRun
+from .out_folder import OutFolder
+from .run_store import RunKey, RunStore, StoredRun
 from .settings import Settings
 from .training import Run, seed_everything
 
@@ -78,7 +78,7 @@ class Experiment:
                 self.console.say(f"earlier run: {stored.note}")
             if not stored.rows:
                 continue
-            key = (stored.rows[0]["loss"], stored.rows[0]["seed"])
+            key = stored.key
             self.rows_by_run[key] = stored.rows
             self.run_folders[key] = store.folder
             if stored.error:

@@ -10,17 +10,16 @@ import contextlib
 import fcntl
 import os
 from pathlib import Path
-from typing import Dict, List, Mapping, Sequence, Tuple
+from typing import Dict, List, Mapping, Sequence
 
 from ..report.plots import write_plots
 from ..report.query_scores import load_run_scores
 from ..report.reporting import sort_rows, write_results_csv, write_summary
 from ..report.tables import comparison_table
 from .files import BrokenFile, atomic_write_json, read_json
-from .run_store import RunStore
+from .run_store import RunKey, RunStore
 from .settings import UsageError, stored_identity
 
-RunKey = Tuple[str, int]  # (loss label, seed)
 
 
 class IdentityMismatch(ValueError):
@@ -100,8 +99,7 @@ class OutFolder:
         for store in self.other_run_stores([]):
             stored = store.load(epochs, restart_broken=False)
             if stored.status == "finished" and stored.rows:
-                key = (stored.rows[0]["loss"], stored.rows[0]["seed"])
-                rows[key], run_folders[key] = stored.rows, store.folder
+                rows[stored.key], run_folders[stored.key] = stored.rows, store.folder
         return rows, run_folders
 
     def publish_rows(self, rows_by_run: Dict[RunKey, List[dict]], loss_order: Sequence[str]) -> None:

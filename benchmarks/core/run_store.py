@@ -1,18 +1,20 @@
 """One run's folder (``runs/<loss>/seed<k>/``): its checkpoint, rows, failure and status.
 
-The checkpoint, written after every evaluated epoch, holds the rows so far with the state
-to resume from; ``failed.json`` marks a run stopped by an error. Both are written
+``run.json`` names the run (its loss label and seed), written when the run starts. The
+checkpoint, written after every evaluated epoch, holds the rows so far with the state
+to resume from; ``failed.json`` marks a run stopped by an error. All are written
 atomically. A stored file that cannot be read (truncated, emptied, edited) is moved aside
 to ``<name>.broken`` and the run starts again from scratch: ``StoredRun.note`` says so.
 """
 
 import dataclasses
 from pathlib import Path
-from typing import List, Optional
+from typing import List, Optional, Tuple
 
 from .files import BrokenFile, atomic_torch_save, atomic_write_json, read_json, read_torch
 
 CHECKPOINT_KEYS = ("epoch", "stopped_early", "rows", "models", "optimizers", "loss", "rng")
+RunKey = Tuple[str, int]  # (loss label, seed)
 
 
 @dataclasses.dataclass
@@ -25,6 +27,7 @@ class StoredRun:
     error: Optional[str] = None
     checkpoint: Optional[dict] = None
     note: Optional[str] = None
+    key: Optional[RunKey] = None  # (loss label, seed) from run.json; None for a new run
 
 
 class RunStore:
@@ -32,6 +35,7 @@ class RunStore:
 
     def __init__(self, folder):
         self.folder = Path(folder)
+        self.identity_path = self.folder / "run.json"
         self.checkpoint_path = self.folder / "checkpoint.pth"
         self.failure_path = self.folder / "failed.json"
         self.logs = self.folder / "logs"
@@ -43,16 +47,32 @@ class RunStore:
         try:
             failure = self._read_failure()
             if failure is not None:
-                return StoredRun("failed", failure["rows"], error=failure["error"])
+                return StoredRun("failed", failure["rows"], error=failure["error"], key=self._key(failure["rows"]))
             checkpoint = self._read_checkpoint()
+            if checkpoint is None:
+                return StoredRun("new", [])
+            key = self._key(checkpoint["rows"])
         except BrokenFile as error:
             if not restart_broken:
                 return StoredRun("new", [], note=f"{error}; its rows are left out until a command that runs it")
             return StoredRun("new", [], note=self._set_aside(error))
-        if checkpoint is None:
-            return StoredRun("new", [])
         finished = checkpoint["stopped_early"] or checkpoint["epoch"] >= epochs
-        return StoredRun("finished" if finished else "partial", checkpoint["rows"], checkpoint=checkpoint)
+        return StoredRun("finished" if finished else "partial", checkpoint["rows"], checkpoint=checkpoint, key=key)
+
+    def save_identity(self, label: str, seed: int) -> None:
+        """``run.json``: the loss label and seed of the run in this folder."""
+        atomic_write_json(self.identity_path, {"loss": label, "seed": seed})
+
+    def _key(self, rows: List[dict]) -> Optional[RunKey]:
+        """(loss label, seed) from run.json; a folder made before run.json existed is named by its
+        first row. None when neither is there (a failure before the first evaluation)."""
+        identity = read_json(self.identity_path)
+        if identity is not None:
+            if not (isinstance(identity, dict) and isinstance(identity.get("loss"), str)
+                    and isinstance(identity.get("seed"), int)):
+                raise BrokenFile(f"{self.identity_path} does not hold a loss label and a seed")
+            return identity["loss"], identity["seed"]
+        return (rows[0]["loss"], rows[0]["seed"]) if rows else None
 
     def save_checkpoint(self, state: dict) -> None:
         atomic_torch_save(self.checkpoint_path, state)

@@ -259,7 +259,7 @@ class Run:
 
     def evaluate_untrained(self) -> None:
         if self.rank == 0:
-            self.store.folder.mkdir(parents=True, exist_ok=True)
+            self.store.save_identity(self.spec.label, self.seed)
             self.tester.test(self.splits, 0, self.trunk, self.embedder)
             self.record(0)
             self.hooks.record_keeper.save_records()

@@ -1,6 +1,7 @@
 """End-to-end runs of the harness on digits: smoke, resume, non-finite loss, two processes."""
 
 import csv
+import json
 import os
 import signal
 import subprocess
@@ -45,6 +46,7 @@ def test_smoke_run_on_digits(tmp_path, capsys):
     for plot in ("curves.png", "summary_bars.png"):
         assert (out / "plots" / plot).read_bytes()[:4] == b"\x89PNG"
     run_dir = out / "runs" / "ice" / "seed0"
+    assert json.loads((run_dir / "run.json").read_text()) == {"loss": "ice", "seed": 0}  # the run's identity
     assert (run_dir / "logs" / "logs.db").is_file()
     assert any(name.startswith("events.out.tfevents") for name in os.listdir(run_dir / "tensorboard"))
     # Proxy losses train their proxies with their own optimizer.
@@ -129,19 +131,19 @@ def test_non_finite_loss_stops_only_that_run(tmp_path, capsys):
     out = tmp_path / "out"
     assert run.main(TINY + ["--losses", "ntxent:temperature=0.0,ice", "--out", str(out)]) == 0
     printed = capsys.readouterr().out
-    assert "loss 'ntxent:temperature=0.0' is nan at epoch 1, iteration 0" in printed
+    assert "loss 'ntxent:temperature=0' is nan at epoch 1, iteration 0" in printed
     summary = (out / "summary.md").read_text()
-    assert "loss 'ntxent:temperature=0.0' is nan at epoch 1, iteration 0" in summary
+    assert "loss 'ntxent:temperature=0' is nan at epoch 1, iteration 0" in summary
     # Its epoch-0 row is no result: the table and plots leave the failed run out.
-    assert "| `ice` | 1 |" in summary and "| `ntxent:temperature=0.0`" not in summary
-    assert "| `ntxent:temperature=0.0`" not in printed
+    assert "| `ice` | 1 |" in summary and "| `ntxent:temperature=0`" not in summary
+    assert "| `ntxent:temperature=0`" not in printed
     rows = read_rows(out / "results.csv")
     assert [(r["loss"], r["epoch"]) for r in rows] == [
-        ("ntxent:temperature=0.0", "0"), ("ice", "0"), ("ice", "1"), ("ice", "2")
+        ("ntxent:temperature=0", "0"), ("ice", "0"), ("ice", "1"), ("ice", "2")
     ]
     # The failure is remembered: a rerun does not retry it.
     assert run.main(TINY + ["--losses", "ntxent:temperature=0.0,ice", "--out", str(out)]) == 0
-    assert "failed before: ntxent:temperature=0.0 seed 0" in capsys.readouterr().out
+    assert "failed before: ntxent:temperature=0 seed 0" in capsys.readouterr().out
 
 
 def test_same_seed_reproduces_the_run(tmp_path):
