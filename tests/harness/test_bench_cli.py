@@ -186,3 +186,60 @@ def test_out_folder_refuses_other_settings(capsys, tmp_path, monkeypatch):
     # The same folder written another way is the same experiment.
     code, _ = run_main(capsys, *common, "--embedding-size", "8", "--data-root", str(tmp_path / "a"))
     assert code == 0
+
+
+# Hostile-user probes: each once gave lost rows, a traceback or a silent wrong run.
+
+
+def write_config(tmp_path, text):
+    config = tmp_path / "bench.toml"
+    config.write_text(text + "\n")
+    return ["--config", str(config)]
+
+
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["--m-per-class", "1", "--batch-size", "16"], "--m-per-class must be an integer >= 2"),
+        (["--device", "foo"], "--device must be cpu, cuda, cuda:N or auto, got 'foo'"),
+        (["--verbose", "--quiet"], "--verbose and --quiet exclude each other"),
+        (["--model", "resnet18"], "model 'resnet18' takes RGB images, dataset 'digits' has 1 channel(s)"),
+    ],
+)
+def test_bad_option_values_are_refused(capsys, tmp_path, argv, message):
+    assert run.main(["--dataset", "digits"] + argv + ["--out", str(tmp_path / "out")]) == 2
+    error = capsys.readouterr().err
+    assert message in error and "Traceback" not in error
+    assert not (tmp_path / "out").exists()
+
+
+def test_out_naming_an_existing_file_is_refused(capsys, tmp_path):
+    existing = tmp_path / "results.txt"
+    existing.write_text("keep me")
+    assert run.main(["--out", str(existing)]) == 2
+    assert f"--out {existing} is a file, not a folder" in capsys.readouterr().err
+    assert existing.read_text() == "keep me"
+
+
+@pytest.mark.parametrize(
+    "line, message",
+    [
+        ("losses = 5", "--losses must be text such as 'ice,ntxent:temperature=0.05' or a list of such texts, got 5"),
+        ("out = 5", "--out must be a path (text), got 5"),
+        ("data-root = [1]", "--data-root must be a path (text), got [1]"),
+        ("epochs = {a = 1}", "--epochs must be an integer >= 0, got {'a': 1}"),
+        ("seeds = true", "--seeds must be an integer >= 1, got True"),
+        ('no-pretrained = "no"', "'no-pretrained' must be true or false, got 'no'"),
+        ('device = "foo"', "--device must be cpu, cuda, cuda:N or auto"),
+        ('amp = "fp8"', "--amp must be one of bf16, fp16, got 'fp8'"),
+    ],
+)
+def test_config_values_of_the_wrong_type(tmp_path, line, message):
+    with pytest.raises(settings.UsageError) as error:
+        settings.resolve(write_config(tmp_path, line))
+    assert message in str(error.value)
+
+
+def test_no_pretrained_in_a_config_file(tmp_path):
+    assert settings.resolve(write_config(tmp_path, "no-pretrained = true")).pretrained is False
+    assert settings.resolve(write_config(tmp_path, "no-pretrained = false")).pretrained is True
