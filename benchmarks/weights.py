@@ -145,7 +145,7 @@ def main(argv=None) -> int:
     data = load_dataset(run.dataset, run.data_root, False, run.image_size, run.val, run.limit_per_class)
     results = {}
     for name, state in (("untrained", None), (f"trained (epoch {checkpoint['epoch']})", checkpoint["models"])):
-        trunk, embedder = fresh_models(run, data.in_channels, None, args.seed)
+        trunk, embedder = fresh_models(run, None, args.seed)
         if state is not None:
             trunk.load_state_dict(state["trunk"]), embedder.load_state_dict(state["embedder"])
         results[name] = analyse(embed_batches(trunk, embedder, data.val, run, args.batches, args.seed), scale, args.lams)

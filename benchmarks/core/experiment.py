@@ -8,6 +8,7 @@ at the start and kept in every publication.
 import time
 from typing import Dict, List, Optional
 
+from ..data.registry import DATASETS
 from ..data.splits import BenchmarkData, split_sizes
 from . import loss_specs
 from .console import Console
@@ -42,14 +43,14 @@ def _loss_values(label: str) -> str:
     return ", ".join(f"{k}={v!r}" for k, v in spec.describe_values().items())
 
 
-def fresh_models(settings: Settings, in_channels: int, feature_size: Optional[int], seed: int, rank: int = 0):
+def fresh_models(settings: Settings, feature_size: Optional[int], seed: int, rank: int = 0):
     """The seeded trunk and embedder a run starts from; the trunk passes cached features
     through when ``feature_size`` is given (frozen trunk)."""
     seed_everything(seed, rank)
     if feature_size is not None:
         trunk = FrozenFeatures(feature_size)
     else:
-        trunk = build_trunk(settings.model, in_channels, settings.pretrained)
+        trunk = build_trunk(settings.model, DATASETS[settings.dataset].channels, settings.pretrained)
     return trunk, build_embedder(trunk.output_size, settings.embedding_size)
 
 
@@ -117,7 +118,7 @@ class Experiment:
             self.console.run_done(spec.label, seed, stored.rows, None, " (already done)")
             return
         started = time.time()
-        trunk, embedder = fresh_models(self.settings, self.data.in_channels, self.feature_size, seed, self.rank)
+        trunk, embedder = fresh_models(self.settings, self.feature_size, seed, self.rank)
         result = Run(self.data, trunk, embedder, spec, seed, self.settings, self.stores[key], stored,
                      on_rows=lambda rows: self.publish(key, rows)).execute()
         self.rows_by_run[key] = result.rows

@@ -7,6 +7,7 @@ from pathlib import Path
 import torch
 from pytorch_metric_learning import testers
 
+from ..data.registry import DATASETS
 from ..data.splits import BenchmarkData, TensorImageDataset
 from ..data.transforms import RandomAffineImages
 from .files import BrokenFile, atomic_torch_save, read_torch
@@ -29,7 +30,7 @@ def _splits(data: BenchmarkData) -> list:
 
 def _compute_features(settings: Settings, data: BenchmarkData, cache: Path) -> dict:
     seed_everything(0)
-    trunk = build_trunk(settings.model, data.in_channels, settings.pretrained).to(settings.device).eval()
+    trunk = build_trunk(settings.model, DATASETS[settings.dataset].channels, settings.pretrained).to(settings.device).eval()
     tester = testers.GlobalEmbeddingSpaceTester(
         normalize_embeddings=False, batch_size=settings.eval_batch_size,
         dataloader_num_workers=settings.num_workers, data_device=torch.device(settings.device),
@@ -67,5 +68,4 @@ def cached_features(settings: Settings, data: BenchmarkData, out: Path, rank: in
         train=TensorImageDataset(features["train"], data.train.labels),
         val=TensorImageDataset(features["val"], data.val.labels),
         test=TensorImageDataset(features["test"], data.test.labels) if data.test is not None else None,
-        in_channels=data.in_channels,
     )

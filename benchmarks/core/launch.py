@@ -15,7 +15,7 @@ from typing import Optional, Tuple
 import numpy as np
 import torch
 
-from ..data.registry import load_dataset
+from ..data.registry import DATASETS, load_dataset
 from ..data.splits import BenchmarkData, DatasetNotInstalled
 from .console import Console, silence_pml_progress_bars
 from .experiment import Experiment, settings_lines
@@ -58,7 +58,7 @@ def prepare_data(settings: Settings, processes: int) -> BenchmarkData:
                         settings.val, settings.limit_per_class)
     check_batches(settings, data, processes)
     if not settings.freeze_trunk:
-        build_trunk(settings.model, data.in_channels, settings.pretrained)  # fail early on missing weights
+        build_trunk(settings.model, DATASETS[settings.dataset].channels, settings.pretrained)  # fail early on missing weights
     return data
 
 

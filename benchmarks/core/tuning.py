@@ -56,7 +56,7 @@ def validation_map_at_r(settings: Settings, data: BenchmarkData, spec: loss_spec
     ``data`` has no test split) in ``run_dir`` and return its best validation MAP@R over the
     trained epochs (epoch 0 when ``epochs`` is 0). Raises ``NonFiniteLossError`` when the loss diverges."""
     feature_size = data.train.images.shape[1] if settings.freeze_trunk else None
-    trunk, embedder = fresh_models(settings, data.in_channels, feature_size, seed)
+    trunk, embedder = fresh_models(settings, feature_size, seed)
     result = Run(data, trunk, embedder, spec, seed, settings, RunStore(run_dir), StoredRun("new", []),
                  on_rows=lambda rows: None).execute()
     if result.error:

@@ -255,4 +255,4 @@ def load_glyphs(root=None, val_mode="auto", limit=None, test_every=3, *, font_di
         val = TensorImageDataset(pixels[in_val], labels[in_val])
     in_test = np.isin(labels, test_classes)
     test = TensorImageDataset(pixels[in_test], labels[in_test])
-    return BenchmarkData(train=train, val=val, test=test, in_channels=1)
+    return BenchmarkData(train=train, val=val, test=test)

@@ -35,7 +35,7 @@ def load_digits_dataset(val_mode="auto", limit=None) -> BenchmarkData:
     images = torch.tensor(digits.images, dtype=torch.float32).unsqueeze(1) / 16.0
     images = (images - 0.5) / 0.5
     full = TensorImageDataset(images, digits.target)
-    return assemble(full, 1, val_mode, limit)
+    return assemble(full, val_mode, limit)
 
 
 def _read_idx(path: Path) -> np.ndarray:
@@ -65,7 +65,7 @@ def load_fashion_mnist(root=None, val_mode="auto", limit=None) -> BenchmarkData:
         raise ValueError(f"fashion-mnist in {root}: {len(images)} images but {len(labels)} labels")
     tensor = (torch.from_numpy(images.copy()).float().unsqueeze(1) / 255.0 - 0.5) / 0.5
     full = TensorImageDataset(tensor, labels.astype(np.int64))
-    return assemble(full, 1, val_mode, limit)
+    return assemble(full, val_mode, limit)
 
 
 EMOJI_PACKAGE_FOLDER = Path(__file__).resolve().parent  # package.json: `npm ci --prefix benchmarks/data`
@@ -154,7 +154,7 @@ def load_emoji(root=None, image_size=32, val_mode="auto", limit=None) -> Benchma
     mean = torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1)
     std = torch.tensor(IMAGENET_STD).view(1, 3, 1, 1)
     full = TensorImageDataset((tensor - mean) / std, np.array(labels))
-    data = assemble(full, 3, val_mode, limit)
+    data = assemble(full, val_mode, limit)
     data.train = RandomAffineImages(data.train.images, data.train.labels, **EMOJI_AUGMENTATION)
     return data
 
@@ -177,7 +177,7 @@ def load_folder(root, image_size=224, val_mode="auto", limit=None) -> BenchmarkD
         raise ValueError(
             f"folder: {root} has {with_images} sub-folders with images; the class-disjoint protocol needs at least 4"
         )
-    return assemble_files(views[0], views[1], views[0].targets, 3, val_mode, limit)
+    return assemble_files(views[0], views[1], views[0].targets, val_mode, limit)
 
 
 _PML_DATASETS = {
@@ -214,5 +214,5 @@ def load_pml_dataset(name, root, download=False, image_size=224, val_mode="auto"
             f"{name}: cannot read the dataset under {root} ({error}). It must hold {layout}; "
             f"--download lets PML fetch it (about {size}, needs internet)."
         ) from error
-    return assemble_files(train_view, eval_view, train_view.labels, 3, val_mode, limit,
+    return assemble_files(train_view, eval_view, train_view.labels, val_mode, limit,
                            test_view=test_view)

@@ -43,12 +43,11 @@ class LabeledSubset(Subset):
 
 @dataclasses.dataclass
 class BenchmarkData:
-    """Train, validation and test splits of one dataset, with what the model needs."""
+    """Train, validation and test splits of one dataset (its channels are a registry fact)."""
 
     train: Dataset
     val: Dataset
     test: Dataset
-    in_channels: int
 
     @property
     def num_train_classes(self) -> int:
@@ -109,14 +108,13 @@ def protocol_indices(labels: np.ndarray, val_mode: str, limit: Optional[int]):
     return kept[first_half][train], kept[first_half][val], kept[second_half]
 
 
-def assemble(full: TensorImageDataset, in_channels, val_mode, limit) -> BenchmarkData:
+def assemble(full: TensorImageDataset, val_mode, limit) -> BenchmarkData:
     """Splits of an in-memory dataset (copies of the tensors, so each split is contiguous)."""
     train, val, test = protocol_indices(full.labels, val_mode, limit)
-    return BenchmarkData(full.subset(train), full.subset(val), full.subset(test), in_channels)
+    return BenchmarkData(full.subset(train), full.subset(val), full.subset(test))
 
 
-def assemble_files(train_view, eval_view, labels, in_channels, val_mode, limit,
-                    test_view=None) -> BenchmarkData:
+def assemble_files(train_view, eval_view, labels, val_mode, limit, test_view=None) -> BenchmarkData:
     """Splits of an image-file dataset whose images have ``labels``: the train split reads
     ``train_view`` (augmenting transform), val and test read ``eval_view``, or ``test_view``
     when the test images are a dataset of their own (already class-disjoint)."""
@@ -134,8 +132,8 @@ def assemble_files(train_view, eval_view, labels, in_channels, val_mode, limit,
         train=LabeledSubset(train_view, train, labels),
         val=LabeledSubset(eval_view, val, labels),
         test=LabeledSubset(test_view, test, test_labels),
-        in_channels=in_channels,
     )
+
 
 def split_sizes(data: BenchmarkData) -> List[str]:
     """Human-readable sizes of the three splits."""

@@ -70,7 +70,7 @@ def test_the_digits_split_sizes_in_the_table_are_those_loaded():
 
 def test_registry_loader_gets_only_the_options_it_takes():
     data = registry.load_dataset("digits", root="/ignored", image_size=99, limit=20)
-    assert len(data.test) == 100 and data.in_channels == DATASETS["digits"].channels
+    assert len(data.test) == 100 and data.test[0][0].shape[0] == DATASETS["digits"].channels
 
 
 def test_console_one_line_per_run_verbose_epochs_quiet_table_and_no_pml_bars(capsys, tmp_path):
@@ -144,7 +144,7 @@ def test_passes_per_epoch_sets_the_iterations_between_evaluations(tmp_path):
 def training_models(resolved, data):
     from benchmarks.core.experiment import fresh_models
 
-    return fresh_models(resolved, data.in_channels, None, 0)
+    return fresh_models(resolved, None, 0)
 
 
 def test_folders_made_before_passes_per_epoch_existed_still_open(tmp_path):

@@ -90,7 +90,7 @@ def test_split_alternates_classes_and_is_class_disjoint(tmp_path):
     assert test == set(range(1, 52, 2))
     assert val == {8, 18, 28, 38, 48}
     assert train | val == set(range(0, 52, 2))
-    assert len(data.train) == len(FONTS) * len(train) and data.in_channels == 1
+    assert len(data.train) == len(FONTS) * len(train) and data.train[0][0].shape[0] == 1
     assert classes_of(load(tmp_path).test) == set(range(1, 52, 6))  # every third test class by default
     samples = load(tmp_path, val_mode="samples", test_every=1)
     assert classes_of(samples.val) <= classes_of(samples.train) == set(range(0, 52, 2))

@@ -199,7 +199,7 @@ def test_a_frozen_trunk_sees_the_training_images_unaugmented(tmp_path):
     augmented = dataclasses.replace(data, train=RandomAffineImages(images, data.train.labels, degrees=30))
     cached = features.cached_features(settings, augmented, tmp_path, 0, 1, lambda text: None)
     training.seed_everything(0)
-    trunk = build_trunk("cnn", data.in_channels).eval()
+    trunk = build_trunk("cnn", data.train.images.shape[1]).eval()
     with torch.no_grad():
         assert torch.allclose(cached.train.images, trunk(images), atol=1e-5)
 
