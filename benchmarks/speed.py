@@ -3,7 +3,7 @@
 The "floor" is the least any loss of this kind can cost: L2-normalise the embeddings,
 take the similarity matrix product S = X X^T (or X R^T against a memory bank) and run
 its backward with a ready-made gradient of S's shape, nothing else. Losses are named as
-in ``python -m benchmarks.run`` (the same registry, ``benchmarks/core/loss_specs.py``), with
+in ``python -m benchmarks.run`` (the same registry, ``benchmarks/core/loss_registry.py``), with
 their miners, parameters after a colon, and ``floor`` as a pseudo-loss.
 
 Timing: every candidate is warmed up, then the candidates run round-robin (the starting
