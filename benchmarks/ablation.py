@@ -6,33 +6,37 @@ Around the tuned ICE of ``--losses`` (default: the dataset's tuned settings), tr
   (lam = 0 once: every weight is 1, so both normalizations are the same loss);
 - every scale of ``SCALES`` (and the tuned one) at the tuned lam and normalization;
 
-``--seeds`` seeds each (default 5), with ``python -m benchmarks.run`` in ``--out`` (default
+``--seeds`` seeds each (default 5), as ``python -m benchmarks.run`` would, in ``--out`` (default
 ``results/ablation-<dataset>``; rerunning resumes). Then it writes ``ablation.md``: test
 MAP@R and P@1 at each run's best validation epoch (mean ± std over seeds), the setting that
 validation picks in each group, and each lam > 0 against lam = 0 of its normalization,
-paired over test queries (``significance.compare_losses``); and ``ablation.png``.
+paired over test queries (``report.paired_tests.compare_losses``); and ``ablation.png``.
 Every other option is an option of ``benchmarks.run`` (dataset, budget, ``--config``).
 """
 
 import argparse
 import dataclasses
-import io
 import os
 import shlex
 import sys
 from pathlib import Path
 from typing import Dict, List, Sequence, Tuple
 
-from . import run, significance
-from .files import atomic_write_bytes, atomic_write_text
-from .loss_specs import LossSpec, parse_loss_spec
-from .metrics import PRIMARY_METRIC
-from .out_folder import OutFolder
-from .reporting import best_epoch_rows, mean_std, mean_std_text
-from .settings import Settings, UsageError, resolve
+from pml_ice.reducers.ice_reweight_reducer import NORMALIZATIONS
+
+from .core.files import atomic_write_text
+from .core.launch import quiet_known_warnings, run_experiment
+from .core.loss_specs import LossSpec, make_loss_spec
+from .core.out_folder import OutFolder
+from .core.settings import Settings, UsageError, resolve
+from .report.metrics import PRIMARY_METRIC
+from .report.paired_tests import compare_losses
+from .report.plots import save_figure
+from .report.query_scores import QUERY_METRICS, load_run_scores
+from .report.reporting import best_epoch_rows, mean_std, mean_std_text
+from .report.tables import difference_text
 
 LAMS = (0, 0.5, 1, 2, 4)
-NORMALIZATIONS = ("batch", "anchor")
 SCALES = (2, 4, 8, 16, 32, 64)
 
 
@@ -46,7 +50,7 @@ class Setting:
 
     @property
     def spec(self) -> LossSpec:
-        return parse_loss_spec(f"ice:lam={self.lam:g},normalize={self.normalize!r},scale={self.scale:g}")
+        return make_loss_spec("ice", {"lam": self.lam, "normalize": self.normalize, "scale": self.scale})
 
 
 def tuned_ice(settings: Settings) -> Setting:
@@ -77,7 +81,7 @@ def collect(folder: OutFolder, settings: Sequence[Setting], seeds: int, epochs: 
     wanted = {(setting.spec.label, seed) for setting in settings for seed in range(seeds)}
     keys = [key for key in rows_by_run if key in wanted]
     rows = [row for key in keys for row in rows_by_run[key]]
-    return best_epoch_rows(rows), significance.load_run_scores({key: run_folders[key] for key in keys})
+    return best_epoch_rows(rows), load_run_scores({key: run_folders[key] for key in keys})
 
 
 def group_table(group: str, settings: Sequence[Setting], best, scores) -> List[str]:
@@ -96,8 +100,8 @@ def group_table(group: str, settings: Sequence[Setting], best, scores) -> List[s
         reference = Setting(setting.scale, 0, NORMALIZATIONS[0]).spec.label
         comparisons = ["", ""] if group == "lam" else []
         if group == "lam" and setting.lam > 0 and reference in scores and label in scores:
-            differences = significance.compare_losses(scores, label, reference)
-            comparisons = [significance.difference_text(differences[m]) for m in significance.QUERY_METRICS]
+            differences = compare_losses(scores, label, reference)
+            comparisons = [difference_text(differences[m]) for m in QUERY_METRICS]
         marker = " *" if setting == picked else ""
         cells = [setting.normalize, f"{setting.lam:g}", f"{setting.scale:g}{marker}", str(len(chosen)),
                  mean_std_text(chosen, "val_" + PRIMARY_METRIC), mean_std_text(chosen, PRIMARY_METRIC), mean_std_text(chosen, "precision_at_1")]
@@ -136,10 +140,8 @@ def write_plot(path: Path, groups: Dict[str, List[Setting]], best) -> None:
         ax.grid(alpha=0.3)
         ax.legend(fontsize=7)
     fig.tight_layout()
-    buffer = io.BytesIO()
-    fig.savefig(buffer, format="png", dpi=100)
+    save_figure(fig, path)
     plt.close(fig)
-    atomic_write_bytes(path, buffer.getvalue())
 
 
 def write_report(out: Path, settings: Settings, centre: Setting, seeds: int, command: str) -> str:
@@ -172,15 +174,17 @@ def main(argv=None) -> int:
     parser.add_argument("--seeds", type=int, default=5, metavar="K", help="seeds 0..K-1 per setting (default 5)")
     parser.add_argument("--out", metavar="DIR", help="output folder (default: results/ablation-<dataset>)")
     args, run_argv = parser.parse_known_args(argv)
+    quiet_known_warnings()
     try:
         settings = resolve(run_argv)
         centre = tuned_ice(settings)
+        out = Path(args.out or os.path.join("results", f"ablation-{settings.dataset}"))
+        experiment = resolve(run_argv + ["--seeds", str(args.seeds), "--out", str(out)])
     except UsageError as error:
         print(f"python -m benchmarks.ablation: error: {error}", file=sys.stderr)
         return 2
-    out = Path(args.out or os.path.join("results", f"ablation-{settings.dataset}"))
-    labels = ",".join(s.spec.label for s in all_settings(grid(centre)))
-    status = run.main(run_argv + ["--losses", labels, "--seeds", str(args.seeds), "--out", str(out)])
+    specs = tuple(s.spec for s in all_settings(grid(centre)))
+    status = run_experiment(dataclasses.replace(experiment, losses=specs), "python -m benchmarks.ablation")
     if status:
         return status
     print("\n" + write_report(out, settings, centre, args.seeds, command))

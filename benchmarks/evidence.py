@@ -1,7 +1,7 @@
 """The README's "Does ICE help?" table of a finished --out folder: ``python -m benchmarks.evidence DIR...``.
 
 One row per loss: test MAP@R and P@1 at each run's best validation epoch (mean ± std over
-seeds, in %), then the loss minus ICE on the same test queries (``significance``: the
+seeds, in %), then the loss minus ICE on the same test queries (``report.paired_tests``: the
 difference in points, its 95 % bootstrap interval and the Wilcoxon p), and a last line
 saying which losses are better than ICE, worse, or not distinguishable from it. The first
 row is the untrained model. Reads the run folders only; trains nothing.
@@ -12,11 +12,13 @@ import sys
 from pathlib import Path
 from typing import Dict, List
 
-from . import significance
-from .loss_specs import LOSSES
-from .metrics import PRIMARY_METRIC
-from .out_folder import OutFolder
-from .reporting import best_epoch_rows, mean_std_text
+from .core.loss_registry import LOSSES
+from .core.out_folder import OutFolder
+from .report.metrics import PRIMARY_METRIC
+from .report.paired_tests import compare_losses
+from .report.query_scores import load_run_scores
+from .report.reporting import best_epoch_rows, mean_std_text
+from .report.tables import difference_text
 
 METRIC_COLUMNS = (("MAP@R", PRIMARY_METRIC), ("P@1", "precision_at_1"))
 
@@ -34,7 +36,7 @@ def ice_table(out) -> str:
         raise ValueError(f"{out} holds no ICE run to compare with")
     all_rows = [r for rows in rows_by_run.values() for r in rows]
     best = best_epoch_rows(all_rows)
-    scores = significance.load_run_scores(run_folders)
+    scores = load_run_scores(run_folders)
     header = ["loss", "seeds"] + [name for name, _ in METRIC_COLUMNS] + [f"Δ{name} vs ICE [95 % CI], p" for name, _ in METRIC_COLUMNS]
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     untrained = list({r["seed"]: r for r in all_rows if r["epoch"] == 0}.values())
@@ -46,8 +48,8 @@ def ice_table(out) -> str:
         if label == ice:
             cells += ["", ""]
         else:
-            differences = significance.compare_losses(scores, label, ice)
-            cells += [significance.difference_text(differences[m]) for _, m in METRIC_COLUMNS]
+            differences = compare_losses(scores, label, ice)
+            cells += [difference_text(differences[m]) for _, m in METRIC_COLUMNS]
             headline = differences[PRIMARY_METRIC]
             kind = "same" if not headline.significant else ("better" if headline.mean > 0 else "worse")
             verdicts[kind].append(label.partition(":")[0])

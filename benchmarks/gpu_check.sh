@@ -1,13 +1,13 @@
 #!/usr/bin/env bash
 # The GPU figures of the README, in one go (about 3 minutes on an H200):
-#   bash benchmarks/gpu_check.sh [OUT]        (default OUT: benchmarks/results/gpu)
+#   bash benchmarks/gpu_check.sh [OUT]        (default OUT: results/gpu)
 # Speed and memory of ICE against the floor, SupCon and MultiSimilarity at D = 512 in
 # float32 and bfloat16, a 4096 batch against a 1,048,576-entry memory bank, ICE's dense
 # path at batch 65536, the loss tests on CUDA, and a short harness run on CUDA with
 # bfloat16 autocast (the default dataset, 2 epochs, 1 seed).
 # Each step's table or summary lands in OUT; a failing step does not stop the others.
 set -u
-OUT=${1:-benchmarks/results/gpu}
+OUT=${1:-results/gpu}
 mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1
 SPEED="python3 -m benchmarks.speed --device cuda --dim 512 --out $OUT/speed"

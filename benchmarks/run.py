@@ -5,134 +5,24 @@ it with PML's GlobalEmbeddingSpaceTester after every epoch, and writes results.c
 summary.md, plots and per-run record-keeper logs under --out. Rerunning the same command
 skips finished runs and resumes interrupted ones. Under ``torchrun --nproc_per_node=N``
 it trains with DistributedDataParallel and PML's DistributedLossWrapper.
-
-The steps, one module each: settings -> registry/datasets (data) -> models -> training
-(PML trainer and tester, one run) -> run_store (one run's files) -> experiment (the loop)
--> out_folder/reporting (results).
 """
 
-import contextlib
-import logging
-import os
 import sys
-import warnings
-from typing import Optional, Tuple
 
-import numpy as np
-import torch
+from .core.console import Console
+from .core.launch import quiet_known_warnings, refuse, run_experiment
+from .core.settings import UsageError, resolve
 
-from .console import Console, silence_pml_progress_bars
-from .datasets import BenchmarkData, DatasetNotInstalled
-from .experiment import Experiment, settings_lines
-from .features import cached_features
-from .files import BrokenFile
-from .models import WeightsUnavailable, build_trunk
-from .out_folder import IdentityMismatch, OutFolder
-from .registry import load_dataset
-from .settings import Settings, UsageError, resolve
-
-USER_ERRORS = (DatasetNotInstalled, WeightsUnavailable, UsageError, IdentityMismatch, BrokenFile, ValueError)
-
-
-def start_processes(settings: Settings):
-    """Start torch.distributed when launched by torchrun; return (rank, number of processes)."""
-    processes = int(os.environ.get("WORLD_SIZE", "1"))
-    if processes <= 1:
-        return 0, 1
-    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
-    if settings.device.startswith("cuda"):
-        torch.cuda.set_device(local_rank)  # "cuda" then means this process's GPU
-    torch.distributed.init_process_group(backend="nccl" if settings.device.startswith("cuda") else "gloo")
-    return torch.distributed.get_rank(), processes
-
-
-def check_batches(settings: Settings, data: BenchmarkData, processes: int) -> None:
-    """Each process's share of the batch must be whole classes that the training split can fill."""
-    share = settings.batch_size // processes
-    if settings.batch_size % processes or share % settings.m_per_class:
-        raise UsageError(f"--batch-size {settings.batch_size} must split into {processes} process(es) whose share "
-                         f"is a multiple of --m-per-class {settings.m_per_class}")
-    classes = len(np.unique(data.train.labels))
-    if settings.m_per_class * classes < share:
-        raise UsageError(f"--m-per-class {settings.m_per_class} x {classes} training classes cannot fill a batch "
-                         f"of {share}; raise --m-per-class or lower --batch-size")
-
-
-def prepare_data(settings: Settings, processes: int) -> BenchmarkData:
-    """Load the data and check that the batches and the model can be built, before writing anything."""
-    data = load_dataset(settings.dataset, settings.data_root, settings.download, settings.image_size,
-                        settings.val, settings.limit_per_class)
-    check_batches(settings, data, processes)
-    if not settings.freeze_trunk:
-        build_trunk(settings.model, data.in_channels, settings.pretrained)  # fail early on missing weights
-    return data
-
-
-class _DropFrozenTrunkWarning(logging.Filter):
-    """A frozen (cached-feature) trunk has no optimizer by design; PML warns about it."""
-
-    def filter(self, record):
-        return 'missing "trunk_optimizer"' not in record.getMessage()
-
-
-def _quiet_known_warnings() -> None:
-    # PML's progress bar formats the loss tensor itself; DDP's buffers are kept rank-local on purpose.
-    warnings.filterwarnings("ignore", message="Converting a tensor with requires_grad=True to a scalar")
-    warnings.filterwarnings("ignore", message=".*broadcast_buffers.*is deprecated")
-    pml_logger = logging.getLogger("PML")
-    if not any(isinstance(f, _DropFrozenTrunkWarning) for f in pml_logger.filters):
-        pml_logger.addFilter(_DropFrozenTrunkWarning())
-    silence_pml_progress_bars()
-
-
-def open_folder(settings: Settings, folder: OutFolder, data: BenchmarkData, console: Console, rank: int,
-                processes: int) -> Tuple[BenchmarkData, Optional[int]]:
-    """Check and claim the --out folder; return the data to train on and, for a frozen trunk,
-    its feature size (the data are then the trunk's cached features)."""
-    identity = dict(settings.identity(), processes=processes)
-    folder.check_identity(identity)
-    if rank == 0:
-        folder.write_identity(identity)
-    console.say("\n".join(settings_lines(settings, data, processes, [s.label for s in settings.losses])))
-    if not settings.freeze_trunk:
-        return data, None
-    data = cached_features(settings, data, folder.path, rank, processes, console.say)
-    return data, data.train.images.shape[1]
-
-
-def _refuse(error: Exception, console: Console) -> int:
-    console.stop()
-    print(f"python -m benchmarks.run: error: {error}", file=sys.stderr)
-    return 2
+PROG = "python -m benchmarks.run"
 
 
 def main(argv=None) -> int:
-    _quiet_known_warnings()
+    quiet_known_warnings()
     try:
         settings = resolve(argv)
     except UsageError as error:
-        return _refuse(error, Console(enabled=True, verbose=False, quiet=False))
-    rank, processes = start_processes(settings)
-    console = Console(enabled=rank == 0, verbose=settings.verbose, quiet=settings.quiet)
-    try:
-        data = prepare_data(settings, processes)
-    except USER_ERRORS as error:
-        return _refuse(error, console)
-    folder = OutFolder(settings.out)
-    with contextlib.ExitStack() as held:
-        try:
-            if rank == 0:
-                held.enter_context(folder.lock(console.say))
-            if processes > 1:
-                torch.distributed.barrier()  # the other ranks read the folder once rank 0 holds it
-            data, feature_size = open_folder(settings, folder, data, console, rank, processes)
-        except USER_ERRORS as error:
-            return _refuse(error, console)
-        Experiment(settings, data, folder, console, rank, processes, feature_size).run()
-    if processes > 1:
-        torch.distributed.barrier()
-        torch.distributed.destroy_process_group()
-    return 0
+        return refuse(PROG, error, Console(enabled=True, verbose=False, quiet=False))
+    return run_experiment(settings, PROG)
 
 
 if __name__ == "__main__":

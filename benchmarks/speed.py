@@ -3,7 +3,7 @@
 The "floor" is the least any loss of this kind can cost: L2-normalise the embeddings,
 take the similarity matrix product S = X X^T (or X R^T against a memory bank) and run
 its backward with a ready-made gradient of S's shape, nothing else. Losses are named as
-in ``python -m benchmarks.run`` (the same registry, ``benchmarks/loss_specs.py``), with
+in ``python -m benchmarks.run`` (the same registry, ``benchmarks/core/loss_registry.py``), with
 their miners, parameters after a colon, and ``floor`` as a pseudo-loss.
 
 Timing: every candidate is warmed up, then the candidates run round-robin (the starting
@@ -36,8 +36,8 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from . import loss_specs
-from .speed_report import GIB, add_ratios, header_lines, table_lines, write_report
+from .core import loss_specs
+from .report.speed_report import GIB, add_ratios, header_lines, table_lines, write_report
 
 FLOOR = "floor"
 DEFAULT_CANDIDATES = "floor,ice,supcon,multisimilarity,ntxent"
@@ -369,9 +369,9 @@ def parse_args(argv=None):
     parser.add_argument("--max-memory", type=float, default=None, metavar="GIB",
                         help="memory budget for the skip rule, in GiB (default: free RAM or free GPU memory); "
                              f"a candidate estimated above {MEMORY_SAFETY_FRACTION} of it is skipped")
-    parser.add_argument("--out", type=Path, default=Path("benchmarks/results/speed"),
+    parser.add_argument("--out", type=Path, default=Path("results/speed"),
                         help="folder for the .md table, .json raw numbers and .png plot "
-                             "(default benchmarks/results/speed)")
+                             "(default results/speed)")
     parser.add_argument("--name", default=None,
                         help="file name stem of the outputs (default from device, dtype, D, batches, bank)")
     parser.add_argument("--child", action="store_true", help=argparse.SUPPRESS)

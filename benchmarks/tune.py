@@ -1,7 +1,7 @@
 """Tune every loss on validation MAP@R with Optuna: ``python -m benchmarks.tune [options]``.
 
 Each loss gets the same number of trials of Optuna's TPE sampler (fixed seed) over its
-search space (``SEARCH_SPACES``) and the same training budget (the dataset and training
+search space (its ``search_space`` in ``benchmarks/core/loss_registry.py``) and the same training budget (the dataset and training
 options of ``python -m benchmarks.run``). A trial trains one run per seed with the
 harness and scores it by the best validation MAP@R over its trained epochs, averaged over
 seeds. The test split is dropped when the data is loaded: tuning never embeds it.
@@ -15,298 +15,22 @@ machines pointed at one database share the studies. Outputs under ``--out``: ``b
 """
 
 import argparse
-import dataclasses
-import io
-import json
 import os
-import re
 import shlex
-import socket
 import sys
-import tempfile
 import time
 from pathlib import Path
-from typing import Dict, List, Optional, Sequence, Tuple
 
-import numpy as np
 import optuna
 
-from . import loss_specs, run
-from .datasets import BenchmarkData
-from .experiment import fresh_models
-from .features import cached_features
-from .files import atomic_write_bytes, atomic_write_text
-from .metrics import PRIMARY_METRIC
-from .run_store import RunStore, StoredRun
-from .settings import FIELDS, Settings, UsageError, resolve, stored_identity
-from .training import NonFiniteLossError, Run
+from .core.loss_registry import DEFAULT_LOSSES, LOSSES, TUNABLE_LOSSES
+from .core.launch import USER_ERRORS, quiet_known_warnings
+from .core.settings import UsageError, resolve
+from .core.tuning import (counted_trials, load_validation_data, mask_credentials, open_storage,
+                          open_study, parse_loss_names, tune_loss)
+from .report.tuning_report import write_best_toml, write_report
 
 DEFAULT_TRIALS = 20
-COUNTED_STATES = (optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.PRUNED)  # pruned = diverged
-
-
-@dataclasses.dataclass(frozen=True)
-class Parameter:
-    """One searched hyperparameter: a float range (log-uniform when ``log``) or ``choices``.
-    ``tied`` keys get the same value (the triplet miner's margin follows the loss's)."""
-
-    name: str
-    low: Optional[float] = None
-    high: Optional[float] = None
-    log: bool = False
-    choices: Tuple[str, ...] = ()
-    tied: Tuple[str, ...] = ()
-
-    def suggest(self, trial):
-        if self.choices:
-            return trial.suggest_categorical(self.name, self.choices)
-        return float(f"{trial.suggest_float(self.name, self.low, self.high, log=self.log):.3g}")
-
-    def describe(self) -> str:
-        if self.choices:
-            text = "{" + ", ".join(self.choices) + "}"
-        else:
-            text = f"[{self.low:g}, {self.high:g}]" + (" log-uniform" if self.log else " uniform")
-        return f"{self.name} in {text}" + "".join(f", {t} = {self.name}" for t in self.tied)
-
-
-# The first parameter of each loss is its main one (the x axis of its plot).
-SEARCH_SPACES: Dict[str, Tuple[Parameter, ...]] = {
-    "ice": (Parameter("scale", 4, 128, log=True), Parameter("lam", 0.0, 4.0), Parameter("normalize", choices=("batch", "anchor"))),
-    "ntxent": (Parameter("temperature", 0.01, 1.0, log=True),),
-    "supcon": (Parameter("temperature", 0.01, 1.0, log=True),),
-    "multisimilarity": (Parameter("alpha", 0.01, 100, log=True), Parameter("beta", 0.01, 100, log=True),
-                        Parameter("base", 0.0, 1.0), Parameter("miner_epsilon", 0.0, 1.0)),
-    "triplet": (Parameter("margin", 0.0, 1.0, tied=("miner_margin",)),
-                Parameter("miner_type_of_triplets", choices=("all", "hard", "semihard"))),
-    "contrastive": (Parameter("pos_margin", 0.0, 1.0), Parameter("neg_margin", 0.0, 2.0)),
-    "proxyanchor": (Parameter("margin", 0.0, 0.5), Parameter("alpha", 1, 128, log=True), Parameter(loss_specs.LOSS_LR, 1e-4, 1e-1, log=True)),
-    "arcface": (Parameter("margin", 5.0, 60.0), Parameter("scale", 8, 128, log=True)),
-}
-# run settings written to best.toml: the training budget every loss was tuned with (the settings
-# that identify a run's --out folder but the machine's data path, plus the epochs and the patience).
-BUDGET_KEYS = tuple(name for name, field in FIELDS.items() if field.metadata["identity"] and name != "data_root") \
-    + ("epochs", "patience")
-FINAL_SEEDS = 5  # seeds of the final runs, as the protocol asks
-
-
-# ---- Harness adapter: the only code that knows how the harness loads data and trains. ----
-
-def load_validation_data(settings: Settings, out: Path, log) -> BenchmarkData:
-    """The dataset of ``settings``, checked as ``benchmarks.run`` checks it, without its test
-    split (``test=None``): the split is dropped before anything runs, so neither the frozen
-    trunk's feature cache (under ``out``) nor training can embed it."""
-    data = dataclasses.replace(run.prepare_data(settings, 1), test=None)
-    return cached_features(settings, data, out, 0, 1, log) if settings.freeze_trunk else data
-
-
-def validation_map_at_r(settings: Settings, data: BenchmarkData, spec: loss_specs.LossSpec, seed: int,
-                        run_dir: Path) -> float:
-    """Train one new run of ``spec`` (``training.Run``, evaluating the validation split only as
-    ``data`` has no test split) in ``run_dir`` and return its best validation MAP@R over the
-    trained epochs (epoch 0 when ``epochs`` is 0). Raises ``NonFiniteLossError`` when the loss diverges."""
-    feature_size = data.train.images.shape[1] if settings.freeze_trunk else None
-    trunk, embedder = fresh_models(settings, data.in_channels, feature_size, seed)
-    result = Run(data, trunk, embedder, spec, seed, settings, RunStore(run_dir), StoredRun("new", []),
-                 on_rows=lambda rows: None).execute()
-    if result.error:
-        raise NonFiniteLossError(result.error)
-    trained = [r["val_" + PRIMARY_METRIC] for r in result.rows if r["epoch"] > 0] or [result.rows[0]["val_" + PRIMARY_METRIC]]
-    if not np.isfinite(trained).any():
-        raise UsageError("validation MAP@R is undefined (no validation image has another of its class); "
-                         "change --val or --limit-per-class")
-    return float(np.nanmax(trained))
-
-# ---- end of the harness adapter ----
-
-
-def parse_loss_names(text: str) -> List[str]:
-    names = [n.strip().lower() for n in text.split(",") if n.strip()]
-    unknown = [n for n in names if n not in SEARCH_SPACES]
-    if unknown or not names:
-        raise UsageError(f"no search space for {', '.join(unknown) or 'an empty list'}; --losses takes "
-                         f"names of losses that can be tuned: {', '.join(SEARCH_SPACES)}")
-    if len(set(names)) < len(names):
-        raise UsageError(f"loss given twice in --losses {text!r}")
-    return names
-
-
-def trial_spec(loss: str, trial) -> loss_specs.LossSpec:
-    """The loss spec a trial trains."""
-    params = {}
-    for parameter in SEARCH_SPACES[loss]:
-        value = parameter.suggest(trial)
-        for key in (parameter.name, *parameter.tied):
-            params[key] = value
-    return loss_specs.parse_loss_spec(loss + ":" + ",".join(f"{k}={v!r}" for k, v in params.items()))
-
-
-CREDENTIALS = re.compile(r"(\b[A-Za-z][\w+.-]*://[^\s:/@]*:)[^\s@]*@")
-
-
-def mask_credentials(text: str) -> str:
-    """``text`` with the password of every ``scheme://user:password@host`` URL replaced by ``***``."""
-    return CREDENTIALS.sub(r"\1***@", text)
-
-
-def open_storage(url: str):
-    """An Optuna RDB storage (SQLite waits up to a minute for a lock held by another process)."""
-    from sqlalchemy.exc import IntegrityError, OperationalError
-
-    engine_kwargs = {"connect_args": {"timeout": 60}} if url.startswith("sqlite") else {}
-    for _ in range(3):
-        try:
-            return optuna.storages.RDBStorage(url, engine_kwargs=engine_kwargs)
-        except (IntegrityError, OperationalError) as error:  # also seen while another process creates the same new database
-            failure = error
-            time.sleep(1)
-        except Exception as error:  # ArgumentError for a malformed URL, ImportError for a missing driver, ...
-            failure = error
-            break
-    raise UsageError(f"--storage {url!r}: optuna cannot open this database ({type(failure).__name__}: {failure}); "
-                     "give a SQLAlchemy URL such as sqlite:////abs/path/tuning.db or "
-                     "postgresql://user:password@host/database") from failure
-
-
-def budget(settings: Settings) -> Dict[str, object]:
-    """The run options that define a trial's training (what best.toml repeats)."""
-    values = {key: getattr(settings, key) for key in BUDGET_KEYS}
-    values["patience"] = -1 if settings.patience is None else settings.patience
-    return values
-
-
-def open_study(storage, settings: Settings, loss: str, sampler_seed: int, seeds: int):
-    """Create or load the study ``<dataset>-<loss>``; refuse one made with another budget."""
-    study = optuna.create_study(
-        study_name=f"{settings.dataset}-{loss}", storage=storage, direction="maximize", load_if_exists=True,
-        sampler=optuna.samplers.TPESampler(seed=sampler_seed),
-    )
-    identity = {**budget(settings), "seeds_per_trial": seeds, "search_space": [p.describe() for p in SEARCH_SPACES[loss]]}
-    identity = json.loads(json.dumps(identity))
-    stored = study.user_attrs.get("settings")
-    if stored is None:
-        study.set_user_attr("settings", identity)
-    elif (stored := stored_identity(stored)) != identity:
-        differing = ", ".join(f"{k}: {stored.get(k)!r} there, {v!r} now" for k, v in identity.items() if stored.get(k) != v)
-        raise UsageError(f"study '{study.study_name}' in the storage was tuned with other settings ({differing}); "
-                         "choose another --out or --storage")
-    return study
-
-
-def counted_trials(study, trials: int) -> list:
-    """The first ``trials`` finished trials by number (complete, or pruned by divergence):
-    the budget, even when concurrent processes finished a few more."""
-    done = study.get_trials(deepcopy=False, states=COUNTED_STATES)
-    return sorted(done, key=lambda t: t.number)[:trials]
-
-
-def best_trial(study, trials: int):
-    complete = [t for t in counted_trials(study, trials) if t.state == optuna.trial.TrialState.COMPLETE]
-    return max(complete, key=lambda t: (t.value, -t.number)) if complete else None
-
-
-def tune_loss(study, loss: str, settings: Settings, data: BenchmarkData, trials: int, seeds: int, out: Path, log) -> None:
-    """Run trials until the study holds ``trials`` finished ones (shared with other processes)."""
-    def objective(trial):
-        spec = trial_spec(loss, trial)
-        trial.set_user_attr("loss", spec.label)
-        trial.set_user_attr("process", f"{socket.gethostname()}:{os.getpid()}")
-        try:
-            with tempfile.TemporaryDirectory(prefix=f"{loss}-{trial.number}-", dir=out / "trials") as run_dir:
-                return float(np.mean([validation_map_at_r(settings, data, spec, s, Path(run_dir) / f"seed{s}")
-                                      for s in range(seeds)]))
-        except NonFiniteLossError as error:
-            trial.set_user_attr("error", str(error))
-            raise optuna.TrialPruned(str(error)) from error
-
-    def report(study, trial):
-        value = "pruned (diverged)" if trial.value is None else f"val MAP@R {100 * trial.value:.2f}"
-        log(f"  {loss} trial {trial.number}: {value}  {trial.user_attrs.get('loss')}")
-
-    finished = optuna.study.MaxTrialsCallback(trials, states=COUNTED_STATES)
-    (out / "trials").mkdir(parents=True, exist_ok=True)
-    if len(counted_trials(study, trials)) < trials:
-        study.optimize(objective, callbacks=[report, finished], gc_after_trial=True)
-
-
-def write_best_toml(path: Path, settings: Settings, studies: Dict[str, object], trials: int, command: str) -> Optional[str]:
-    """best.toml: the budget options and the best spec of each loss; None when a loss has no completed trial."""
-    best = {loss: best_trial(study, trials) for loss, study in studies.items()}
-    if any(t is None for t in best.values()):
-        return None
-    values = budget(settings)
-    values["seeds"] = FINAL_SEEDS
-    values["losses"] = ",".join(t.user_attrs["loss"] for t in best.values())
-    lines = [f"# Written by: {command}",
-             f"# Best of {trials} trials per loss on validation MAP@R (test split never evaluated); see tuning.md.",
-             "# Run the final comparison with: python -m benchmarks.run --config " + path.name]
-    for key, value in values.items():
-        if value is not None:
-            lines.append(f"{key} = {json.dumps(value)}")  # JSON scalars are valid TOML values
-    text = "\n".join(lines) + "\n"
-    atomic_write_text(path, text)
-    return text
-
-
-def write_report(out: Path, settings: Settings, data: BenchmarkData, studies: Dict[str, object], trials: int, seeds: int, command: str) -> None:
-    """tuning.md (every trial of every study) and one plot per loss."""
-    parts = ["# Tuning on validation MAP@R", "", f"Command: `{command}`", "",
-             f"- dataset: {settings.dataset} (train {len(data.train)} images, validation {len(data.val)} images; "
-             "test split not loaded)",
-             f"- budget per trial: {seeds} seed(s), " + ", ".join(f"{k}={v}" for k, v in budget(settings).items()),
-             f"- Optuna TPE, {trials} trials per loss; value = best validation MAP@R over the trained epochs, mean over seeds",
-             ""]
-    for loss, study in studies.items():
-        counted = {t.number for t in counted_trials(study, trials)}
-        best = best_trial(study, trials)
-        parts += [f"## {loss}", "", "Search space: " + "; ".join(p.describe() for p in SEARCH_SPACES[loss]) + ".", "",
-                  f"Best: `{best.user_attrs['loss']}`, val MAP@R {100 * best.value:.2f}" if best else "Best: none yet", "",
-                  "| trial | state | val MAP@R | settings | seconds | process |", "|---|---|---|---|---|---|"]
-        for t in study.get_trials(deepcopy=False):
-            state = t.state.name.lower()
-            if t.state == optuna.trial.TrialState.PRUNED:
-                state = "diverged"
-            elif t.state in (optuna.trial.TrialState.RUNNING, optuna.trial.TrialState.FAIL):
-                state += " (not counted)"
-            elif t.number not in counted:
-                state += " (beyond the budget, not counted)"
-            value = f"{100 * t.value:.2f}" if t.value is not None else "-"
-            seconds = f"{t.duration.total_seconds():.0f}" if t.duration else "-"
-            parts.append(f"| {t.number} | {state} | {value} | `{t.user_attrs.get('loss', '?')}` | {seconds} | {t.user_attrs.get('process', '-')} |")
-        parts.append("")
-        write_plot(out / "plots" / f"{loss}.png", loss, counted_trials(study, trials))
-    atomic_write_text(out / "tuning.md", "\n".join(parts))
-
-
-def write_plot(path: Path, loss: str, trials: Sequence) -> None:
-    """Validation MAP@R against the trial number (with the running best) and against the main parameter."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    complete = [t for t in trials if t.value is not None]
-    main = SEARCH_SPACES[loss][0]
-    fig, (by_trial, by_param) = plt.subplots(1, 2, figsize=(10, 4))
-    numbers, values = [t.number for t in complete], [100 * t.value for t in complete]
-    by_trial.plot(numbers, values, "o", label="trial")
-    by_trial.step(numbers, np.maximum.accumulate(values) if values else [], where="post", label="best so far")
-    by_trial.set_xlabel("trial")
-    by_trial.xaxis.set_major_locator(matplotlib.ticker.MaxNLocator(integer=True))
-    by_trial.legend(fontsize=8)
-    by_param.plot([t.params[main.name] for t in complete], values, "o")
-    if main.log:
-        by_param.set_xscale("log")
-    by_param.set_xlabel(main.name)
-    for ax in (by_trial, by_param):
-        ax.set_ylabel("validation MAP@R (%)")
-        ax.grid(alpha=0.3)
-    fig.suptitle(f"{loss}: {len(complete)} completed trials")
-    fig.tight_layout()
-    buffer = io.BytesIO()
-    fig.savefig(buffer, format="png", dpi=100)
-    plt.close(fig)
-    atomic_write_bytes(path, buffer.getvalue())
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -317,10 +41,10 @@ def build_parser() -> argparse.ArgumentParser:
         "split is never loaded. Every other option is an option of `python -m benchmarks.run` (dataset, "
         "--epochs, --batch-size, --limit-per-class, --config, ...) and sets the training budget of a trial.",
         epilog="Search spaces:\n" + "\n".join(
-            f"  {loss}: " + "; ".join(p.describe() for p in space) for loss, space in SEARCH_SPACES.items()),
+            f"  {loss}: " + "; ".join(p.describe() for p in LOSSES[loss].search_space) for loss in TUNABLE_LOSSES),
     )
     add = parser.add_argument
-    add("--losses", default=loss_specs.DEFAULT_LOSSES, metavar="NAMES", help=f"losses to tune (default: {loss_specs.DEFAULT_LOSSES})")
+    add("--losses", default=DEFAULT_LOSSES, metavar="NAMES", help=f"losses to tune (default: {DEFAULT_LOSSES})")
     add("--trials", type=int, default=DEFAULT_TRIALS, metavar="N", help=f"finished trials per loss (default {DEFAULT_TRIALS})")
     add("--seeds", type=int, default=1, metavar="K", help="training seeds 0..K-1 per trial, value = mean (default 1)")
     add("--sampler-seed", type=int, default=0, metavar="S", help="seed of the TPE sampler (default 0)")
@@ -346,11 +70,11 @@ def main(argv=None) -> int:
         out = Path(args.out or os.path.join("results", f"tune-{settings.dataset}"))
         out.mkdir(parents=True, exist_ok=True)
         storage = open_storage(args.storage or f"sqlite:///{out.resolve() / 'tuning.db'}")
-        run._quiet_known_warnings()
+        quiet_known_warnings()
         data = load_validation_data(settings, out, say)
         optuna.logging.set_verbosity(optuna.logging.WARNING)
         studies = {loss: open_study(storage, settings, loss, args.sampler_seed, args.seeds) for loss in losses}
-    except run.USER_ERRORS as error:
+    except USER_ERRORS as error:
         print(mask_credentials(f"python -m benchmarks.tune: error: {error}"), file=sys.stderr)
         return 2
     started = time.time()

@@ -2,7 +2,7 @@
 
 Embeds batches of validation images (``m_per_class`` per class, as in training) with the
 untrained model of the run's seed and with its checkpoint, and plots, for several ``lam``,
-the formulas of ``benchmarks/weight_analysis.py``: each positive pair's matching
+the formulas of ``benchmarks/report/weight_analysis.py``: each positive pair's matching
 probability ``p``, its weight ``w = exp(lam (1 - p))`` and its share of the gradient
 ``w (1 - p) / sum w (1 - p)``, and the share carried by the hardest 10 % of pairs.
 Writes ``weights.png`` and ``weights.md`` into the run's folder.
@@ -17,11 +17,13 @@ import numpy as np
 import torch
 from pytorch_metric_learning.samplers import MPerClassSampler
 
-from . import loss_specs, settings
-from .experiment import fresh_models
-from .files import atomic_write_text, read_json, read_torch
-from .registry import load_dataset
-from .weight_analysis import HARDEST_FRACTION, pair_weights
+from .core import loss_specs, settings
+from .core.experiment import fresh_models
+from .core.files import atomic_write_text, read_json
+from .core.run_store import RunStore
+from .data.registry import load_dataset
+from .report.plots import save_figure
+from .report.weight_analysis import HARDEST_FRACTION, pair_weights
 
 FORMULAS = ("p = exp(-l),  l = softplus(logsumexp_neg Z - Z_pos);  w = exp(lam (1 - p));  "
             "share = w (1 - p) / sum w (1 - p)")
@@ -44,10 +46,10 @@ def find_run(out: Path, loss: str, seed: int):
     """(loss spec, checkpoint) of the run of ``loss`` (default: the first ICE run) and ``seed``."""
     folders = sorted(p.parent for p in (out / "runs").glob(f"*/seed{seed}/checkpoint.pth"))
     for folder in folders:
-        checkpoint = read_torch(folder / "checkpoint.pth")
-        label = checkpoint["rows"][0]["loss"]
-        if (loss is None and label.startswith("ice")) or label == loss:
-            return loss_specs.parse_loss_spec(label), checkpoint
+        stored = RunStore(folder).load(epochs=0, restart_broken=False)
+        label = stored.key[0] if stored.key else ""
+        if stored.checkpoint is not None and ((loss is None and label.startswith("ice")) or label == loss):
+            return loss_specs.parse_loss_spec(label), stored.checkpoint
     raise settings.UsageError(f"no finished run of {loss or 'an ICE loss'} with seed {seed} under {out / 'runs'}")
 
 
@@ -99,7 +101,7 @@ def plot(path, results, lams, title):
         axis.legend(fontsize=8)
     figure.suptitle(f"{title}\n{FORMULAS}", fontsize=9)
     figure.tight_layout()
-    figure.savefig(path, dpi=110)
+    save_figure(figure, path, dpi=110)
     plt.close(figure)
 
 
@@ -143,7 +145,7 @@ def main(argv=None) -> int:
     data = load_dataset(run.dataset, run.data_root, False, run.image_size, run.val, run.limit_per_class)
     results = {}
     for name, state in (("untrained", None), (f"trained (epoch {checkpoint['epoch']})", checkpoint["models"])):
-        trunk, embedder = fresh_models(run, data.in_channels, None, args.seed)
+        trunk, embedder = fresh_models(run, None, args.seed)
         if state is not None:
             trunk.load_state_dict(state["trunk"]), embedder.load_state_dict(state["embedder"])
         results[name] = analyse(embed_batches(trunk, embedder, data.val, run, args.batches, args.seed), scale, args.lams)

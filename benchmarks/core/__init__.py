@@ -1,0 +1,1 @@
+"""One experiment: settings, loss specs, models, training, the files of runs and of an --out folder."""

@@ -1,0 +1,156 @@
+"""The loop over (loss, seed): skip finished runs, resume partial ones, record failures and
+publish results.csv after every evaluated epoch, then summary.md and the plots.
+
+Runs of earlier commands in the same --out folder (other losses or seeds) are read once
+at the start and kept in every publication.
+"""
+
+import time
+from typing import Dict, List, Optional
+
+from ..data.registry import DATASETS
+from ..data.splits import BenchmarkData, split_sizes
+from . import loss_specs
+from .console import Console
+from .features import FrozenFeatures
+from .models import FROM_SCRATCH_MODELS, build_embedder, build_trunk
+from .out_folder import OutFolder
+from .run_store import RunKey, RunStore, StoredRun
+from .settings import Settings
+from .training import Run, seed_everything
+
+
+def settings_lines(settings: Settings, data: BenchmarkData, processes: int, labels: List[str]) -> List[str]:
+    """The settings block of summary.md and of the console."""
+    pretrained = " (pretrained)" if settings.pretrained and settings.model not in FROM_SCRATCH_MODELS else ""
+    lines = [
+        f"- dataset: {settings.dataset} ({'; '.join(split_sizes(data))})",
+        f"- model: {settings.model}{pretrained}{', trunk frozen' if settings.freeze_trunk else ''}, "
+        f"embedding {settings.embedding_size}",
+        f"- training: up to {settings.epochs} epochs, patience {settings.patience}, batch {settings.batch_size} "
+        f"({settings.m_per_class} per class), Adam lr {settings.lr}, {processes} process(es), device "
+        f"{settings.device}{', autocast ' + settings.amp if settings.amp else ''}",
+        f"- seeds: {', '.join(str(s) for s in range(settings.seeds))}",
+    ]
+    return lines + [f"- `{label}`: {_loss_values(label)}" for label in labels]
+
+
+def _loss_values(label: str) -> str:
+    try:
+        spec = loss_specs.parse_loss_spec(label)
+    except loss_specs.LossSpecError:
+        return "(no longer a registered loss)"
+    return ", ".join(f"{k}={v!r}" for k, v in spec.describe_values().items())
+
+
+def fresh_models(settings: Settings, feature_size: Optional[int], seed: int, rank: int = 0):
+    """The seeded trunk and embedder a run starts from; the trunk passes cached features
+    through when ``feature_size`` is given (frozen trunk)."""
+    seed_everything(seed, rank)
+    if feature_size is not None:
+        trunk = FrozenFeatures(feature_size)
+    else:
+        trunk = build_trunk(settings.model, DATASETS[settings.dataset].channels, settings.pretrained)
+    return trunk, build_embedder(trunk.output_size, settings.embedding_size)
+
+
+class Experiment:
+    """Every (loss, seed) run of one command in one --out folder."""
+
+    def __init__(self, settings: Settings, data: BenchmarkData, folder: OutFolder, console: Console,
+                 rank: int, processes: int, feature_size: Optional[int]):
+        self.settings, self.data, self.folder, self.console = settings, data, folder, console
+        self.rank, self.processes, self.feature_size = rank, processes, feature_size
+        self.runs = [(spec, seed) for spec in settings.losses for seed in range(settings.seeds)]
+        self.stores = {(spec.label, seed): folder.run_store(spec.folder_name, seed) for spec, seed in self.runs}
+        self.run_folders = {key: store.folder for key, store in self.stores.items()}
+        self.stored: Dict[RunKey, StoredRun] = {key: store.load(settings.epochs) for key, store in self.stores.items()}
+        self.rows_by_run = {key: stored.rows for key, stored in self.stored.items()}
+        self.failures = {key: stored.error for key, stored in self.stored.items() if stored.error}
+        self.labels = [spec.label for spec in settings.losses]
+        if rank == 0:
+            self._add_earlier_runs(folder.other_run_stores(list(self.stores.values())))
+
+    def _add_earlier_runs(self, stores: List[RunStore]) -> None:
+        """Rows and failures of run folders that this command does not run."""
+        for store in stores:
+            stored = store.load(self.settings.epochs, restart_broken=False)
+            if stored.note:
+                self.console.say(f"earlier run: {stored.note}")
+            if not stored.rows:
+                continue
+            key = stored.key
+            self.rows_by_run[key] = stored.rows
+            self.run_folders[key] = store.folder
+            if stored.error:
+                self.failures[key] = stored.error
+            if key[0] not in self.labels:
+                self.labels.append(key[0])
+
+    def epochs_to_evaluate(self) -> int:
+        """Evaluations left in this command (epoch 0 of new runs included), for the progress bar."""
+        total = 0
+        for stored in self.stored.values():
+            if stored.status == "new":
+                total += self.settings.epochs + 1
+            elif stored.status == "partial":
+                total += self.settings.epochs - stored.checkpoint["epoch"]
+        return total
+
+    def publish(self, key: RunKey, rows: List[dict]) -> None:
+        """After each evaluation: remember the run's rows and rewrite results.csv."""
+        new_rows = rows[len(self.rows_by_run.get(key, [])):]
+        self.rows_by_run[key] = list(rows)
+        self.folder.publish_rows(self.rows_by_run, self.labels)
+        for row in new_rows:
+            self.console.epoch(row)
+            self.console.advance()
+
+    def run_one(self, spec, seed: int) -> None:
+        key = (spec.label, seed)
+        stored = self.stored[key]
+        if stored.note:
+            self.console.say(f"{spec.label} seed {seed}: {stored.note}")
+        if stored.status == "failed":
+            self.console.say(f"failed before: {spec.label} seed {seed}: {stored.error}")
+            return
+        if stored.status == "finished":
+            self.console.run_done(spec.label, seed, stored.rows, None, " (already done)")
+            return
+        started = time.time()
+        trunk, embedder = fresh_models(self.settings, self.feature_size, seed, self.rank)
+        result = Run(self.data, trunk, embedder, spec, seed, self.settings, self.stores[key], stored,
+                     on_rows=lambda rows: self.publish(key, rows)).execute()
+        self.rows_by_run[key] = result.rows
+        evaluated = len(result.rows) - len(stored.rows)
+        remaining = (self.settings.epochs + 1 if stored.status == "new" else self.settings.epochs - stored.checkpoint["epoch"])
+        self.console.advance(remaining - evaluated)  # epochs skipped by early stopping or a failure
+        if result.error:
+            self.failures[key] = result.error
+            self.console.say(f"{spec.label} seed {seed}: run failed: {result.error}")
+        else:
+            self.console.run_done(spec.label, seed, result.rows, time.time() - started)
+
+    def run(self) -> None:
+        """Every run in turn, then the summary (rank 0)."""
+        started = time.time()
+        self.console.start(self.epochs_to_evaluate())
+        for spec, seed in self.runs:
+            self.run_one(spec, seed)
+        self.console.stop()
+        if self.rank == 0:
+            self._summarize(time.time() - started)
+
+    def _summarize(self, seconds: float) -> None:
+        header = settings_lines(self.settings, self.data, self.processes, self.labels)
+        header.append(f"- wall time of this invocation: {seconds:.0f} s")
+        table, comparison, plots = self.folder.publish_summary(self.rows_by_run, self.labels, header, self.failures,
+                                                               self.run_folders)
+        self.console.result("\nTest metrics (%) at each run's best validation epoch, mean ± std over seeds:\n")
+        self.console.result(table)
+        if comparison:
+            self.console.result("\n" + comparison)
+        if self.failures:
+            self.console.say("\nFailed runs (left out of the table and plots):\n" + "\n".join(
+                f"  {label} seed {seed}: {error}" for (label, seed), error in self.failures.items()))
+        self.console.say(f"\nWrote {self.folder.results_csv}, {self.folder.summary}, " + ", ".join(map(str, plots)))

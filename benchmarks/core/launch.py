@@ -1,0 +1,127 @@
+"""Start an experiment of ``python -m benchmarks.run``: processes, data, the --out folder, the loop.
+
+The steps, one module each: settings -> data.registry (data) -> models -> training (PML
+trainer and tester, one run) -> run_store (one run's files) -> experiment (the loop) ->
+out_folder and report (results). ``run_experiment`` is shared by the commands that train.
+"""
+
+import contextlib
+import logging
+import os
+import sys
+import warnings
+from typing import Optional, Tuple
+
+import numpy as np
+import torch
+
+from ..data.registry import DATASETS, load_dataset
+from ..data.splits import BenchmarkData, DatasetNotInstalled
+from .console import Console, silence_pml_progress_bars
+from .experiment import Experiment, settings_lines
+from .features import cached_features
+from .files import BrokenFile
+from .models import WeightsUnavailable, build_trunk
+from .out_folder import IdentityMismatch, OutFolder
+from .settings import Settings, UsageError
+
+USER_ERRORS = (DatasetNotInstalled, WeightsUnavailable, UsageError, IdentityMismatch, BrokenFile, ValueError)
+
+
+def start_processes(settings: Settings):
+    """Start torch.distributed when launched by torchrun; return (rank, number of processes)."""
+    processes = int(os.environ.get("WORLD_SIZE", "1"))
+    if processes <= 1:
+        return 0, 1
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    if settings.device.startswith("cuda"):
+        torch.cuda.set_device(local_rank)  # "cuda" then means this process's GPU
+    torch.distributed.init_process_group(backend="nccl" if settings.device.startswith("cuda") else "gloo")
+    return torch.distributed.get_rank(), processes
+
+
+def check_batches(settings: Settings, data: BenchmarkData, processes: int) -> None:
+    """Each process's share of the batch must be whole classes that the training split can fill."""
+    share = settings.batch_size // processes
+    if settings.batch_size % processes or share % settings.m_per_class:
+        raise UsageError(f"--batch-size {settings.batch_size} must split into {processes} process(es) whose share "
+                         f"is a multiple of --m-per-class {settings.m_per_class}")
+    classes = len(np.unique(data.train.labels))
+    if settings.m_per_class * classes < share:
+        raise UsageError(f"--m-per-class {settings.m_per_class} x {classes} training classes cannot fill a batch "
+                         f"of {share}; raise --m-per-class or lower --batch-size")
+
+
+def prepare_data(settings: Settings, processes: int) -> BenchmarkData:
+    """Load the data and check that the batches and the model can be built, before writing anything."""
+    data = load_dataset(settings.dataset, settings.data_root, settings.download, settings.image_size,
+                        settings.val, settings.limit_per_class)
+    check_batches(settings, data, processes)
+    if not settings.freeze_trunk:
+        build_trunk(settings.model, DATASETS[settings.dataset].channels, settings.pretrained)  # fail early on missing weights
+    return data
+
+
+class _DropFrozenTrunkWarning(logging.Filter):
+    """A frozen (cached-feature) trunk has no optimizer by design; PML warns about it."""
+
+    def filter(self, record):
+        return 'missing "trunk_optimizer"' not in record.getMessage()
+
+
+def quiet_known_warnings() -> None:
+    # PML's progress bar formats the loss tensor itself; DDP's buffers are kept rank-local on purpose.
+    warnings.filterwarnings("ignore", message="Converting a tensor with requires_grad=True to a scalar")
+    warnings.filterwarnings("ignore", message=".*broadcast_buffers.*is deprecated")
+    pml_logger = logging.getLogger("PML")
+    if not any(isinstance(f, _DropFrozenTrunkWarning) for f in pml_logger.filters):
+        pml_logger.addFilter(_DropFrozenTrunkWarning())
+    silence_pml_progress_bars()
+
+
+def open_folder(settings: Settings, folder: OutFolder, data: BenchmarkData, console: Console, rank: int,
+                processes: int) -> Tuple[BenchmarkData, Optional[int]]:
+    """Check and claim the --out folder; return the data to train on and, for a frozen trunk,
+    its feature size (the data are then the trunk's cached features)."""
+    identity = dict(settings.identity(), processes=processes)
+    folder.check_identity(identity)
+    if rank == 0:
+        folder.write_identity(identity)
+    console.say("\n".join(settings_lines(settings, data, processes, [s.label for s in settings.losses])))
+    if not settings.freeze_trunk:
+        return data, None
+    data = cached_features(settings, data, folder.path, rank, processes, console.say)
+    return data, data.train.images.shape[1]
+
+
+def refuse(prog: str, error: Exception, console: Console) -> int:
+    """Print ``prog: error: ...`` on stderr; the exit status of a refused command."""
+    console.stop()
+    print(f"{prog}: error: {error}", file=sys.stderr)
+    return 2
+
+
+def run_experiment(settings: Settings, prog: str = "python -m benchmarks.run") -> int:
+    """Train and evaluate every (loss, seed) of ``settings`` in ``settings.out``; rerunning resumes.
+    Returns the exit status (2 when the data, the model or the folder refuse the settings)."""
+    rank, processes = start_processes(settings)
+    console = Console(enabled=rank == 0, verbose=settings.verbose, quiet=settings.quiet)
+    try:
+        data = prepare_data(settings, processes)
+    except USER_ERRORS as error:
+        return refuse(prog, error, console)
+    folder = OutFolder(settings.out)
+    with contextlib.ExitStack() as held:
+        try:
+            if rank == 0:
+                held.enter_context(folder.lock(console.say))
+            if processes > 1:
+                torch.distributed.barrier()  # the other ranks read the folder once rank 0 holds it
+            data, feature_size = open_folder(settings, folder, data, console, rank, processes)
+        except USER_ERRORS as error:
+            return refuse(prog, error, console)
+        Experiment(settings, data, folder, console, rank, processes, feature_size).run()
+    if processes > 1:
+        torch.distributed.barrier()
+        torch.distributed.destroy_process_group()
+    return 0

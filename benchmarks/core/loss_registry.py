@@ -1,0 +1,172 @@
+"""The loss registry: every fact the harness knows about a loss, in one entry.
+
+Adding a PML loss to the harness means adding one ``LossEntry`` to ``LOSSES`` below: its
+class, its miner, its defaults, its tuning search space and whether the default comparison
+runs it. ``--losses``, ``--list-losses``, ``benchmarks.tune`` and ``benchmarks.speed`` all read it.
+"""
+
+import dataclasses
+import inspect
+from typing import Any, Callable, Dict, Optional, Tuple
+
+from pml_ice.reducers.ice_reweight_reducer import NORMALIZATIONS
+from pytorch_metric_learning import losses as pml_losses
+from pytorch_metric_learning import miners as pml_miners
+
+
+@dataclasses.dataclass(frozen=True)
+class Parameter:
+    """One searched hyperparameter: a float range (log-uniform when ``log``) or ``choices``.
+    ``tied`` keys get the same value (the triplet miner's margin follows the loss's)."""
+
+    name: str
+    low: Optional[float] = None
+    high: Optional[float] = None
+    log: bool = False
+    choices: Tuple[str, ...] = ()
+    tied: Tuple[str, ...] = ()
+
+    def suggest(self, trial):
+        if self.choices:
+            return trial.suggest_categorical(self.name, self.choices)
+        return float(f"{trial.suggest_float(self.name, self.low, self.high, log=self.log):.3g}")
+
+    def describe(self) -> str:
+        if self.choices:
+            text = "{" + ", ".join(self.choices) + "}"
+        else:
+            text = f"[{self.low:g}, {self.high:g}]" + (" log-uniform" if self.log else " uniform")
+        return f"{self.name} in {text}" + "".join(f", {t} = {self.name}" for t in self.tied)
+
+
+# Arguments the harness supplies itself or that are not hyperparameters.
+_NOT_HYPERPARAMETERS = {
+    "self",
+    "num_classes",
+    "embedding_size",
+    "distance",
+    "reducer",
+    "embedding_regularizer",
+    "weight_regularizer",
+    "weight_init_func",
+    "collect_stats",
+}
+
+
+def _ice_loss_class():
+    from pml_ice import losses as ice_losses
+
+    return ice_losses.ICELoss
+
+
+def _ice_reducer_class():
+    from pml_ice import reducers as ice_reducers
+
+    return ice_reducers.ICEReweightReducer
+
+
+@dataclasses.dataclass(frozen=True)
+class LossEntry:
+    """A registered loss: its class, default hyperparameters, optional miner and reducer, its
+    tuning search space and whether the default comparison includes it."""
+
+    description: str
+    loss_class: Callable[[], type]
+    defaults: Dict[str, Any] = dataclasses.field(default_factory=dict)
+    miner_class: Optional[Callable[[], type]] = None
+    miner_defaults: Dict[str, Any] = dataclasses.field(default_factory=dict)
+    reducer_class: Optional[Callable[[], type]] = None
+    own_parameters: bool = False  # trains proxies or class weights with its own optimizer (``loss_lr``)
+    search_space: Tuple[Parameter, ...] = ()  # what ``benchmarks.tune`` searches; the first is the main one
+    compared_by_default: bool = False  # in the default --losses of ``benchmarks.run`` and ``benchmarks.tune``
+
+    def loss_parameters(self):
+        return _hyperparameters(self.loss_class())
+
+    def miner_parameters(self):
+        return _hyperparameters(self.miner_class()) if self.miner_class else {}
+
+    def reducer_parameters(self):
+        return _hyperparameters(self.reducer_class()) if self.reducer_class else {}
+
+    def valid_parameters(self):
+        names = list(self.loss_parameters())
+        names += ["miner_" + n for n in self.miner_parameters()]
+        names += list(self.reducer_parameters())
+        return names + [LOSS_LR] * self.own_parameters
+
+
+def _hyperparameters(cls) -> Dict[str, Any]:
+    """Constructor parameters of ``cls`` that are hyperparameters, with their defaults."""
+    result = {}
+    for name, param in inspect.signature(cls.__init__).parameters.items():
+        if name in _NOT_HYPERPARAMETERS or param.kind in (
+            param.VAR_KEYWORD,
+            param.VAR_POSITIONAL,
+        ):
+            continue
+        result[name] = None if param.default is param.empty else param.default
+    return result
+
+
+LOSS_LR = "loss_lr"
+
+
+def _pml(name):
+    return lambda: getattr(pml_losses, name)
+
+
+def _miner(name):
+    return lambda: getattr(pml_miners, name)
+
+
+LOSSES: Dict[str, LossEntry] = {
+    "ice": LossEntry(
+        "Instance Cross Entropy (pml_ice.losses.ICELoss) with ICEReweightReducer",
+        _ice_loss_class,
+        reducer_class=_ice_reducer_class,
+        search_space=(Parameter("scale", 4, 128, log=True), Parameter("lam", 0.0, 4.0),
+                      Parameter("normalize", choices=NORMALIZATIONS)),
+        compared_by_default=True,
+    ),
+    "ntxent": LossEntry("PML NTXentLoss", _pml("NTXentLoss"),
+                        search_space=(Parameter("temperature", 0.01, 1.0, log=True),), compared_by_default=True),
+    "supcon": LossEntry("PML SupConLoss", _pml("SupConLoss"),
+                        search_space=(Parameter("temperature", 0.01, 1.0, log=True),), compared_by_default=True),
+    "multisimilarity": LossEntry(
+        "PML MultiSimilarityLoss with MultiSimilarityMiner",
+        _pml("MultiSimilarityLoss"),
+        miner_class=_miner("MultiSimilarityMiner"),
+        miner_defaults={"epsilon": 0.1},
+        search_space=(Parameter("alpha", 0.01, 100, log=True), Parameter("beta", 0.01, 100, log=True),
+                      Parameter("base", 0.0, 1.0), Parameter("miner_epsilon", 0.0, 1.0)),
+        compared_by_default=True,
+    ),
+    "triplet": LossEntry(
+        "PML TripletMarginLoss with a semi-hard TripletMarginMiner",
+        _pml("TripletMarginLoss"),
+        defaults={"margin": 0.2},
+        miner_class=_miner("TripletMarginMiner"),
+        miner_defaults={"margin": 0.2, "type_of_triplets": "semihard"},
+        search_space=(Parameter("margin", 0.0, 1.0, tied=("miner_margin",)),
+                      Parameter("miner_type_of_triplets", choices=("all", "hard", "semihard"))),
+        compared_by_default=True,
+    ),
+    "contrastive": LossEntry("PML ContrastiveLoss", _pml("ContrastiveLoss"),
+                             search_space=(Parameter("pos_margin", 0.0, 1.0), Parameter("neg_margin", 0.0, 2.0)),
+                             compared_by_default=True),
+    "circle": LossEntry("PML CircleLoss", _pml("CircleLoss")),
+    "lifted": LossEntry("PML LiftedStructureLoss", _pml("LiftedStructureLoss"),
+                        search_space=(Parameter("neg_margin", 0.0, 2.0), Parameter("pos_margin", 0.0, 1.0))),
+    "proxyanchor": LossEntry("PML ProxyAnchorLoss (trainable proxies)", _pml("ProxyAnchorLoss"), own_parameters=True,
+                             search_space=(Parameter("margin", 0.0, 0.5), Parameter("alpha", 1, 128, log=True),
+                                           Parameter(LOSS_LR, 1e-4, 1e-1, log=True))),
+    "arcface": LossEntry("PML ArcFaceLoss (trainable class weights)", _pml("ArcFaceLoss"), own_parameters=True,
+                         search_space=(Parameter("margin", 5.0, 60.0), Parameter("scale", 8, 128, log=True))),
+    "normsoftmax": LossEntry(
+        "PML NormalizedSoftmaxLoss (trainable class weights)", _pml("NormalizedSoftmaxLoss"), own_parameters=True
+    ),
+}
+
+DEFAULT_LOSSES = ",".join(name for name, entry in LOSSES.items() if entry.compared_by_default)
+TUNABLE_LOSSES = tuple(name for name, entry in LOSSES.items() if entry.search_space)

@@ -1,0 +1,124 @@
+"""The --out folder of an experiment: its lock, its identity (config.json), its run folders
+and the files published from all of them (results.csv, summary.md, plots).
+
+One command at a time works in a folder: a second one waits for the lock. Every publication
+is rebuilt from the rows of every run folder on disk, so runs made by earlier commands with
+other --losses or --seeds stay in results.csv and summary.md, in its paired comparisons too.
+"""
+
+import contextlib
+import fcntl
+import os
+from pathlib import Path
+from typing import Dict, List, Mapping, Sequence
+
+from ..report.plots import write_plots
+from ..report.query_scores import load_run_scores
+from ..report.reporting import sort_rows, write_results_csv, write_summary
+from ..report.tables import comparison_table
+from .files import BrokenFile, atomic_write_json, read_json
+from .run_store import RunKey, RunStore
+from .settings import UsageError, stored_identity
+
+
+
+class IdentityMismatch(ValueError):
+    """The folder holds runs made with other settings."""
+
+
+class OutFolder:
+    def __init__(self, path):
+        self.path = Path(path)
+        self.config = self.path / "config.json"
+        self.results_csv = self.path / "results.csv"
+        self.summary = self.path / "summary.md"
+
+    @contextlib.contextmanager
+    def lock(self, say):
+        """Hold ``.lock`` for the whole command; wait (saying so) while another command holds it."""
+        self.path.mkdir(parents=True, exist_ok=True)
+        lock = self.path / ".lock"
+        try:  # never through a link: a planted .lock -> victim would have the victim truncated
+            fd = os.open(lock, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW, 0o666)
+        except OSError as error:
+            if lock.is_symlink():
+                raise UsageError(f"{lock} is a symbolic link; remove it (the lock file must be a plain file)") from error
+            raise
+        with os.fdopen(fd, "r+") as handle:
+            try:
+                fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                handle.seek(0)
+                say(f"another command (pid {handle.read().strip() or '?'}) is running on {self.path}; "
+                    "waiting for it to finish")
+                fcntl.flock(handle, fcntl.LOCK_EX)
+            handle.seek(0)
+            handle.truncate()
+            handle.write(str(os.getpid()))
+            handle.flush()
+            try:
+                yield
+            finally:
+                fcntl.flock(handle, fcntl.LOCK_UN)
+
+    def check_identity(self, identity: dict) -> None:
+        """Refuse a folder whose config.json names other settings; name a broken config.json."""
+        try:
+            stored = read_json(self.config)
+        except BrokenFile as error:
+            raise BrokenFile(f"{error}. Restore it, or delete it if the runs under {self.path} were made "
+                             "with this command's settings (it is then written again)") from error
+        if stored is None:
+            return
+        if not isinstance(stored, dict):
+            raise BrokenFile(f"{self.config} does not hold the settings of {self.path}; restore or delete it")
+        stored = stored_identity(stored)
+        differing = [k for k in identity if stored.get(k) != identity[k]]
+        if differing:
+            details = ", ".join(f"{k}: {stored.get(k)!r} there, {identity[k]!r} now" for k in differing)
+            raise IdentityMismatch(f"{self.path} holds runs made with other settings ({details}); choose another --out")
+
+    def write_identity(self, identity: dict) -> None:
+        if not self.config.is_file():
+            atomic_write_json(self.config, identity)
+
+    def run_store(self, folder_name: str, seed: int) -> RunStore:
+        return RunStore(self.path / "runs" / folder_name / f"seed{seed}")
+
+    def other_run_stores(self, known: Sequence[RunStore]) -> List[RunStore]:
+        """Run folders on disk that this command does not run (earlier commands' losses or seeds)."""
+        known_folders = {store.folder for store in known}
+        found = sorted(p.parent for p in (self.path / "runs").glob("*/seed*/checkpoint.pth"))
+        found += sorted(p.parent for p in (self.path / "runs").glob("*/seed*/failed.json"))
+        return [RunStore(folder) for folder in dict.fromkeys(found) if folder not in known_folders]
+
+    def finished_runs(self, epochs: int):
+        """Rows and folder of every run on disk that trained ``epochs`` epochs or stopped early
+        (``epochs=0``: every run with a checkpoint), keyed by (loss label, seed); failed runs left out."""
+        rows, run_folders = {}, {}
+        for store in self.other_run_stores([]):
+            stored = store.load(epochs, restart_broken=False)
+            if stored.status == "finished" and stored.rows:
+                rows[stored.key], run_folders[stored.key] = stored.rows, store.folder
+        return rows, run_folders
+
+    def publish_rows(self, rows_by_run: Dict[RunKey, List[dict]], loss_order: Sequence[str]) -> None:
+        """results.csv: every row of every run, failed runs included."""
+        write_results_csv(self.results_csv, sort_rows([r for rows in rows_by_run.values() for r in rows], loss_order))
+
+    def publish_summary(self, rows_by_run, loss_order, header: List[str], failures: Dict[RunKey, str],
+                        run_folders: Mapping[RunKey, Path]):
+        """results.csv, summary.md and the plots; failed runs stay out of the table, plots and
+        paired comparisons (``run_folders``: the folder of each run in ``rows_by_run``).
+        Returns the table, the comparisons and the plot paths."""
+        self.publish_rows(rows_by_run, loss_order)
+        kept_runs = sorted((key for key in rows_by_run if key not in failures),
+                           key=lambda key: (loss_order.index(key[0]), key[1]))
+        kept = sort_rows([r for key in kept_runs for r in rows_by_run[key]], loss_order)
+        # significance: each loss against ICE and against the best loss, paired over test queries
+        scores = load_run_scores({key: run_folders[key] for key in kept_runs})
+        ice_label = next((label for label in scores if label.partition(":")[0] == "ice"), None)
+        comparison = comparison_table(scores, ice_label)
+        table = write_summary(self.summary, kept, loss_order, header, failures, comparison)
+        plots = write_plots(self.path / "plots", kept, loss_order) if kept else []
+        return table, comparison, plots

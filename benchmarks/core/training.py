@@ -1,0 +1,322 @@
+"""One benchmark run (one loss, one seed) with PML's trainer, tester and logging hooks.
+
+A run evaluates the untrained model (epoch 0), then trains with ``MetricLossOnly`` and an
+``MPerClassSampler``, evaluating the validation and test splits after every epoch through
+``logging_presets.HookContainer`` (record-keeper + tensorboard, early stopping by
+patience on validation MAP@R). After each evaluation its ``RunStore`` writes a checkpoint
+holding the models, optimizers, loss parameters, random states and the result rows, so a
+rerun resumes after the last finished epoch and never duplicates a row. Before each
+checkpoint, an evaluation that improves validation MAP@R stores the test split's per-query
+scores (``report.query_scores``). Data without a test split (tuning) are evaluated on validation only.
+"""
+
+import dataclasses
+import random
+from typing import Callable, Dict, List, Optional
+
+import numpy as np
+import torch
+from pytorch_metric_learning import samplers, trainers
+from pytorch_metric_learning.utils import distributed as pml_dist
+from pytorch_metric_learning.utils import logging_presets
+from pytorch_metric_learning.utils.inference import FaissKMeans
+
+from ..report.metrics import METRICS, PRIMARY_METRIC, RecallAccuracyCalculator
+from ..report.query_scores import KeepEmbeddingsTester, keep_best_test_scores
+from ..report.record_logs import drop_records_after
+from .loss_specs import LossSpec, has_trainable_parameters
+from .run_store import RunStore, StoredRun
+from .settings import Settings
+
+AMP_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+class NonFiniteLossError(RuntimeError):
+    """The training loss became NaN or infinite."""
+
+
+@dataclasses.dataclass
+class RunResult:
+    rows: List[dict]
+    error: Optional[str] = None
+
+
+def world() -> tuple:
+    """(rank, number of processes)."""
+    if pml_dist.is_distributed():
+        return torch.distributed.get_rank(), torch.distributed.get_world_size()
+    return 0, 1
+
+
+class BenchmarkTrainer(trainers.MetricLossOnly):
+    """MetricLossOnly that stops on a non-finite loss, averages proxy gradients across ranks
+    and optionally autocasts the forward pass and the loss (``amp``: 'bf16' or 'fp16'; fp16
+    needs a ``scaler``, a GradScaler)."""
+
+    def __init__(self, *args, loss_label: str = "loss", amp: Optional[str] = None,
+                 scaler: Optional[torch.amp.GradScaler] = None, **kwargs):
+        self.loss_label = loss_label
+        self.amp_dtype = AMP_DTYPES.get(amp)
+        self.scaler = scaler
+        super().__init__(*args, **kwargs)
+
+    def calculate_loss(self, curr_batch):
+        with torch.autocast(self.data_device.type, dtype=self.amp_dtype, enabled=self.amp_dtype is not None):
+            super().calculate_loss(curr_batch)
+
+    def backward(self):
+        total = self.losses["total_loss"]
+        if not torch.isfinite(torch.as_tensor(total)).all():
+            raise NonFiniteLossError(
+                f"loss '{self.loss_label}' is {float(total)} at epoch {self.epoch}, iteration {self.iteration}"
+            )
+        if self.scaler is not None:
+            self.scaler.scale(total).backward()
+        else:
+            super().backward()
+        self._average_loss_gradients()
+
+    def step_optimizers(self):
+        if self.scaler is None:
+            return super().step_optimizers()
+        for optimizer in self.optimizers.values():
+            self.scaler.step(optimizer)
+        self.scaler.update()
+
+    def _average_loss_gradients(self):
+        # Every rank computes the loss on the gathered batch, scaled by the world size
+        # (DistributedLossWrapper): the loss's own parameters get world x the gradient.
+        _, size = world()
+        if size > 1:
+            for p in self.loss_funcs["metric_loss"].parameters():
+                if p.grad is not None:
+                    torch.distributed.all_reduce(p.grad)
+                    p.grad /= size * size
+
+
+def seed_everything(seed: int, rank: int = 0) -> None:
+    """Seed Python, NumPy (per rank, for the sampler) and torch (shared, for the weights)."""
+    random.seed(seed)
+    np.random.seed(seed * 1000 + rank)
+    torch.manual_seed(seed)
+
+
+def _rng_state(sampler) -> dict:
+    """Random states, plus the sampler's class order, which it shuffles in place every epoch,
+    in the plain types that ``torch.load(weights_only=True)`` accepts."""
+    name, keys, position, has_gauss, cached_gaussian = np.random.get_state()
+    return {
+        "python": random.getstate(),
+        "numpy": (name, torch.from_numpy(keys.astype(np.int64)), int(position), int(has_gauss), float(cached_gaussian)),
+        "torch": torch.get_rng_state(),
+        "sampler_labels": [label.item() if hasattr(label, "item") else label for label in sampler.labels],
+    }
+
+
+def _set_rng_state(state: dict, sampler) -> None:
+    random.setstate(state["python"])
+    name, keys, position, has_gauss, cached_gaussian = state["numpy"]
+    np.random.set_state((name, keys.numpy().astype(np.uint32), position, has_gauss, cached_gaussian))
+    torch.set_rng_state(state["torch"])
+    sampler.labels = list(state["sampler_labels"])
+
+
+def accuracy_row(tester, spec_label: str, seed: int, epoch: int) -> dict:
+    """One results row: test metrics under their names, validation metrics prefixed ``val_``."""
+    row = {"loss": spec_label, "seed": seed, "epoch": epoch}
+    for split, prefix in (("test", ""), ("val", "val_")):
+        if split not in tester.all_accuracies:  # significance/tuning: no test split while tuning
+            continue
+        accuracies = tester.all_accuracies[split]
+        for metric in METRICS:
+            row[prefix + metric] = float(accuracies[tester.accuracies_keyname(metric, label_hierarchy_level=0)])
+    return row
+
+
+def build_optimizers(trunk, embedder, loss, settings: Settings, loss_lr: Optional[float] = None
+                     ) -> Dict[str, torch.optim.Optimizer]:
+    """Adam for a trainable trunk, the embedder and a loss with parameters (at ``loss_lr``,
+    the spec's own, else --loss-lr)."""
+    optimizers = {}
+    if any(p.requires_grad for p in trunk.parameters()):
+        optimizers["trunk_optimizer"] = torch.optim.Adam(trunk.parameters(), lr=settings.lr,
+                                                         weight_decay=settings.weight_decay)
+    optimizers["embedder_optimizer"] = torch.optim.Adam(embedder.parameters(), lr=settings.lr,
+                                                        weight_decay=settings.weight_decay)
+    if has_trainable_parameters(loss):
+        optimizers["metric_loss_optimizer"] = torch.optim.Adam(loss.parameters(), lr=loss_lr or settings.loss_lr)
+    return optimizers
+
+
+def build_tester(hooks, settings: Settings, device: torch.device):
+    """PML's GlobalEmbeddingSpaceTester with the faiss AccuracyCalculator extended by Recall@K,
+    keeping the embeddings of its last test (significance: per-query test scores)."""
+    kmeans = FaissKMeans(niter=20, gpu=device.type == "cuda", min_points_per_centroid=1)
+    return KeepEmbeddingsTester(
+        end_of_testing_hook=hooks.end_of_testing_hook,
+        accuracy_calculator=RecallAccuracyCalculator(device=device, kmeans_func=kmeans),
+        batch_size=settings.eval_batch_size,
+        dataloader_num_workers=settings.num_workers,
+        data_device=device,
+    )
+
+
+def build_hooks(store: RunStore, resumed_epoch: Optional[int], iterations_per_epoch: int):
+    """record-keeper + tensorboard logging; a resumed run first drops what was logged after its checkpoint."""
+    if resumed_epoch is not None:
+        drop_records_after(store.logs, resumed_epoch, iterations_per_epoch)
+    record_keeper, _, _ = logging_presets.get_record_keeper(
+        str(store.logs), str(store.tensorboard), is_new_experiment=resumed_epoch is None
+    )
+    return logging_presets.get_hook_container(
+        record_keeper, primary_metric=PRIMARY_METRIC, validation_split_name="val", save_models=False, log_freq=10,
+    )
+
+
+def parallel_models(trunk, embedder, loss, miner, optimizers):
+    """Models, loss and miner as the trainer sees them: wrapped for DistributedDataParallel
+    when several processes run (buffers stay rank-local: rank 0 evaluates alone)."""
+    if world()[1] == 1:
+        return {"trunk": trunk, "embedder": embedder}, loss, miner
+
+    def wrap(module):
+        return torch.nn.parallel.DistributedDataParallel(module, broadcast_buffers=False)
+
+    models = {"trunk": wrap(trunk) if "trunk_optimizer" in optimizers else trunk, "embedder": wrap(embedder)}
+    wrapped_miner = pml_dist.DistributedMinerWrapper(miner) if miner is not None else None
+    return models, pml_dist.DistributedLossWrapper(loss), wrapped_miner
+
+
+class Run:
+    """One (loss, seed) run: built from fresh models, resumed from its stored checkpoint if any."""
+
+    def __init__(self, data, trunk, embedder, spec: LossSpec, seed: int, settings: Settings, store: RunStore,
+                 stored: StoredRun, on_rows: Callable[[List[dict]], None]):
+        self.rank, self.world = world()
+        self.data, self.spec, self.seed, self.settings, self.store = data, spec, seed, settings, store
+        self.on_rows = on_rows
+        self.device = torch.device(settings.device)
+        loss, self.miner = spec.build(num_classes=data.num_train_classes, embedding_size=embedder.out_features,
+                                      collect_stats=True)
+        self.trunk, self.embedder, self.loss = trunk.to(self.device), embedder.to(self.device), loss.to(self.device)
+        self.optimizers = build_optimizers(self.trunk, self.embedder, self.loss, settings, spec.loss_lr)
+        labels = np.asarray(data.train.labels)
+        self.per_rank_batch = settings.batch_size // self.world
+        self.sampler = samplers.MPerClassSampler(
+            labels, settings.m_per_class, batch_size=self.per_rank_batch,
+            length_before_new_iter=max(self.per_rank_batch, settings.passes_per_epoch * len(labels) // self.world),
+        )
+        self.scaler = torch.amp.GradScaler(self.device.type) if settings.amp == "fp16" else None
+        self.checkpoint = stored.checkpoint
+        self.rows = list(stored.rows) if self.checkpoint else []
+        # significance/tuning: data.test is None while tuning, so only validation is evaluated.
+        self.splits = {"val": data.val} if data.test is None else {"val": data.val, "test": data.test}
+        self.hooks = self.tester = None
+        if self.rank == 0:
+            resumed_epoch = self.checkpoint["epoch"] if self.checkpoint else None
+            self.hooks = build_hooks(store, resumed_epoch, len(self.sampler) // self.per_rank_batch)
+            self.tester = build_tester(self.hooks, settings, self.device)
+
+    def restore(self) -> int:
+        """Load the stored state; return the first epoch to train."""
+        if self.checkpoint is None:
+            return 1
+        self.trunk.load_state_dict(self.checkpoint["models"]["trunk"])
+        self.embedder.load_state_dict(self.checkpoint["models"]["embedder"])
+        self.loss.load_state_dict(self.checkpoint["loss"])
+        for name, optimizer in self.optimizers.items():
+            optimizer.load_state_dict(self.checkpoint["optimizers"][name])
+        if self.scaler is not None:
+            self.scaler.load_state_dict(self.checkpoint["scaler"])
+        _set_rng_state(self.checkpoint["rng"][self.rank], self.sampler)
+        return self.checkpoint["epoch"] + 1
+
+    def save(self, epoch: int, stopped_early: bool) -> None:
+        """Checkpoint after an evaluation (rank 0 writes every rank's random state)."""
+        rng_states = [None] * self.world
+        if self.world > 1:
+            torch.distributed.all_gather_object(rng_states, _rng_state(self.sampler))
+        else:
+            rng_states = [_rng_state(self.sampler)]
+        if self.rank == 0:
+            self.store.save_checkpoint({
+                "epoch": epoch,
+                "stopped_early": stopped_early,
+                "rows": self.rows,
+                "models": {"trunk": self.trunk.state_dict(), "embedder": self.embedder.state_dict()},
+                "optimizers": {k: v.state_dict() for k, v in self.optimizers.items()},
+                "loss": self.loss.state_dict(),
+                "rng": rng_states,
+                "scaler": self.scaler.state_dict() if self.scaler is not None else None,
+            })
+            self.on_rows(self.rows)
+
+    def record(self, epoch: int) -> None:
+        """The row of the evaluation just made; before the checkpoint, the per-query test scores
+        when validation improved (significance: a resumed run rewrites them)."""
+        self.rows.append(accuracy_row(self.tester, self.spec.label, self.seed, epoch))
+        keep_best_test_scores(self.store.folder, self.tester, self.rows)
+
+    def evaluate_untrained(self) -> None:
+        if self.rank == 0:
+            self.store.save_identity(self.spec.label, self.seed)
+            self.tester.test(self.splits, 0, self.trunk, self.embedder)
+            self.record(0)
+            self.hooks.record_keeper.save_records()
+        self.save(0, stopped_early=False)
+
+    def end_of_epoch_hook(self):
+        """PML's end-of-epoch hook (evaluation, logging, patience) plus a row and a checkpoint."""
+        pml_hook = self.hooks.end_of_epoch_hook(
+            self.tester, self.splits, str(self.store.folder / "models"),
+            test_interval=1, patience=self.settings.patience,
+        ) if self.rank == 0 else None
+
+        def end_of_epoch(trainer):
+            keep_going = [None]
+            if self.rank == 0:
+                keep_going[0] = pml_hook(trainer) is not False
+                self.record(trainer.epoch)
+            if self.world > 1:
+                torch.distributed.broadcast_object_list(keep_going, src=0)
+            self.save(trainer.epoch, stopped_early=not keep_going[0])
+            return keep_going[0]
+
+        return end_of_epoch
+
+    def trainer(self) -> BenchmarkTrainer:
+        models, loss, miner = parallel_models(self.trunk, self.embedder, self.loss, self.miner, self.optimizers)
+        return BenchmarkTrainer(
+            models=models,
+            optimizers=self.optimizers,
+            batch_size=self.per_rank_batch,
+            loss_funcs={"metric_loss": loss},
+            mining_funcs={"tuple_miner": miner} if miner is not None else {},
+            dataset=self.data.train,
+            sampler=self.sampler,
+            data_device=self.device,
+            dataloader_num_workers=self.settings.num_workers,
+            dataset_labels=np.asarray(self.data.train.labels),
+            set_min_label_to_zero=True,
+            end_of_iteration_hook=self.hooks.end_of_iteration_hook if self.hooks else None,
+            end_of_epoch_hook=self.end_of_epoch_hook(),
+            loss_label=self.spec.label,
+            amp=self.settings.amp,
+            scaler=self.scaler,
+        )
+
+    def execute(self) -> RunResult:
+        """Evaluate the untrained model (new runs), then train; a non-finite loss fails the run."""
+        start_epoch = self.restore()
+        if self.checkpoint is None:
+            self.evaluate_untrained()
+        if start_epoch > self.settings.epochs:
+            return RunResult(rows=self.rows)
+        try:
+            self.trainer().train(start_epoch=start_epoch, num_epochs=self.settings.epochs)
+        except NonFiniteLossError as error:
+            if self.rank == 0:
+                self.store.save_failure(str(error), self.rows)
+                self.on_rows(self.rows)
+            return RunResult(rows=self.rows, error=str(error))
+        return RunResult(rows=self.rows)

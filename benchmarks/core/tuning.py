@@ -1,0 +1,179 @@
+"""Tuning each loss on validation MAP@R with Optuna's TPE sampler: search spaces, studies, trials.
+
+A trial trains one run per seed with the harness and scores it by the best validation
+MAP@R over its trained epochs, averaged over seeds. The test split is dropped when the data
+is loaded: tuning never embeds it. A trial whose loss became NaN or infinite is recorded
+as pruned (TPE ranks it below every completed trial); it counts toward the budget.
+"""
+
+import dataclasses
+import json
+import os
+import re
+import socket
+import tempfile
+import time
+from pathlib import Path
+from typing import Dict, List
+
+import numpy as np
+import optuna
+
+from ..data.splits import BenchmarkData
+from ..report.metrics import PRIMARY_METRIC
+from . import loss_specs
+from .experiment import fresh_models
+from .features import cached_features
+from .launch import prepare_data
+from .loss_registry import LOSSES, TUNABLE_LOSSES
+from .run_store import RunStore, StoredRun
+from .settings import FIELDS, Settings, UsageError, stored_identity
+from .training import NonFiniteLossError, Run
+
+COUNTED_STATES = (optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.PRUNED)  # pruned = diverged
+
+
+# run settings written to best.toml: the training budget every loss was tuned with (the settings
+# that identify a run's --out folder but the machine's data path, plus the epochs and the patience).
+BUDGET_KEYS = tuple(name for name, field in FIELDS.items() if field.metadata["identity"] and name != "data_root") \
+    + ("epochs", "patience")
+FINAL_SEEDS = 5  # seeds of the final runs, as the protocol asks
+
+
+# ---- Harness adapter: the only code that knows how the harness loads data and trains. ----
+
+def load_validation_data(settings: Settings, out: Path, log) -> BenchmarkData:
+    """The dataset of ``settings``, checked as ``benchmarks.run`` checks it, without its test
+    split (``test=None``): the split is dropped before anything runs, so neither the frozen
+    trunk's feature cache (under ``out``) nor training can embed it."""
+    data = dataclasses.replace(prepare_data(settings, 1), test=None)
+    return cached_features(settings, data, out, 0, 1, log) if settings.freeze_trunk else data
+
+
+def validation_map_at_r(settings: Settings, data: BenchmarkData, spec: loss_specs.LossSpec, seed: int,
+                        run_dir: Path) -> float:
+    """Train one new run of ``spec`` (``training.Run``, evaluating the validation split only as
+    ``data`` has no test split) in ``run_dir`` and return its best validation MAP@R over the
+    trained epochs (epoch 0 when ``epochs`` is 0). Raises ``NonFiniteLossError`` when the loss diverges."""
+    feature_size = data.train.images.shape[1] if settings.freeze_trunk else None
+    trunk, embedder = fresh_models(settings, feature_size, seed)
+    result = Run(data, trunk, embedder, spec, seed, settings, RunStore(run_dir), StoredRun("new", []),
+                 on_rows=lambda rows: None).execute()
+    if result.error:
+        raise NonFiniteLossError(result.error)
+    trained = [r["val_" + PRIMARY_METRIC] for r in result.rows if r["epoch"] > 0] or [result.rows[0]["val_" + PRIMARY_METRIC]]
+    if not np.isfinite(trained).any():
+        raise UsageError("validation MAP@R is undefined (no validation image has another of its class); "
+                         "change --val or --limit-per-class")
+    return float(np.nanmax(trained))
+
+# ---- end of the harness adapter ----
+
+
+def parse_loss_names(text: str) -> List[str]:
+    names = [n.strip().lower() for n in text.split(",") if n.strip()]
+    unknown = [n for n in names if n not in TUNABLE_LOSSES]
+    if unknown or not names:
+        raise UsageError(f"no search space for {', '.join(unknown) or 'an empty list'}; --losses takes "
+                         f"names of losses that can be tuned: {', '.join(TUNABLE_LOSSES)}")
+    if len(set(names)) < len(names):
+        raise UsageError(f"loss given twice in --losses {text!r}")
+    return names
+
+
+def trial_spec(loss: str, trial) -> loss_specs.LossSpec:
+    """The loss spec a trial trains."""
+    params = {}
+    for parameter in LOSSES[loss].search_space:
+        value = parameter.suggest(trial)
+        for key in (parameter.name, *parameter.tied):
+            params[key] = value
+    return loss_specs.make_loss_spec(loss, params)
+
+
+CREDENTIALS = re.compile(r"(\b[A-Za-z][\w+.-]*://[^\s:/@]*:)[^\s@]*@")
+
+
+def mask_credentials(text: str) -> str:
+    """``text`` with the password of every ``scheme://user:password@host`` URL replaced by ``***``."""
+    return CREDENTIALS.sub(r"\1***@", text)
+
+
+def open_storage(url: str):
+    """An Optuna RDB storage (SQLite waits up to a minute for a lock held by another process)."""
+    from sqlalchemy.exc import IntegrityError, OperationalError
+
+    engine_kwargs = {"connect_args": {"timeout": 60}} if url.startswith("sqlite") else {}
+    for _ in range(3):
+        try:
+            return optuna.storages.RDBStorage(url, engine_kwargs=engine_kwargs)
+        except (IntegrityError, OperationalError) as error:  # also seen while another process creates the same new database
+            failure = error
+            time.sleep(1)
+        except Exception as error:  # ArgumentError for a malformed URL, ImportError for a missing driver, ...
+            failure = error
+            break
+    raise UsageError(f"--storage {url!r}: optuna cannot open this database ({type(failure).__name__}: {failure}); "
+                     "give a SQLAlchemy URL such as sqlite:////abs/path/tuning.db or "
+                     "postgresql://user:password@host/database") from failure
+
+
+def budget(settings: Settings) -> Dict[str, object]:
+    """The run options that define a trial's training (what best.toml repeats)."""
+    values = {key: getattr(settings, key) for key in BUDGET_KEYS}
+    values["patience"] = -1 if settings.patience is None else settings.patience
+    return values
+
+
+def open_study(storage, settings: Settings, loss: str, sampler_seed: int, seeds: int):
+    """Create or load the study ``<dataset>-<loss>``; refuse one made with another budget."""
+    study = optuna.create_study(
+        study_name=f"{settings.dataset}-{loss}", storage=storage, direction="maximize", load_if_exists=True,
+        sampler=optuna.samplers.TPESampler(seed=sampler_seed),
+    )
+    identity = {**budget(settings), "seeds_per_trial": seeds, "search_space": [p.describe() for p in LOSSES[loss].search_space]}
+    identity = json.loads(json.dumps(identity))
+    stored = study.user_attrs.get("settings")
+    if stored is None:
+        study.set_user_attr("settings", identity)
+    elif (stored := stored_identity(stored)) != identity:
+        differing = ", ".join(f"{k}: {stored.get(k)!r} there, {v!r} now" for k, v in identity.items() if stored.get(k) != v)
+        raise UsageError(f"study '{study.study_name}' in the storage was tuned with other settings ({differing}); "
+                         "choose another --out or --storage")
+    return study
+
+
+def counted_trials(study, trials: int) -> list:
+    """The first ``trials`` finished trials by number (complete, or pruned by divergence):
+    the budget, even when concurrent processes finished a few more."""
+    done = study.get_trials(deepcopy=False, states=COUNTED_STATES)
+    return sorted(done, key=lambda t: t.number)[:trials]
+
+
+def best_trial(study, trials: int):
+    complete = [t for t in counted_trials(study, trials) if t.state == optuna.trial.TrialState.COMPLETE]
+    return max(complete, key=lambda t: (t.value, -t.number)) if complete else None
+
+
+def tune_loss(study, loss: str, settings: Settings, data: BenchmarkData, trials: int, seeds: int, out: Path, log) -> None:
+    """Run trials until the study holds ``trials`` finished ones (shared with other processes)."""
+    def objective(trial):
+        spec = trial_spec(loss, trial)
+        trial.set_user_attr("loss", spec.label)
+        trial.set_user_attr("process", f"{socket.gethostname()}:{os.getpid()}")
+        try:
+            with tempfile.TemporaryDirectory(prefix=f"{loss}-{trial.number}-", dir=out / "trials") as run_dir:
+                return float(np.mean([validation_map_at_r(settings, data, spec, s, Path(run_dir) / f"seed{s}")
+                                      for s in range(seeds)]))
+        except NonFiniteLossError as error:
+            trial.set_user_attr("error", str(error))
+            raise optuna.TrialPruned(str(error)) from error
+
+    def report(study, trial):
+        value = "pruned (diverged)" if trial.value is None else f"val MAP@R {100 * trial.value:.2f}"
+        log(f"  {loss} trial {trial.number}: {value}  {trial.user_attrs.get('loss')}")
+
+    finished = optuna.study.MaxTrialsCallback(trials, states=COUNTED_STATES)
+    (out / "trials").mkdir(parents=True, exist_ok=True)
+    if len(counted_trials(study, trials)) < trials:
+        study.optimize(objective, callbacks=[report, finished], gc_after_trial=True)

@@ -1,0 +1,1 @@
+"""Loading data: the dataset registry, its loaders and the class-disjoint protocol."""

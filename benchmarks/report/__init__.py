@@ -1,0 +1,1 @@
+"""What the harness reports: metrics, per-query scores and paired tests, tables and figures."""

@@ -1,0 +1,245 @@
+"""Command line of the harness: loss specs, bad options and missing datasets fail at once."""
+
+import pytest
+import torch
+
+from benchmarks import run
+from benchmarks.core import launch, loss_registry, loss_specs, settings
+
+
+def run_main(capsys, *argv):
+    """``run.main`` on digits (the fast dataset) unless ``argv`` names one."""
+    if "--dataset" not in argv:
+        argv = ("--dataset", "digits") + argv
+    code = run.main(list(argv))
+    return code, capsys.readouterr()
+
+
+def test_loss_list_with_inline_parameters():
+    specs = loss_specs.parse_loss_list("ice:scale=16,lam=0.5,ntxent:temperature=0.05,triplet:miner_type_of_triplets=hard")
+    assert [s.name for s in specs] == ["ice", "ntxent", "triplet"]
+    assert dict(specs[0].params) == {"lam": 0.5, "scale": 16}
+    assert specs[2].describe_values()["miner_type_of_triplets"] == "hard"
+    loss, miner = specs[2].build(num_classes=3, embedding_size=4)
+    assert miner.type_of_triplets == "hard"
+    assert loss_specs.parse_loss_list(loss_registry.DEFAULT_LOSSES)[0].label == "ice"
+
+
+def test_a_spec_is_one_value_whatever_its_text():
+    """``scale=32`` and ``scale=32.0`` are one spec with one label (one run folder); labels of
+    non-integral values keep their text, as the tuned default job's folder names do."""
+    assert loss_specs.parse_loss_spec("ice:scale=32") == loss_specs.parse_loss_spec("ice:scale=32.0")
+    assert loss_specs.parse_loss_spec("ice:scale=32.0").label == "ice:scale=32"
+    tuned = "ice:lam=2.56,normalize='anchor',scale=6.03"
+    assert loss_specs.parse_loss_spec(tuned).label == tuned
+    assert loss_specs.make_loss_spec("ice", {"scale": 6.03, "lam": 2.56, "normalize": "anchor"}).label == tuned
+
+
+def test_ice_parameters_reach_loss_and_reducer():
+    spec = loss_specs.parse_loss_spec("ice:scale=20,lam=2,normalize=anchor")
+    loss, miner = spec.build(num_classes=3, embedding_size=4)
+    assert miner is None
+    assert loss.scale == 20
+    assert loss.reducer.lam == 2 and loss.reducer.normalize == "anchor"
+
+
+def test_proxy_losses_get_classes_and_embedding_size():
+    loss, _ = loss_specs.parse_loss_spec("proxyanchor").build(num_classes=7, embedding_size=5)
+    assert tuple(loss.proxies.shape) == (7, 5)
+    assert loss_specs.has_trainable_parameters(loss)
+
+
+def test_a_loss_with_own_parameters_takes_its_own_learning_rate():
+    from benchmarks.core import training
+    from benchmarks.core.settings import resolve
+
+    spec = loss_specs.parse_loss_spec("proxyanchor:loss_lr=0.003,margin=0.2")
+    assert spec.loss_lr == 0.003 and spec.describe_values()["loss_lr"] == 0.003
+    loss, _ = spec.build(num_classes=7, embedding_size=5)
+    settings = resolve(["--dataset", "digits"])
+    model = torch.nn.Linear(5, 5)
+    chosen = training.build_optimizers(model, model, loss, settings, spec.loss_lr)["metric_loss_optimizer"]
+    default = training.build_optimizers(model, model, loss, settings)["metric_loss_optimizer"]
+    assert chosen.param_groups[0]["lr"] == 0.003 and default.param_groups[0]["lr"] == settings.loss_lr
+
+
+@pytest.mark.parametrize(
+    "text, message",
+    [
+        ("ice:loss_lr=0.1", "unknown parameter 'loss_lr' for loss 'ice'"),
+        ("arcface:loss_lr=0", "loss_lr of loss 'arcface' must be a number > 0"),
+        ("nosuchloss", "unknown loss 'nosuchloss'; valid losses: arcface, circle, contrastive, ice"),
+        ("ice:temperature=1", "unknown parameter 'temperature' for loss 'ice'; valid parameters: scale"),
+        ("ntxent:temperature", "must be written key=value"),
+        ("ice:scale=-1", "scale"),
+        ("ice,ice", "loss given twice: ice"),
+        ("ice:scale=2,scale=3", "given twice"),
+    ],
+)
+def test_bad_loss_specs(text, message):
+    with pytest.raises(loss_specs.LossSpecError) as error:
+        loss_specs.parse_loss_list(text)
+    assert message in str(error.value)
+
+
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["--losses", "ice,bogus"], "unknown loss 'bogus'; valid losses:"),
+        (["--losses", "ntxent:tau=1"], "valid parameters: temperature"),
+        (["--epochs", "-1"], "--epochs must be an integer >= 0"),
+        (["--seeds", "0"], "--seeds must be an integer >= 1"),
+        (["--batch-size", "60", "--m-per-class", "16"], "--batch-size 60 must be a multiple of --m-per-class 16"),
+        (["--lr", "0"], "--lr must be a number > 0"),
+        (["--batch-size", "128", "--m-per-class", "4"], "cannot fill a batch of 128"),
+        (["--dataset", "fashion-mnist", "--data-root", "/nonexistent"], "apt-get install dataset-fashion-mnist"),
+        (["--dataset", "emoji", "--data-root", "/nonexistent"], "npm install emoji-datasource-google@16.0.0"),
+        (["--dataset", "cub200"], "--download"),
+        (["--dataset", "folder"], "one sub-folder of images per class"),
+    ],
+)
+def test_bad_command_lines_fail_with_the_problem(capsys, tmp_path, argv, message):
+    code, captured = run_main(capsys, *argv, "--out", str(tmp_path / "out"))
+    assert code == 2
+    assert message in captured.err
+    # Nothing is written, so the corrected command may use the same --out.
+    assert not (tmp_path / "out" / "results.csv").exists()
+    assert not (tmp_path / "out" / "config.json").exists()
+
+
+def test_batch_that_does_not_split_across_processes(capsys, tmp_path, monkeypatch):
+    monkeypatch.setattr(launch, "start_processes", lambda settings: (0, 3))
+    code, captured = run_main(capsys, "--batch-size", "32", "--m-per-class", "8", "--out", str(tmp_path / "out"))
+    assert code == 2
+    assert "--batch-size 32 must split into 3 process(es) whose share is a multiple of --m-per-class 8" in captured.err
+    assert captured.out == ""
+    assert not (tmp_path / "out").exists()
+
+
+def test_unknown_option_and_choice_exit_with_usage(capsys):
+    for argv in (["--no-such-option"], ["--dataset", "mnist"], ["--model", "vgg"]):
+        with pytest.raises(SystemExit) as exit_info:
+            run.main(argv)
+        assert exit_info.value.code == 2
+    assert "invalid choice: 'vgg'" in capsys.readouterr().err
+
+
+def test_help_documents_datasets_losses_and_outputs(capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        run.main(["--help"])
+    assert exit_info.value.code == 0
+    text = capsys.readouterr().out
+    for word in ("digits", "fashion-mnist", "emoji", "cub200", "cars196", "sop", "folder", "--no-pretrained",
+                 "ntxent", "multisimilarity", "miner_epsilon", "results.csv", "torchrun", "--config"):
+        assert word in text
+
+
+def test_config_file_sets_options_and_command_line_wins(tmp_path):
+    config = tmp_path / "bench.toml"
+    config.write_text('losses = ["ice:scale=8", "supcon"]\nepochs = 7\nseeds = 2\nbatch-size = 32\n')
+    opts = settings.resolve(["--config", str(config), "--seeds", "1", "--dataset", "digits"])
+    assert [s.label for s in opts.losses] == ["ice:scale=8", "supcon"]
+    assert (opts.epochs, opts.seeds, opts.batch_size, opts.m_per_class) == (7, 1, 32, 16)
+
+
+@pytest.mark.parametrize(
+    "line, message",
+    [
+        ('dataset = "mnist"', "unknown dataset 'mnist'; valid datasets: digits"),
+        ('patience = "x"', "--patience must be an integer"),
+        ('lr = "abc"', "--lr must be a number > 0, got 'abc'"),
+        ("loss-lr = 0", "--loss-lr must be a number > 0"),
+        ("weight_decay = -0.1", "--weight-decay must be a number >= 0, got -0.1"),
+        ("image-size = 0", "--image-size must be an integer >= 1"),
+        ('limit-per-class = "5"', "--limit-per-class must be an integer >= 1, got '5'"),
+        ('val = "random"', "--val must be one of auto, classes, samples, got 'random'"),
+        ('freeze-trunk = "no"', "'freeze-trunk' must be true or false"),
+    ],
+)
+def test_config_file_with_bad_value(tmp_path, line, message):
+    config = tmp_path / "bench.toml"
+    config.write_text(line + "\n")
+    with pytest.raises(settings.UsageError) as error:
+        settings.resolve(["--config", str(config)])
+    assert message in str(error.value)
+
+
+def test_config_file_with_unknown_key(tmp_path):
+    config = tmp_path / "bench.toml"
+    config.write_text("epoch = 3\n")
+    with pytest.raises(settings.UsageError, match="unknown key 'epoch'.*valid keys: .*epochs"):
+        settings.resolve(["--config", str(config)])
+
+
+def test_out_folder_refuses_other_settings(capsys, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    out = tmp_path / "out"
+    common = ["--epochs", "0", "--seeds", "1", "--losses", "ice", "--limit-per-class", "20", "--out", str(out)]
+    code, _ = run_main(capsys, *common, "--embedding-size", "8", "--data-root", "a")
+    assert code == 0
+    code, captured = run_main(capsys, *common, "--data-root", "a")
+    assert code == 2
+    assert "holds runs made with other settings (embedding_size: 8 there, 64 now)" in captured.err
+    code, captured = run_main(capsys, *common, "--embedding-size", "8", "--data-root", "b")
+    assert code == 2
+    assert f"(data_root: '{tmp_path / 'a'}' there, '{tmp_path / 'b'}' now)" in captured.err
+    # The same folder written another way is the same experiment.
+    code, _ = run_main(capsys, *common, "--embedding-size", "8", "--data-root", str(tmp_path / "a"))
+    assert code == 0
+
+
+# Hostile-user probes: each once gave lost rows, a traceback or a silent wrong run.
+
+
+def write_config(tmp_path, text):
+    config = tmp_path / "bench.toml"
+    config.write_text(text + "\n")
+    return ["--config", str(config)]
+
+
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["--m-per-class", "1", "--batch-size", "16"], "--m-per-class must be an integer >= 2"),
+        (["--device", "foo"], "--device must be cpu, cuda, cuda:N or auto, got 'foo'"),
+        (["--verbose", "--quiet"], "--verbose and --quiet exclude each other"),
+        (["--model", "resnet18"], "model 'resnet18' takes RGB images, dataset 'digits' has 1 channel(s)"),
+    ],
+)
+def test_bad_option_values_are_refused(capsys, tmp_path, argv, message):
+    assert run.main(["--dataset", "digits"] + argv + ["--out", str(tmp_path / "out")]) == 2
+    error = capsys.readouterr().err
+    assert message in error and "Traceback" not in error
+    assert not (tmp_path / "out").exists()
+
+
+def test_out_naming_an_existing_file_is_refused(capsys, tmp_path):
+    existing = tmp_path / "results.txt"
+    existing.write_text("keep me")
+    assert run.main(["--out", str(existing)]) == 2
+    assert f"--out {existing} is a file, not a folder" in capsys.readouterr().err
+    assert existing.read_text() == "keep me"
+
+
+@pytest.mark.parametrize(
+    "line, message",
+    [
+        ("losses = 5", "--losses must be text such as 'ice,ntxent:temperature=0.05' or a list of such texts, got 5"),
+        ("out = 5", "--out must be a path (text), got 5"),
+        ("data-root = [1]", "--data-root must be a path (text), got [1]"),
+        ("epochs = {a = 1}", "--epochs must be an integer >= 0, got {'a': 1}"),
+        ("seeds = true", "--seeds must be an integer >= 1, got True"),
+        ('no-pretrained = "no"', "'no-pretrained' must be true or false, got 'no'"),
+        ('device = "foo"', "--device must be cpu, cuda, cuda:N or auto"),
+        ('amp = "fp8"', "--amp must be one of bf16, fp16, got 'fp8'"),
+    ],
+)
+def test_config_values_of_the_wrong_type(tmp_path, line, message):
+    with pytest.raises(settings.UsageError) as error:
+        settings.resolve(write_config(tmp_path, line))
+    assert message in str(error.value)
+
+
+def test_no_pretrained_in_a_config_file(tmp_path):
+    assert settings.resolve(write_config(tmp_path, "no-pretrained = true")).pretrained is False
+    assert settings.resolve(write_config(tmp_path, "no-pretrained = false")).pretrained is True

@@ -1,0 +1,125 @@
+"""Per-query scores against PML's AccuracyCalculator, paired tests on known cases, and
+the comparison table of a real (tiny) benchmark run."""
+
+import csv
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+import torch
+from pytorch_metric_learning.utils.accuracy_calculator import AccuracyCalculator
+
+from benchmarks import run
+from benchmarks.report import paired_tests, query_scores, tables
+
+
+def test_per_query_means_equal_pml_accuracy_calculator():
+    generator = torch.Generator().manual_seed(0)
+    labels = torch.cat([torch.arange(7).repeat_interleave(torch.arange(2, 9)), torch.tensor([7])])  # sizes 2..8, one lone
+    embeddings = torch.randn(len(labels), 6, generator=generator)
+    scores = query_scores.per_query_scores(embeddings, labels)
+    expected = AccuracyCalculator(k="max_bin_count", include=query_scores.QUERY_METRICS).get_accuracy(embeddings, labels)
+    assert len(scores["labels"]) == len(labels) - 1  # the lone query is left out, as PML does
+    for metric in query_scores.QUERY_METRICS:
+        assert scores[metric].mean() == pytest.approx(expected[metric], abs=1e-12)
+    assert set(np.unique(scores["precision_at_1"])) <= {0.0, 1.0}
+
+
+def test_per_query_scores_need_a_class_with_two_images():
+    with pytest.raises(ValueError, match="no query has another image of its class"):
+        query_scores.per_query_scores(torch.randn(3, 2), torch.tensor([0, 1, 2]))
+
+
+def synthetic(seeds=3, queries=400, seed=0):
+    return np.random.default_rng(seed).uniform(size=(seeds, queries))
+
+
+def test_identical_scores_show_no_difference():
+    a = synthetic()
+    d = paired_tests.paired_difference(a, a.copy())
+    assert (d.mean, d.ci_low, d.ci_high, d.p_value) == (0.0, 0.0, 0.0, 1.0)
+    assert not d.significant
+    assert tables.verdict("A", "B", d).startswith("no detectable difference between A and B")
+
+
+def test_noisy_copy_with_zero_mean_shift_is_not_significant():
+    a = synthetic()
+    noise = np.random.default_rng(1).normal(0, 0.05, size=a.shape)
+    d = paired_tests.paired_difference(a + noise - noise.mean(), a)
+    assert d.ci_low < 0 < d.ci_high and d.p_value > 0.05 and not d.significant
+
+
+def test_shifted_copy_is_significant_in_the_right_direction():
+    a = synthetic()
+    noise = np.random.default_rng(1).normal(0, 0.05, size=a.shape)
+    d = paired_tests.paired_difference(a + noise + 0.02, a)
+    assert d.ci_low < 0.02 + noise.mean() < d.ci_high and d.ci_low > 0
+    assert d.p_value < 1e-6 and d.significant
+    assert tables.verdict("A", "B", d).startswith("A is better than B (ΔMAP@R +")
+    reverse = paired_tests.paired_difference(a, a + noise + 0.02)
+    assert tables.verdict("A", "B", reverse).startswith("B is better than A (ΔMAP@R +")
+    assert tables.verdict("A", "B", reverse).replace("B is better than A", "") == \
+        tables.verdict("A", "B", d).replace("A is better than B", "")
+
+
+def test_paired_inputs_must_match():
+    with pytest.raises(ValueError, match="same shape"):
+        paired_tests.paired_difference(np.zeros((2, 5)), np.zeros((3, 5)))
+
+
+def as_runs(matrix, labels):
+    return {s: {"labels": labels, "mean_average_precision_at_r": row, "precision_at_1": (row > 0.5).astype(float)}
+            for s, row in enumerate(matrix)}
+
+
+def test_comparison_table_against_ice_and_the_best_loss():
+    base = synthetic()
+    labels = np.arange(base.shape[1]) % 10
+    scores = {"ice": as_runs(base, labels), "tied": as_runs(base.copy(), labels),
+              "better": as_runs(np.clip(base + 0.1, 0, 1), labels)}
+    text = tables.comparison_table(scores, "ice")
+    assert "| `tied` | `ice` (ICE) | 3 | 400 | +0.0 | [+0.0, +0.0] | 1.000 |" in text
+    assert "| `ice` | `better` (the best loss) | 3 | 400 |" in text
+    assert "Against `ice` (ICE), on test MAP@R: no detectable difference between `tied` and `ice`" in text
+    assert "`better` is better than `ice` (ΔMAP@R +" in text
+    assert "Against `better` (the best loss), on test MAP@R: `better` is better than `ice`" in text
+    scores["other"] = as_runs(base, labels[::-1])
+    with pytest.raises(ValueError, match="tested on different queries"):
+        tables.comparison_table(scores, "ice")
+
+
+def test_scores_are_kept_only_when_validation_improves(tmp_path):
+    labels = torch.tensor([0, 0, 1, 1])
+    tester = SimpleNamespace(last_embeddings_and_labels={"test": (torch.randn(4, 3), labels[:, None])})
+    rows = []
+    for epoch, val in enumerate([0.5, 0.7, 0.7, float("nan"), 0.6]):
+        rows.append({"epoch": epoch, "val_mean_average_precision_at_r": val})
+        query_scores.keep_best_test_scores(tmp_path, tester, rows)
+        assert int(np.load(tmp_path / query_scores.SCORES_FILE)["epoch"]) == (0 if epoch == 0 else 1)
+    (tmp_path / query_scores.SCORES_FILE).unlink()
+    query_scores.keep_best_test_scores(tmp_path, SimpleNamespace(last_embeddings_and_labels={"val": None}), rows[:1])
+    assert not (tmp_path / query_scores.SCORES_FILE).exists()
+
+
+def test_benchmark_run_keeps_scores_and_writes_the_comparison(tmp_path, capsys):
+    out = tmp_path / "out"
+    argv = ["--dataset", "digits", "--epochs", "2", "--seeds", "2", "--limit-per-class", "30", "--batch-size", "32", "--m-per-class", "8",
+            "--patience", "-1", "--out", str(out)]
+    assert run.main(argv + ["--losses", "ice"]) == 0
+    assert "## Paired comparisons" not in (out / "summary.md").read_text()  # one loss: nothing to compare
+    capsys.readouterr()
+    # A later command with another loss: the comparison reads every run folder on disk, as the table does.
+    assert run.main(argv + ["--losses", "contrastive"]) == 0
+    assert "| `contrastive` | `ice` (ICE) | 2 | 150 |" in capsys.readouterr().out
+    with open(out / "results.csv", newline="") as f:
+        rows = list(csv.DictReader(f))
+    for loss in ("ice", "contrastive"):
+        for seed in (0, 1):
+            stored = np.load(out / "runs" / loss / f"seed{seed}" / query_scores.SCORES_FILE)
+            row = next(r for r in rows if (r["loss"], r["seed"], r["epoch"]) == (loss, str(seed), str(stored["epoch"])))
+            for metric in query_scores.QUERY_METRICS:  # the stored queries reproduce the harness's test metrics
+                assert stored[metric].mean() == pytest.approx(float(row[metric]), abs=1e-6)
+    summary = (out / "summary.md").read_text()
+    assert "## Paired comparisons" in summary
+    assert "| `contrastive` | `ice` (ICE) | 2 | 150 |" in summary
+    assert "Against `ice` (ICE), on test MAP@R: " in summary

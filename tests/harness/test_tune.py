@@ -1,0 +1,223 @@
+"""Tuning: tune -> best.toml -> run --config, test split never touched, kill and resume,
+two processes sharing one study, and bad requests."""
+
+import csv
+import dataclasses
+import subprocess
+import sys
+from pathlib import Path
+
+import optuna
+import pytest
+import torch
+
+from benchmarks import run, tune
+from benchmarks.core import features, launch, loss_specs, training, tuning
+from benchmarks.core.files import read_torch
+from benchmarks.core.models import build_trunk
+from benchmarks.core.settings import resolve
+from benchmarks.data.transforms import RandomAffineImages
+
+REPO = Path(__file__).resolve().parents[2]
+TINY = ["--dataset", "digits", "--epochs", "1", "--limit-per-class", "30", "--batch-size", "32", "--m-per-class", "8"]
+
+
+def trials_of(out, loss, dataset="digits"):
+    study = optuna.load_study(study_name=f"{dataset}-{loss}", storage=f"sqlite:///{out / 'tuning.db'}")
+    return study.get_trials(deepcopy=False)
+
+
+def test_tune_then_run_with_the_tuned_config(tmp_path):
+    out = tmp_path / "tune"
+    assert tune.main(TINY + ["--trials", "2", "--losses", "ice,ntxent", "--out", str(out)]) == 0
+    for loss in ("ice", "ntxent"):
+        assert [t.state for t in trials_of(out, loss)] == [optuna.trial.TrialState.COMPLETE] * 2
+        assert (out / "plots" / f"{loss}.png").read_bytes()[:4] == b"\x89PNG"
+    report = (out / "tuning.md").read_text()
+    assert report.count("| complete |") == 4 and "test split not loaded" in report
+    toml = (out / "best.toml").read_text()
+    assert 'epochs = 1\n' in toml and 'limit_per_class = 30\n' in toml and "seeds = 5\n" in toml
+    best = {loss: max((t for t in trials_of(out, loss)), key=lambda t: (t.value, -t.number)).user_attrs["loss"]
+            for loss in ("ice", "ntxent")}
+    assert f'losses = "{best["ice"]},{best["ntxent"]}"\n' in toml
+
+    final = tmp_path / "final"
+    assert run.main(["--config", str(out / "best.toml"), "--seeds", "1", "--out", str(final)]) == 0
+    with open(final / "results.csv", newline="") as f:
+        rows = list(csv.DictReader(f))
+    assert [(r["loss"], r["epoch"]) for r in rows] == [(best[l], e) for l in ("ice", "ntxent") for e in ("0", "1")]
+
+
+class SealedSplit:
+    """A test split that fails on any use."""
+
+    def __getattr__(self, name):
+        raise AssertionError(f"the test split was used while tuning ({name})")
+
+    def __len__(self):
+        raise AssertionError("the test split was used while tuning (len)")
+
+
+@pytest.mark.parametrize("frozen", [False, True], ids=["trained-trunk", "frozen-trunk"])
+def test_tuning_never_touches_the_test_split(tmp_path, monkeypatch, frozen):
+    real_load = launch.load_dataset
+
+    def load_with_sealed_test(*args, **kwargs):
+        return dataclasses.replace(real_load(*args, **kwargs), test=SealedSplit())
+
+    monkeypatch.setattr(launch, "load_dataset", load_with_sealed_test)
+    evaluated = []
+
+    class RunRecordingRows(tuning.Run):
+        def execute(self):
+            result = super().execute()
+            evaluated.extend(result.rows)
+            return result
+
+    monkeypatch.setattr(tuning, "Run", RunRecordingRows)
+    flags = ["--freeze-trunk"] if frozen else []
+    assert tune.main(TINY + flags + ["--trials", "1", "--losses", "ntxent", "--out", str(tmp_path)]) == 0
+    assert [r["epoch"] for r in evaluated] == [0, 1]
+    assert all("mean_average_precision_at_r" not in r and 0 <= r["val_mean_average_precision_at_r"] <= 1 for r in evaluated)
+
+
+def test_killed_tuning_resumes_keeping_finished_trials(tmp_path, monkeypatch):
+    argv = TINY + ["--trials", "3", "--losses", "ntxent", "--out", str(tmp_path)]
+    real = tuning.validation_map_at_r
+    calls = {"n": 0}
+
+    def killed_in_third_trial(*args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] == 3:
+            raise KeyboardInterrupt("simulated kill")
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(tuning, "validation_map_at_r", killed_in_third_trial)
+    with pytest.raises(KeyboardInterrupt):
+        tune.main(argv)
+    before = [(t.number, t.state, t.value, t.params) for t in trials_of(tmp_path, "ntxent")]
+    assert [s for _, s, _, _ in before] == [optuna.trial.TrialState.COMPLETE] * 2 + [optuna.trial.TrialState.FAIL]
+
+    monkeypatch.setattr(tuning, "validation_map_at_r", real)
+    assert tune.main(argv) == 0
+    after = trials_of(tmp_path, "ntxent")
+    assert [(t.number, t.state, t.value, t.params) for t in after[:3]] == before
+    assert [t.state for t in after[3:]] == [optuna.trial.TrialState.COMPLETE]
+    assert "| 2 | fail (not counted) |" in (tmp_path / "tuning.md").read_text()
+    assert tune.main(argv) == 0  # the budget is spent: nothing more runs
+    assert len(trials_of(tmp_path, "ntxent")) == 4
+
+
+def test_two_processes_share_one_study(tmp_path):
+    storage = f"sqlite:///{tmp_path / 'shared.db'}"
+    command = [sys.executable, "-m", "benchmarks.tune", *TINY, "--trials", "2", "--losses", "ntxent", "--storage", storage]
+    processes = [subprocess.Popen(command + ["--out", str(tmp_path / f"p{i}")], cwd=REPO, stdout=subprocess.PIPE,
+                                  stderr=subprocess.STDOUT, text=True) for i in range(2)]
+    outputs = [p.communicate(timeout=300)[0] for p in processes]
+    assert [p.returncode for p in processes] == [0, 0], outputs
+    study = optuna.load_study(study_name="digits-ntxent", storage=storage)
+    finished = study.get_trials(states=(optuna.trial.TrialState.COMPLETE,))
+    # Two separate studies would hold 4 trials; a shared one stops at 2, or 3 when both started the last.
+    assert 2 <= len(finished) <= 3
+    assert not (tmp_path / "p0" / "tuning.db").exists()
+    for i in range(2):  # each process reports every trial of the shared study
+        assert (tmp_path / f"p{i}" / "tuning.md").read_text().count("| complete") >= len(finished) - 1
+
+
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["--losses", "ice,circle"], "no search space for circle; --losses takes names of losses that can be tuned: ice, ntxent"),
+        (["--losses", "ice,ice"], "loss given twice"),
+        (["--losses", "ice:scale=3"], "no search space for ice:scale=3"),
+        (["--trials", "0"], "--trials and --seeds must be at least 1"),
+        (["--storage", "nosuchdb://x"], "--storage 'nosuchdb://x': optuna cannot open this database"),
+        (["--epochs", "-1"], "--epochs must be an integer >= 0"),
+    ],
+)
+def test_bad_requests_fail_before_training(tmp_path, capsys, argv, message):
+    assert tune.main(argv + ["--out", str(tmp_path)]) == 2
+    assert message in capsys.readouterr().err
+
+
+def test_a_study_tuned_with_another_budget_is_refused(tmp_path, capsys):
+    argv = TINY + ["--trials", "1", "--losses", "ntxent", "--out", str(tmp_path)]
+    assert tune.main(argv) == 0
+    assert tune.main(argv + ["--lr", "0.01"]) == 2
+    assert "study 'digits-ntxent' in the storage was tuned with other settings (lr: 0.001 there, 0.01 now)" in capsys.readouterr().err
+
+
+def test_diverged_trials_are_pruned_and_count_toward_the_budget(tmp_path, monkeypatch):
+    values = iter([None, 0.25, 0.5])
+
+    def scripted(opts, data, spec, seed, run_dir):
+        value = next(values)
+        if value is None:
+            raise tuning.NonFiniteLossError(f"loss '{spec.label}' is nan at epoch 1, iteration 2")
+        return value
+
+    monkeypatch.setattr(tuning, "validation_map_at_r", scripted)
+    assert tune.main(TINY + ["--trials", "3", "--losses", "ntxent", "--out", str(tmp_path)]) == 0
+    trials = trials_of(tmp_path, "ntxent")
+    assert [t.state for t in trials] == [optuna.trial.TrialState.PRUNED] + [optuna.trial.TrialState.COMPLETE] * 2
+    assert "is nan at epoch 1" in trials[0].user_attrs["error"]
+    assert "| 0 | diverged | - |" in (tmp_path / "tuning.md").read_text()
+    assert f'losses = "{trials[2].user_attrs["loss"]}"' in (tmp_path / "best.toml").read_text()
+
+
+def test_proxyanchor_learning_rate_is_part_of_its_spec(tmp_path):
+    assert tune.main(TINY + ["--trials", "1", "--losses", "proxyanchor,arcface", "--out", str(tmp_path)]) == 0
+    spec = loss_specs.parse_loss_spec(trials_of(tmp_path, "proxyanchor")[0].user_attrs["loss"])
+    assert 1e-4 <= spec.loss_lr <= 0.1
+    best = (tmp_path / "best.toml").read_text()
+    assert f"loss_lr={spec.loss_lr}" in best and "\nloss_lr = 0.01\n" in best  # --loss-lr keeps its default
+
+
+def test_undefined_validation_metric_stops_with_a_clear_error(tmp_path, capsys):
+    # 5 images per class: every fifth image validates, one per class, so no validation query has a match.
+    argv = ["--dataset", "digits", "--limit-per-class", "5", "--batch-size", "20", "--m-per-class", "4", "--epochs", "1",
+            "--trials", "1", "--losses", "ntxent", "--out", str(tmp_path)]
+    assert tune.main(argv) == 2
+    assert "validation MAP@R is undefined" in capsys.readouterr().err
+
+
+def test_a_feature_cache_made_while_tuning_is_completed_by_a_run(tmp_path):
+    settings = resolve(TINY + ["--freeze-trunk"])
+    data = launch.prepare_data(settings, 1)
+    said = []
+    tuned = features.cached_features(settings, dataclasses.replace(data, test=None), tmp_path, 0, 1, said.append)
+    assert tuned.test is None and set(read_torch(tmp_path / "cache" / "trunk_features.pt")) == {"train", "val"}
+    final = features.cached_features(settings, data, tmp_path, 0, 1, said.append)
+    assert len(said) == 2 and final.test.images.shape == (len(data.test), tuned.train.images.shape[1])
+    assert set(read_torch(tmp_path / "cache" / "trunk_features.pt")) == {"train", "val", "test"}
+
+
+def test_a_frozen_trunk_sees_the_training_images_unaugmented(tmp_path):
+    settings = resolve(TINY + ["--freeze-trunk", "--model", "cnn"])
+    data = launch.prepare_data(settings, 1)
+    images = data.train.images
+    augmented = dataclasses.replace(data, train=RandomAffineImages(images, data.train.labels, degrees=30))
+    cached = features.cached_features(settings, augmented, tmp_path, 0, 1, lambda text: None)
+    training.seed_everything(0)
+    trunk = build_trunk("cnn", data.train.images.shape[1]).eval()
+    with torch.no_grad():
+        assert torch.allclose(cached.train.images, trunk(images), atol=1e-5)
+
+
+def test_a_storage_password_is_never_written_or_printed(tmp_path, monkeypatch, capsys):
+    url = "postgresql+psycopg2://bench:hunter2@127.0.0.1:5433/optuna"
+    assert tune.main(["--storage", url, "--out", str(tmp_path / "refused")]) == 2  # no driver or server here
+    assert "hunter2" not in capsys.readouterr().err
+    local = optuna.storages.RDBStorage(f"sqlite:///{tmp_path / 'tuning.db'}")
+    monkeypatch.setattr(tune, "open_storage", lambda given: local if given == url else pytest.fail(given))
+    out = tmp_path / "tune"
+    assert tune.main(TINY + ["--trials", "1", "--losses", "ntxent", "--storage", url, "--out", str(out)]) == 0
+    printed = capsys.readouterr()
+    written = (out / "best.toml").read_text() + (out / "tuning.md").read_text()
+    assert "postgresql+psycopg2://bench:***@127.0.0.1:5433/optuna" in written
+    assert "hunter2" not in written + printed.out + printed.err
+
+
+def test_credentials_are_masked_in_any_url():
+    assert tuning.mask_credentials("a://u:p@h/x b://v:q:r@h c://h:80/y sqlite:////d/t.db") == \
+        "a://u:***@h/x b://v:***@h c://h:80/y sqlite:////d/t.db"

@@ -1,0 +1,51 @@
+"""The relative weight analysis against its formulas, on a hand-made batch."""
+
+import math
+
+import pytest
+import torch
+
+from benchmarks.report.weight_analysis import pair_weights
+from reference import ice_pair_losses
+
+
+def test_weights_and_shares_follow_the_formulas(make_batch):
+    embeddings, labels = make_batch(n=12, n_classes=3, seed=4, dtype=torch.float64)
+    analysis = pair_weights(embeddings, labels, scale=8.0, lams=[0.0, 2.0])
+    expected = ice_pair_losses(embeddings.cpu(), labels.cpu(), scale=8.0)
+    probs = sorted(math.exp(-v.item()) for v in expected.values())
+    assert sorted(analysis.match_prob.tolist()) == pytest.approx(probs, rel=1e-12)
+    for lam in (0.0, 2.0):
+        pulls = [math.exp(lam * (1 - p)) * (1 - p) for p in probs]
+        shares = sorted(analysis.shares[lam].tolist())
+        assert shares == pytest.approx(sorted(x / sum(pulls) for x in pulls), rel=1e-12)
+    assert analysis.weights[0.0].tolist() == [1.0] * len(probs)
+
+
+def test_hardest_share_grows_with_lam(make_batch):
+    embeddings, labels = make_batch(n=40, n_classes=5, seed=6, dtype=torch.float64)
+    analysis = pair_weights(embeddings, labels, scale=16.0, lams=[0.0, 1.0, 4.0])
+    shares = [analysis.hardest_share(lam) for lam in (0.0, 1.0, 4.0)]
+    assert 0.1 < shares[0] < shares[1] < shares[2] < 1.0
+
+
+def test_a_batch_without_pairs_is_refused():
+    with pytest.raises(ValueError, match="no positive pair"):
+        pair_weights(torch.randn(4, 3), torch.arange(4), scale=16.0, lams=[1.0])
+
+
+def test_weights_command_on_a_tiny_run(tmp_path, capsys):
+    """benchmarks.weights reads a finished run and writes its plot and report."""
+    from benchmarks import run, weights
+
+    out = tmp_path / "out"
+    assert run.main(["--dataset", "digits", "--epochs", "1", "--seeds", "1", "--limit-per-class", "20",
+                     "--batch-size", "16", "--m-per-class", "4", "--losses", "ice:scale=8", "--out", str(out)]) == 0
+    assert weights.main(["--out", str(out), "--batches", "2", "--lams", "0,2"]) == 0
+    folder = out / "runs" / "ice_scale_8" / "seed0"
+    report = (folder / "weights.md").read_text()
+    assert (folder / "weights.png").stat().st_size > 0
+    # 2 batches of 16 = 4 classes x 4 images: 4 x 4 x 3 = 48 positive pairs each
+    assert "| untrained | 96 |" in report and "| trained (epoch 1) | 96 |" in report
+    assert weights.main(["--out", str(out), "--loss", "ntxent"]) == 2
+    assert "no finished run of ntxent with seed 0" in capsys.readouterr().err
