@@ -12,15 +12,18 @@
     channels, stride 2 then two max-pools, global average pooling and a 64-d linear
     embedding, on 1 x 32 x 32 inputs: the shape of the glyphs harness's ``cnn4``;
     ``--model module:function`` substitutes any factory of such a model) trained
-    with ICELoss(memory_efficient=True) (the loss's memory linear in the batch): an uncached step at ``--small-batch``, an uncached step at
+    with ICELoss(memory_efficient=True, chunk_size=``--loss-chunk-size``), so that the
+    loss's memory is linear in the batch and small: an uncached step at ``--small-batch``, an uncached step at
     ``--large-batch`` and a cached step (cached_backward, ``--chunk-size``) at
     ``--large-batch``, each in a fresh process: peak memory above the process's
     resident size before the step, the median wall time, and the cached gradients
     against the uncached ones at the large batch. BatchNorm runs in eval mode in
-    all three (``freeze_batchnorm``), where caching is exact; the inputs are random.
+    all three (``freeze_batchnorm``), where caching is exact; the inputs are random;
+    glibc's ``MALLOC_MMAP_THRESHOLD_`` is 128 KiB in these processes.
 
 Every process uses one thread (``torch.set_num_threads(1)``). The results go to
-``results/scale/scale_speed.json``.
+``results/scale/scale_speed.json``; ``--part sharded`` or ``--part cached`` measures one
+part and replaces only its entry there.
 """
 
 import argparse
@@ -54,6 +57,11 @@ def parse_args(argv=None):
     parser.add_argument("--small-batch", type=int, default=512)
     parser.add_argument("--large-batch", type=int, default=4096)
     parser.add_argument("--chunk-size", type=int, default=512)
+    parser.add_argument(
+        "--loss-chunk-size", type=int, default=256,
+        help="anchors per chunk of ICELoss(memory_efficient=True) in (b)",
+    )
+    parser.add_argument("--part", choices=("all", "sharded", "cached"), default="all")
     parser.add_argument("--repeats", type=int, default=3, help="timed steps after one warm-up")
     parser.add_argument("--model", default=None, help="module:function returning the CNN")
     parser.add_argument("--output", default=RESULTS)
@@ -192,7 +200,7 @@ def cached_worker(mode, batch, args, out_path):
     generator = torch.Generator().manual_seed(1)
     inputs = torch.randn(args.large_batch, 1, 32, 32, generator=generator)[:batch]
     labels = labels_of(args.large_batch, generator)[:batch]
-    loss_func = losses.ICELoss(memory_efficient=True)
+    loss_func = losses.ICELoss(memory_efficient=True, chunk_size=args.loss_chunk_size)
 
     def step():
         model.zero_grad()
@@ -214,6 +222,9 @@ def run_in_fresh_process(target, *args):
 
 
 def measure_cached(args):
+    # freed blocks of 128 KiB and more go back to the system (glibc), so that the
+    # resident size follows the tensors' memory; read when each fresh process starts
+    os.environ.setdefault("MALLOC_MMAP_THRESHOLD_", "131072")
     runs = {}
     with tempfile.TemporaryDirectory() as out_dir:
         for mode, batch in (
@@ -248,15 +259,22 @@ def write_atomically(results, path):
     handle, temporary = tempfile.mkstemp(dir=os.path.dirname(path) or ".", suffix=".tmp")
     with os.fdopen(handle, "w") as out:
         json.dump(results, out, indent=2)
+    os.chmod(temporary, 0o644)
     os.replace(temporary, path)
 
 
 def main(argv=None):
     args = parse_args(argv)
-    results = {"load_average_at_start": os.getloadavg(), "sharded_loss": measure_sharded(args)}
-    print(json.dumps(results["sharded_loss"], indent=2))
-    results["cached_training"] = measure_cached(args)
-    print(json.dumps(results["cached_training"], indent=2))
+    results = {}
+    if args.part != "all" and os.path.exists(args.output):
+        with open(args.output) as previous:
+            results = json.load(previous)
+    parts = {"sharded": ("sharded_loss", measure_sharded), "cached": ("cached_training", measure_cached)}
+    for part, (key, measure) in parts.items():
+        if args.part in ("all", part):
+            load = os.getloadavg()
+            results[key] = {"load_average_at_start": load, **measure(args)}
+            print(json.dumps(results[key], indent=2))
     write_atomically(results, args.output)
     print(f"written to {args.output}")
 

@@ -86,7 +86,9 @@ class GradientCache:
                 last = index == len(self.chunks) - 1
                 with contextlib.nullcontext() if last else self.no_sync():
                     rng_state.restore()
-                    torch.autograd.backward(self.model(chunk), chunk_grad)
+                    # d/dE_k of sum(E_k * G_k) is G_k exactly; a scalar's backward
+                    # peaks lower than backward(E_k, G_k)
+                    torch.sum(self.model(chunk) * chunk_grad).backward()
         self.rng_after.restore()
 
     def batchnorm_layers(self):

@@ -24,7 +24,7 @@ CASES = [
     "labels", "anchor", "float32", "unequal", "no_positive", "cross_only",
     "ref_emb", "pair_miner", "triplet_miner", "memory", "memory_miner",
 ]
-PML_CASES = ["pml_efficient", "ours_efficient"]
+PML_CASES = ["pml_efficient", "ours_efficient", "ours_not_efficient"]
 
 
 def local_sizes(name, world_size):
@@ -121,7 +121,8 @@ def run_sharded(name, world_size, rank):
     if name == "pml_efficient":
         loss_func = pml_distributed.DistributedLossWrapper(make_loss(name), efficient=True)
     else:
-        loss_func = DistributedLossWrapper(make_loss(name), efficient=True)
+        efficient = name != "ours_not_efficient"
+        loss_func = DistributedLossWrapper(make_loss(name), efficient=efficient)
     miner = make_miner(name)
     miner = None if miner is None else DistributedMinerWrapper(miner, efficient=True)
     results = []
@@ -140,6 +141,8 @@ def run_sharded(name, world_size, rank):
             indices_tuple = None if miner is None else miner(embeddings, labels[local])
             loss = loss_func(embeddings, labels[local], indices_tuple)
         loss.backward()
+        if name == "ours_not_efficient":  # PML's convention: world_size x the loss
+            loss = loss / world_size
         results.append(result_of(loss, model, loss_func))
     return results
 
@@ -237,7 +240,8 @@ def test_sharded_equals_one_process(sharded_results, world_size, name):
 @pytest.mark.timeout(300)
 def test_pml_efficient_drops_gradient_ours_is_exact(sharded_results):
     """ICELoss(scale=10), 64 samples, 2 processes, float64: PML's efficient=True loses
-    the gathered embeddings' gradient; ours is exact."""
+    the gathered embeddings' gradient; ours is exact, and efficient=False is PML's
+    (exact, returning world_size x the loss)."""
     expected = run_one_process("pml_efficient", 2)
     per_rank = {
         name: [rank_results[name] for rank_results in sharded_results[2]] for name in PML_CASES
@@ -247,6 +251,7 @@ def test_pml_efficient_drops_gradient_ours_is_exact(sharded_results):
     print(f"weight gradient error: PML {pml_error:.2%}, ours {ours['weight_grad']:.2e}")
     assert pml_error > 0.1
     assert max(ours.values()) <= 1e-12
+    assert max(max_errors(per_rank["ours_not_efficient"], expected).values()) <= 1e-12
 
 
 def test_efficient_rejects_losses_it_cannot_shard_exactly():
