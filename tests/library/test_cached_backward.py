@@ -137,6 +137,17 @@ def test_cached_under_bfloat16_autocast():
     assert max_error(cached, expected) <= 1e-2
 
 
+def test_grad_scaler_scales_the_cached_gradients():
+    model = make_model(dropout=0.3)
+    inputs, labels = make_batch()
+    loss_func = make_ice()
+    expected_loss, expected_grads = whole_batch_step(model, inputs, labels, loss_func)
+    scaler = torch.amp.GradScaler("cpu", init_scale=1024.0)
+    loss, grads = cached_step(model, inputs, labels, loss_func, scaler=scaler)
+    unscaled = [grad / 1024.0 for grad in grads]
+    assert max_error((loss, unscaled), (expected_loss, expected_grads)) <= 1e-12
+
+
 def test_cached_metric_loss_only_equals_metric_loss_only():
     """One SGD step (lr=1) of each trainer from the same weights: equal updates."""
     inputs, labels = make_batch(torch.float32)
