@@ -57,7 +57,9 @@ class GradientCache:
         if not torch.is_tensor(inputs):
             raise TypeError(f"GradientCache: inputs must be a torch.Tensor, got {type(inputs)}")
         if isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1:
-            raise ValueError(f"GradientCache: chunk_size must be a positive integer, got {chunk_size!r}")
+            raise ValueError(
+                f"GradientCache: chunk_size must be a positive integer, got {chunk_size!r}"
+            )
         self.model = model
         self.modules = [model] if modules is None else list(modules)
         self.freeze_batchnorm = freeze_batchnorm

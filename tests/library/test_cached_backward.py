@@ -153,7 +153,8 @@ def test_cached_metric_loss_only_equals_metric_loss_only():
     inputs, labels = make_batch(torch.float32)
     dataset = torch.utils.data.TensorDataset(inputs, labels)
     results = []
-    for trainer_class, extra in [(trainers.MetricLossOnly, {}), (CachedMetricLossOnly, {"chunk_size": CHUNK})]:
+    variants = [(trainers.MetricLossOnly, {}), (CachedMetricLossOnly, {"chunk_size": CHUNK})]
+    for trainer_class, extra in variants:
         model = make_model(dtype=torch.float32)
         trainer = trainer_class(
             models={"trunk": model},
