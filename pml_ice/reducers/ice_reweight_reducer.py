@@ -50,22 +50,36 @@ class ICEReweightReducer(BaseReducer):
             return self.lam * -torch.expm1(-losses.to(torch.promote_types(losses.dtype, torch.float32)))
 
     def reweighted_mean(self, losses, anchors, embeddings):
-        """Computed in at least float32, with weights divided by their largest (per
-        anchor for ``"anchor"``), which the normalised mean does not see: no overflow
-        for any ``lam`` and no half-precision sums. Returned in the losses' dtype."""
+        """``total / count`` of :meth:`reweighted_sums`, in the losses' dtype."""
         if len(losses) == 0:
             return self.zero_loss(embeddings)
+        total, count = self.reweighted_sums(losses, anchors)
+        return (total / count).to(losses.dtype)
+
+    def reweighted_sums(self, losses, anchors, largest_log_weight=None):
+        """The loss as ``total / count``, in at least float32:
+
+            normalize="batch":  total = sum w l, count = sum w
+            normalize="anchor": total = sum of the anchors' weighted means,
+                                count = number of anchors
+
+        The weights are divided by their largest (per anchor for ``"anchor"``;
+        ``largest_log_weight`` overrides it for ``"batch"``, so that the sums of
+        several shards add up), which the normalised mean does not see: no overflow
+        for any ``lam`` and no half-precision sums."""
         if losses.numel() != len(anchors):
             raise ValueError(
                 f"ICEReweightReducer: {losses.numel()} losses for {len(anchors)} indices"
             )
-        loss_dtype, losses = losses.dtype, losses.reshape(-1)
+        losses = losses.reshape(-1)
         log_weights = self.log_weights(losses)
         acc_losses = losses.to(log_weights.dtype)
         if self.normalize == "batch":
-            weights = torch.exp(log_weights - log_weights.max())
+            if largest_log_weight is None:
+                largest_log_weight = log_weights.max()
+            weights = torch.exp(log_weights - largest_log_weight)
             self.record_weight_stats(weights)
-            return (torch.sum(weights * acc_losses) / torch.sum(weights)).to(loss_dtype)
+            return torch.sum(weights * acc_losses), torch.sum(weights)
         unique_anchors, groups = torch.unique(anchors, return_inverse=True)
         group_max = log_weights.new_full((len(unique_anchors),), float("-inf"))
         group_max.scatter_reduce_(0, groups, log_weights, "amax")
@@ -75,7 +89,7 @@ class ICEReweightReducer(BaseReducer):
             0, groups, weights * acc_losses
         )
         weight_sum = weights.new_zeros(len(unique_anchors)).index_add_(0, groups, weights)
-        return torch.mean(weighted_sum / weight_sum).to(loss_dtype)
+        return torch.sum(weighted_sum / weight_sum), weights.new_tensor(len(unique_anchors))
 
     def record_weight_stats(self, weights):
         """With ``collect_stats``: the spread of the weights, ``max w / mean w``, and the
