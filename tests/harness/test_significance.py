@@ -11,6 +11,8 @@ from pytorch_metric_learning.utils.accuracy_calculator import AccuracyCalculator
 
 from benchmarks import run
 from benchmarks.report import paired_tests, query_scores, tables
+from benchmarks.report.comparisons import Comparison
+from benchmarks.report.seed_paired import seed_paired_difference
 
 
 def test_per_query_means_equal_pml_accuracy_calculator():
@@ -34,12 +36,16 @@ def synthetic(seeds=3, queries=400, seed=0):
     return np.random.default_rng(seed).uniform(size=(seeds, queries))
 
 
+def both(a, b):
+    return Comparison(seed_paired_difference(a, b), paired_tests.paired_difference(a, b))
+
+
 def test_identical_scores_show_no_difference():
     a = synthetic()
     d = paired_tests.paired_difference(a, a.copy())
     assert (d.mean, d.ci_low, d.ci_high, d.p_value) == (0.0, 0.0, 0.0, 1.0)
     assert not d.significant
-    assert tables.verdict("A", "B", d).startswith("no detectable difference between A and B")
+    assert tables.verdict("A", "B", both(a, a.copy())).startswith("no detectable difference between A and B")
 
 
 def test_noisy_copy_with_zero_mean_shift_is_not_significant():
@@ -55,11 +61,26 @@ def test_shifted_copy_is_significant_in_the_right_direction():
     d = paired_tests.paired_difference(a + noise + 0.02, a)
     assert d.ci_low < 0.02 + noise.mean() < d.ci_high and d.ci_low > 0
     assert d.p_value < 1e-6 and d.significant
-    assert tables.verdict("A", "B", d).startswith("A is better than B (ΔMAP@R +")
-    reverse = paired_tests.paired_difference(a, a + noise + 0.02)
+    forward, reverse = both(a + noise + 0.02, a), both(a, a + noise + 0.02)
+    assert tables.verdict("A", "B", forward).startswith("A is better than B (ΔMAP@R +")
     assert tables.verdict("A", "B", reverse).startswith("B is better than A (ΔMAP@R +")
     assert tables.verdict("A", "B", reverse).replace("B is better than A", "") == \
-        tables.verdict("A", "B", d).replace("A is better than B", "")
+        tables.verdict("A", "B", forward).replace("A is better than B", "")
+
+
+def test_a_verdict_without_a_detectable_difference_names_what_the_seeds_could_detect():
+    a = synthetic()
+    noise = np.random.default_rng(1).normal(0, 0.05, size=a.shape)
+    comparison = both(a + noise - noise.mean(), a)
+    assert tables.verdict("A", "B", comparison).endswith(
+        f"; 3 seeds detect {100 * comparison.seeds.detectable:.1f} points with 80 % power)")
+
+
+def test_one_seed_is_not_tested():
+    a = synthetic(seeds=1)
+    comparison = Comparison(None, paired_tests.paired_difference(a + 0.1, a))
+    assert tables.verdict("A", "B", comparison) == "A and B: not tested: fewer than 2 seeds in common"
+    assert tables.difference_text(comparison) == "not tested: fewer than 2 seeds in common"
 
 
 def test_paired_inputs_must_match():
