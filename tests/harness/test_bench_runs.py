@@ -158,6 +158,17 @@ def test_same_seed_reproduces_the_run(tmp_path):
     assert (tmp_path / "a" / "results.csv").read_text() == (tmp_path / "b" / "results.csv").read_text()
 
 
+def test_seeds_added_to_an_out_folder_join_the_earlier_ones(tmp_path):
+    out = tmp_path / "out"
+    assert run.main(TINY_ONE_EPOCH + ["--losses", "ice", "--out", str(out)]) == 0
+    first = out / "runs" / "ice" / "seed0" / "checkpoint.pth"
+    trained = first.stat().st_mtime_ns
+    assert run.main(TINY_ONE_EPOCH + ["--losses", "ice", "--seeds", "1,2", "--out", str(out)]) == 0
+    assert first.stat().st_mtime_ns == trained  # seed 0 is not trained again
+    assert sorted({(r["seed"]) for r in read_rows(out / "results.csv")}) == ["0", "1", "2"]
+    assert "| `ice` | 3 |" in (out / "summary.md").read_text()
+
+
 def test_two_processes_with_torchrun(tmp_path):
     out = tmp_path / "out"
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
