@@ -57,7 +57,7 @@ def test_the_ice_table_reads_means_and_paired_differences_from_the_runs(tmp_path
     assert run.main(TINY + ["--losses", "ice,ntxent", "--seeds", "2", "--out", str(out)]) == 0
     table = evidence.ice_table(out)
     with open(out / "results.csv", newline="") as f:
-        rows = [{k: (v if k == "loss" else float(v)) for k, v in r.items()} for r in csv.DictReader(f)]
+        rows = [{k: (v if k == "loss" else float(v or "nan")) for k, v in r.items()} for r in csv.DictReader(f)]
     best = best_epoch_rows(rows)
     ntxent_map = 100 * np.mean([r["mean_average_precision_at_r"] for r in best["ntxent"]])
     lines = table.splitlines()
