@@ -10,7 +10,7 @@ Around the tuned ICE of ``--losses`` (default: the dataset's tuned settings), tr
 ``results/ablation-<dataset>``; rerunning resumes). Then it writes ``ablation.md``: test
 MAP@R and P@1 at each run's best validation epoch (mean ± std over seeds), the setting that
 validation picks in each group, and each lam > 0 against lam = 0 of its normalization,
-paired over test queries (``report.paired_tests.compare_losses``); and ``ablation.png``.
+paired by seed (``report.comparisons.compare_losses``); and ``ablation.png``.
 Every other option is an option of ``benchmarks.run`` (dataset, budget, ``--config``).
 """
 
@@ -30,7 +30,7 @@ from .core.loss_specs import LossSpec, make_loss_spec
 from .core.out_folder import OutFolder
 from .core.settings import Settings, UsageError, resolve
 from .report.metrics import PRIMARY_METRIC
-from .report.paired_tests import compare_losses
+from .report.comparisons import compare_losses
 from .report.plots import save_figure
 from .report.query_scores import QUERY_METRICS, load_run_scores
 from .report.reporting import best_epoch_rows, mean_std, mean_std_text
@@ -86,7 +86,7 @@ def collect(folder: OutFolder, settings: Sequence[Setting], seeds: int, epochs: 
 
 def group_table(group: str, settings: Sequence[Setting], best, scores) -> List[str]:
     """Markdown rows of one group; '*' marks the best validation MAP@R; lam > 0 is compared
-    with lam = 0 of its normalization (paired over test queries)."""
+    with lam = 0 of its normalization (seed-paired test)."""
     header = ["normalize", "lam", "scale", "seeds", "val MAP@R", "test MAP@R", "test P@1"]
     if group == "lam":
         header += ["ΔMAP@R vs lam = 0 [95 % CI], p", "ΔP@1 vs lam = 0 [95 % CI], p"]
@@ -154,8 +154,8 @@ def write_report(out: Path, settings: Settings, centre: Setting, seeds: int, com
              "- metrics at each run's best validation epoch, in %, mean ± std over seeds; `*` marks the setting "
              "with the best validation MAP@R in its group (the one validation selects)",
              "- Δ vs lam = 0: the same scale with lam = 0 (no reweighting: every weight is 1, so "
-             "the normalizations agree and lam = 0 is trained once), paired over test "
-             "queries and pooled over seeds; 95 % bootstrap interval and Wilcoxon p, no multiplicity correction",
+             "the normalizations agree and lam = 0 is trained once), paired by seed; "
+             "95 % interval and p of the seed-paired test (training runs and test queries), no multiplicity correction",
              "", "## lam and normalize, at the tuned scale", "", *group_table("lam", groups["lam"], best, scores),
              "", f"## scale, at lam {centre.lam:g} and normalize {centre.normalize}", "",
              *group_table("scale", groups["scale"], best, scores), "", "![ablation](ablation.png)", ""]

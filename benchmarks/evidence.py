@@ -1,9 +1,10 @@
 """The README's "Does ICE help?" table of a finished --out folder: ``python -m benchmarks.evidence DIR...``.
 
 One row per loss: test MAP@R and P@1 at each run's best validation epoch (mean ± std over
-seeds, in %), then the loss minus ICE on the same test queries (``report.paired_tests``: the
-difference in points, its 95 % bootstrap interval and the Wilcoxon p), and a last line
-saying which losses are better than ICE, worse, or not distinguishable from it. The first
+seeds, in %), then the loss minus ICE over seed-paired runs (``report.seed_paired``: the
+difference in points, its 95 % interval and p, and the smallest difference these seeds
+detect), and a last line saying which losses are better than ICE, worse, or not
+distinguishable from it. The first
 row is the untrained model. Reads the run folders only; trains nothing.
 """
 
@@ -15,7 +16,7 @@ from typing import Dict, List
 from .core.loss_registry import LOSSES
 from .core.out_folder import OutFolder
 from .report.metrics import PRIMARY_METRIC
-from .report.paired_tests import compare_losses
+from .report.comparisons import compare_losses
 from .report.query_scores import load_run_scores
 from .report.reporting import best_epoch_rows, mean_std_text
 from .report.tables import difference_text
@@ -37,25 +38,31 @@ def ice_table(out) -> str:
     all_rows = [r for rows in rows_by_run.values() for r in rows]
     best = best_epoch_rows(all_rows)
     scores = load_run_scores(run_folders)
-    header = ["loss", "seeds"] + [name for name, _ in METRIC_COLUMNS] + [f"Δ{name} vs ICE [95 % CI], p" for name, _ in METRIC_COLUMNS]
+    header = (["loss", "seeds"] + [name for name, _ in METRIC_COLUMNS]
+              + [f"Δ{name} vs ICE [95 % CI], p" for name, _ in METRIC_COLUMNS] + ["detectable ΔMAP@R"])
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     untrained = list({r["seed"]: r for r in all_rows if r["epoch"] == 0}.values())
     lines.append("| untrained model | " + str(len(untrained)) + " | "
-                 + " | ".join(mean_std_text(untrained, m) for _, m in METRIC_COLUMNS) + " | | |")
-    verdicts: Dict[str, List[str]] = {"better": [], "worse": [], "same": []}
+                 + " | ".join(mean_std_text(untrained, m) for _, m in METRIC_COLUMNS) + " | | | |")
+    verdicts: Dict[str, List[str]] = {"better": [], "worse": [], "same": [], "untested": []}
     for label in labels:
         cells = [f"`{label}`", str(len(best[label]))] + [mean_std_text(best[label], m) for _, m in METRIC_COLUMNS]
         if label == ice:
-            cells += ["", ""]
+            cells += ["", "", ""]
         else:
-            differences = compare_losses(scores, label, ice)
-            cells += [difference_text(differences[m]) for _, m in METRIC_COLUMNS]
-            headline = differences[PRIMARY_METRIC]
-            kind = "same" if not headline.significant else ("better" if headline.mean > 0 else "worse")
+            comparisons = compare_losses(scores, label, ice)
+            headline = comparisons[PRIMARY_METRIC].seeds
+            cells += [difference_text(comparisons[m]) for _, m in METRIC_COLUMNS]
+            cells.append(f"{100 * headline.detectable:.1f}" if headline else "")
+            kind = "untested" if headline is None else (
+                "same" if not headline.significant else ("better" if headline.mean > 0 else "worse"))
             verdicts[kind].append(label.partition(":")[0])
         lines.append("| " + " | ".join(cells) + " |")
-    summary = (f"On test MAP@R, better than ICE: {', '.join(verdicts['better']) or 'none'}; worse than ICE: "
-               f"{', '.join(verdicts['worse']) or 'none'}; no detectable difference: {', '.join(verdicts['same']) or 'none'}.")
+    summary = (f"On test MAP@R (seed-paired test), better than ICE: {', '.join(verdicts['better']) or 'none'}; "
+               f"worse than ICE: {', '.join(verdicts['worse']) or 'none'}; no detectable difference: "
+               f"{', '.join(verdicts['same']) or 'none'}.")
+    if verdicts["untested"]:
+        summary += f" Not tested (fewer than 2 seeds in common with ICE): {', '.join(verdicts['untested'])}."
     return "\n".join(lines + ["", summary])
 
 

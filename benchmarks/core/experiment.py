@@ -30,7 +30,7 @@ def settings_lines(settings: Settings, data: BenchmarkData, processes: int, labe
         f"- training: up to {settings.epochs} epochs, patience {settings.patience}, batch {settings.batch_size} "
         f"({settings.m_per_class} per class), Adam lr {settings.lr}, {processes} process(es), device "
         f"{settings.device}{', autocast ' + settings.amp if settings.amp else ''}",
-        f"- seeds: {', '.join(str(s) for s in range(settings.seeds))}",
+        f"- seeds: {', '.join(str(s) for s in settings.seeds)}",
     ]
     return lines + [f"- `{label}`: {_loss_values(label)}" for label in labels]
 
@@ -61,7 +61,7 @@ class Experiment:
                  rank: int, processes: int, feature_size: Optional[int]):
         self.settings, self.data, self.folder, self.console = settings, data, folder, console
         self.rank, self.processes, self.feature_size = rank, processes, feature_size
-        self.runs = [(spec, seed) for spec in settings.losses for seed in range(settings.seeds)]
+        self.runs = [(spec, seed) for spec in settings.losses for seed in settings.seeds]
         self.stores = {(spec.label, seed): folder.run_store(spec.folder_name, seed) for spec, seed in self.runs}
         self.run_folders = {key: store.folder for key, store in self.stores.items()}
         self.stored: Dict[RunKey, StoredRun] = {key: store.load(settings.epochs) for key, store in self.stores.items()}

@@ -115,7 +115,7 @@ class OutFolder:
         kept_runs = sorted((key for key in rows_by_run if key not in failures),
                            key=lambda key: (loss_order.index(key[0]), key[1]))
         kept = sort_rows([r for key in kept_runs for r in rows_by_run[key]], loss_order)
-        # significance: each loss against ICE and against the best loss, paired over test queries
+        # significance: each loss against ICE and against the best loss, paired by seed
         scores = load_run_scores({key: run_folders[key] for key in kept_runs})
         ice_label = next((label for label in scores if label.partition(":")[0] == "ice"), None)
         comparison = comparison_table(scores, ice_label)

@@ -42,7 +42,8 @@ class RunStore:
         self.tensorboard = self.folder / "tensorboard"
 
     def load(self, epochs: int, restart_broken: bool = True) -> StoredRun:
-        """Read the folder once; a run is finished once stopped early or trained ``epochs`` epochs.
+        """Read the folder once; a run is finished once stopped early or trained ``epochs`` epochs,
+        and tested at its best validation epoch.
         A broken file is set aside for a restart, or (``restart_broken=False``) only reported."""
         try:
             failure = self._read_failure()
@@ -56,7 +57,8 @@ class RunStore:
             if not restart_broken:
                 return StoredRun("new", [], note=f"{error}; its rows are left out until a command that runs it")
             return StoredRun("new", [], note=self._set_aside(error))
-        finished = checkpoint["stopped_early"] or checkpoint["epoch"] >= epochs
+        trained = checkpoint["stopped_early"] or checkpoint["epoch"] >= epochs
+        finished = trained and checkpoint.get("tested", True)  # the test split evaluated at the best epoch
         return StoredRun("finished" if finished else "partial", checkpoint["rows"], checkpoint=checkpoint, key=key)
 
     def save_identity(self, label: str, seed: int) -> None:

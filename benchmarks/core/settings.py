@@ -96,6 +96,30 @@ class PathText:
         return value
 
 
+class SeedList:
+    """A count K, for seeds 0..K-1 ('5'; 5 in TOML), or distinct seeds ('3,4' or '7,'; [3, 4] in
+    TOML) -> the tuple of seeds."""
+
+    cli_type = str
+    most = 10_000  # seeds a command may run, and one above the largest seed
+
+    def __call__(self, name, value):
+        if isinstance(value, str):
+            parts = [part.strip() for part in value.split(",")]
+            try:
+                numbers = [int(part) for part in parts if part]
+            except ValueError:
+                numbers = None
+            value = numbers if "," in value else (numbers[0] if numbers and len(numbers) == 1 else None)
+        if isinstance(value, int) and not isinstance(value, bool) and 1 <= value <= self.most:
+            return tuple(range(value))
+        if (isinstance(value, list) and value and len(set(value)) == len(value)
+                and all(isinstance(v, int) and not isinstance(v, bool) and 0 <= v < self.most for v in value)):
+            return tuple(value)
+        raise UsageError(f"{flag(name)} must be a count from 1 to {self.most} (seeds 0..K-1) or distinct seeds "
+                         f"from 0 to {self.most - 1} separated by commas (3,4 or 7,), got {value!r}")
+
+
 class LossList:
     """Text such as 'ice:scale=32,ntxent' (a TOML list of such texts too) -> tuple of LossSpec."""
 
@@ -153,7 +177,8 @@ class Settings:
     patience: Optional[int] = setting(5, "stop a run when validation MAP@R has not improved for N epochs "
                                       "(default 5; -1 = never)", Integer(-1, note=" (-1 = never stop early)"),
                                       metavar="N")
-    seeds: int = setting(3, "seeds 0..K-1 per loss (default 3)", Integer(1), metavar="K")
+    seeds: Tuple[int, ...] = setting(5, "seeds per loss: a count K for seeds 0..K-1, or seeds such as 3,4 to add "
+                                     "to an --out folder (default 5)", SeedList(), metavar="K|S,S")
     out: str = setting(None, "output folder (default: results/<dataset>)", PathText(), metavar="DIR")
     model: str = setting("auto", "trunk; auto = the dataset's default model", OneOf(("auto",) + MODELS, noun="model"),
                          identity=True)

@@ -1,15 +1,21 @@
 """One benchmark run (one loss, one seed) with PML's trainer, tester and logging hooks.
 
-A run evaluates the untrained model (epoch 0), then trains with ``MetricLossOnly`` and an
-``MPerClassSampler``, evaluating the validation and test splits after every epoch through
-``logging_presets.HookContainer`` (record-keeper + tensorboard, early stopping by
-patience on validation MAP@R). After each evaluation its ``RunStore`` writes a checkpoint
-holding the models, optimizers, loss parameters, random states and the result rows, so a
-rerun resumes after the last finished epoch and never duplicates a row. Before each
-checkpoint, an evaluation that improves validation MAP@R stores the test split's per-query
-scores (``report.query_scores``). Data without a test split (tuning) are evaluated on validation only.
+A run evaluates the untrained model (epoch 0) on the validation and test splits, then
+trains with ``MetricLossOnly`` and an ``MPerClassSampler``, evaluating the validation
+split after every epoch through ``logging_presets.HookContainer`` (record-keeper +
+tensorboard, early stopping by patience on validation MAP@R). The test split is evaluated
+once more, when training ends, at the best validation epoch (the epoch every table
+reports), from the weights kept when that epoch was reached. After each evaluation its
+``RunStore`` writes a checkpoint holding the models (and the best epoch's), optimizers,
+loss parameters, random states and the result rows, so a rerun resumes where it stopped
+and never duplicates a row. Each test evaluation stores the split's per-query scores
+(``report.query_scores``). Evaluations leave the random state as they found it, so what
+is evaluated never changes what is trained. Data without a test split (tuning) are
+evaluated on validation only.
 """
 
+import contextlib
+import copy
 import dataclasses
 import random
 from typing import Callable, Dict, List, Optional
@@ -22,8 +28,9 @@ from pytorch_metric_learning.utils import logging_presets
 from pytorch_metric_learning.utils.inference import FaissKMeans
 
 from ..report.metrics import METRICS, PRIMARY_METRIC, RecallAccuracyCalculator
-from ..report.query_scores import KeepEmbeddingsTester, keep_best_test_scores
+from ..report.query_scores import KeepEmbeddingsTester, save_test_scores
 from ..report.record_logs import drop_records_after
+from ..report.reporting import best_row
 from .loss_specs import LossSpec, has_trainable_parameters
 from .run_store import RunStore, StoredRun
 from .settings import Settings
@@ -99,6 +106,19 @@ def seed_everything(seed: int, rank: int = 0) -> None:
     random.seed(seed)
     np.random.seed(seed * 1000 + rank)
     torch.manual_seed(seed)
+
+
+@contextlib.contextmanager
+def random_state_kept():
+    """Run the block (an evaluation) without changing the Python, NumPy and torch random
+    states, so that what is evaluated never changes what is trained."""
+    python, numpy_state = random.getstate(), np.random.get_state()
+    try:
+        with torch.random.fork_rng(devices=[]):
+            yield
+    finally:
+        random.setstate(python)
+        np.random.set_state(numpy_state)
 
 
 def _rng_state(sampler) -> dict:
@@ -209,8 +229,9 @@ class Run:
         self.scaler = torch.amp.GradScaler(self.device.type) if settings.amp == "fp16" else None
         self.checkpoint = stored.checkpoint
         self.rows = list(stored.rows) if self.checkpoint else []
-        # significance/tuning: data.test is None while tuning, so only validation is evaluated.
-        self.splits = {"val": data.val} if data.test is None else {"val": data.val, "test": data.test}
+        self.best = self.checkpoint.get("best") if self.checkpoint else None  # {"epoch", "models"} of the best epoch
+        self.tested = self.checkpoint.get("tested", True) if self.checkpoint else data.test is None
+        self.last_saved = (self.checkpoint["epoch"], self.checkpoint["stopped_early"]) if self.checkpoint else None
         self.hooks = self.tester = None
         if self.rank == 0:
             resumed_epoch = self.checkpoint["epoch"] if self.checkpoint else None
@@ -231,8 +252,12 @@ class Run:
         _set_rng_state(self.checkpoint["rng"][self.rank], self.sampler)
         return self.checkpoint["epoch"] + 1
 
+    def _models_state(self) -> dict:
+        return {"trunk": self.trunk.state_dict(), "embedder": self.embedder.state_dict()}
+
     def save(self, epoch: int, stopped_early: bool) -> None:
         """Checkpoint after an evaluation (rank 0 writes every rank's random state)."""
+        self.last_saved = (epoch, stopped_early)
         rng_states = [None] * self.world
         if self.world > 1:
             torch.distributed.all_gather_object(rng_states, _rng_state(self.sampler))
@@ -243,7 +268,9 @@ class Run:
                 "epoch": epoch,
                 "stopped_early": stopped_early,
                 "rows": self.rows,
-                "models": {"trunk": self.trunk.state_dict(), "embedder": self.embedder.state_dict()},
+                "models": self._models_state(),
+                "best": self.best,
+                "tested": self.tested,
                 "optimizers": {k: v.state_dict() for k, v in self.optimizers.items()},
                 "loss": self.loss.state_dict(),
                 "rng": rng_states,
@@ -252,30 +279,57 @@ class Run:
             self.on_rows(self.rows)
 
     def record(self, epoch: int) -> None:
-        """The row of the evaluation just made; before the checkpoint, the per-query test scores
-        when validation improved (significance: a resumed run rewrites them)."""
+        """The row of the validation evaluation just made; the weights of a new best epoch."""
         self.rows.append(accuracy_row(self.tester, self.spec.label, self.seed, epoch))
-        keep_best_test_scores(self.store.folder, self.tester, self.rows)
+        if epoch > 0:
+            self.tested = self.data.test is None
+            if best_row(self.rows) is self.rows[-1]:
+                self.best = {"epoch": epoch, "models": copy.deepcopy(self._models_state())}
 
     def evaluate_untrained(self) -> None:
         if self.rank == 0:
             self.store.save_identity(self.spec.label, self.seed)
-            self.tester.test(self.splits, 0, self.trunk, self.embedder)
+            splits = {"val": self.data.val} if self.data.test is None else {"val": self.data.val, "test": self.data.test}
+            with random_state_kept():
+                self.tester.test(splits, 0, self.trunk, self.embedder)
             self.record(0)
+            save_test_scores(self.store.folder, self.tester, 0)
             self.hooks.record_keeper.save_records()
         self.save(0, stopped_early=False)
 
+    def evaluate_test_at_best_epoch(self) -> None:
+        """Test the best validation epoch's weights once, into that epoch's row (the only trained
+        row that holds test metrics), and store its per-query scores; then checkpoint."""
+        if self.rank == 0:
+            chosen = best_row(self.rows)
+            for row in self.rows:  # a run extended by a later command may have a new best epoch
+                if row["epoch"] > 0 and row is not chosen:
+                    for metric in METRICS:
+                        row.pop(metric, None)
+            if chosen["epoch"] > 0:
+                trunk, embedder = copy.deepcopy(self.trunk), copy.deepcopy(self.embedder)
+                trunk.load_state_dict(self.best["models"]["trunk"])
+                embedder.load_state_dict(self.best["models"]["embedder"])
+                with random_state_kept():
+                    self.tester.test({"test": self.data.test}, chosen["epoch"], trunk, embedder)
+                chosen.update(accuracy_row(self.tester, self.spec.label, self.seed, chosen["epoch"]))
+                save_test_scores(self.store.folder, self.tester, chosen["epoch"])
+                self.hooks.record_keeper.save_records()
+        self.tested = True
+        self.save(*self.last_saved)
+
     def end_of_epoch_hook(self):
-        """PML's end-of-epoch hook (evaluation, logging, patience) plus a row and a checkpoint."""
+        """PML's end-of-epoch hook (validation, logging, patience) plus a row and a checkpoint."""
         pml_hook = self.hooks.end_of_epoch_hook(
-            self.tester, self.splits, str(self.store.folder / "models"),
+            self.tester, {"val": self.data.val}, str(self.store.folder / "models"),
             test_interval=1, patience=self.settings.patience,
         ) if self.rank == 0 else None
 
         def end_of_epoch(trainer):
             keep_going = [None]
             if self.rank == 0:
-                keep_going[0] = pml_hook(trainer) is not False
+                with random_state_kept():
+                    keep_going[0] = pml_hook(trainer) is not False
                 self.record(trainer.epoch)
             if self.world > 1:
                 torch.distributed.broadcast_object_list(keep_going, src=0)
@@ -306,17 +360,20 @@ class Run:
         )
 
     def execute(self) -> RunResult:
-        """Evaluate the untrained model (new runs), then train; a non-finite loss fails the run."""
+        """Evaluate the untrained model (new runs), train, then test the best validation epoch;
+        a non-finite loss fails the run."""
         start_epoch = self.restore()
         if self.checkpoint is None:
             self.evaluate_untrained()
-        if start_epoch > self.settings.epochs:
-            return RunResult(rows=self.rows)
-        try:
-            self.trainer().train(start_epoch=start_epoch, num_epochs=self.settings.epochs)
-        except NonFiniteLossError as error:
-            if self.rank == 0:
-                self.store.save_failure(str(error), self.rows)
-                self.on_rows(self.rows)
-            return RunResult(rows=self.rows, error=str(error))
+        stopped_early = self.checkpoint is not None and self.checkpoint["stopped_early"]
+        if start_epoch <= self.settings.epochs and not stopped_early:
+            try:
+                self.trainer().train(start_epoch=start_epoch, num_epochs=self.settings.epochs)
+            except NonFiniteLossError as error:
+                if self.rank == 0:
+                    self.store.save_failure(str(error), self.rows)
+                    self.on_rows(self.rows)
+                return RunResult(rows=self.rows, error=str(error))
+        if not self.tested:
+            self.evaluate_test_at_best_epoch()
         return RunResult(rows=self.rows)

@@ -1,4 +1,5 @@
-"""Paired tests between two losses on the same test queries.
+"""The query-level paired test between two losses on the same test queries: a statement
+about these particular trained models, since it does not see seed-to-seed variance.
 
 The paired difference of loss A and loss B on query q is ``d_q = mean_s (A_sq - B_sq)``
 over the seeds s that both finished (query q of seed s of A against query q of seed s of
@@ -11,16 +12,13 @@ are not corrected for multiplicity.
 """
 
 import dataclasses
-from typing import Dict, Mapping, Sequence
 
 import numpy as np
 from scipy import stats
 
-from .metrics import PRIMARY_METRIC
-from .query_scores import QUERY_METRICS, QueryScores
-
 ALPHA = 0.05
 BOOTSTRAP_RESAMPLES = 2_000  # a table of 6 losses x 5 seeds x 60,000 queries: 23 s on 2 busy cores
+
 
 @dataclasses.dataclass(frozen=True)
 class PairedDifference:
@@ -59,23 +57,3 @@ def paired_difference(a, b, seed: int = 0, resamples: int = BOOTSTRAP_RESAMPLES)
     ).confidence_interval
     p_value = stats.wilcoxon(d).pvalue  # zero differences dropped (zero_method='wilcox')
     return PairedDifference(float(d.mean()), float(interval.low), float(interval.high), float(p_value), len(d))
-
-
-def _stack(runs: Mapping[int, QueryScores], seeds: Sequence[int], metric: str) -> np.ndarray:
-    return np.stack([runs[s][metric] for s in seeds])
-
-
-def compare_losses(scores: Mapping[str, Mapping[int, QueryScores]], a: str, b: str) -> Dict[str, PairedDifference]:
-    """Paired differences a - b for each of ``QUERY_METRICS`` over the seeds both finished."""
-    seeds = sorted(set(scores[a]) & set(scores[b]))
-    if not seeds:
-        raise ValueError(f"'{a}' and '{b}' have no finished seed in common")
-    for s in seeds:
-        if not np.array_equal(scores[a][s]["labels"], scores[b][s]["labels"]):
-            raise ValueError(f"'{a}' and '{b}' seed {s} were tested on different queries")
-    return {m: paired_difference(_stack(scores[a], seeds, m), _stack(scores[b], seeds, m)) for m in QUERY_METRICS}
-
-
-def pooled_mean(runs: Mapping[int, QueryScores], metric: str = PRIMARY_METRIC) -> float:
-    """Mean of a metric over the queries of every seed (the mean of the per-seed means)."""
-    return float(np.mean(_stack(runs, sorted(runs), metric)))

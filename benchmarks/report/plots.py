@@ -36,8 +36,9 @@ def write_plots(folder, rows: Sequence[dict], loss_order: Sequence[str]) -> List
 
 
 def _draw_curves(plt, rows: Sequence[dict], losses: Sequence[str]):
-    """Test MAP@R, R@1, NMI and validation MAP@R against epoch; band = std over seeds."""
-    curve_metrics = ["mean_average_precision_at_r", "recall_at_1", "NMI", "val_" + PRIMARY_METRIC]
+    """Validation MAP@R, R@1 and NMI against epoch (the test split is evaluated at the best
+    validation epoch only: ``_draw_bars``); band = std over seeds."""
+    curve_metrics = ["val_" + PRIMARY_METRIC, "val_recall_at_1", "val_NMI"]
     fig, axes = plt.subplots(1, len(curve_metrics), figsize=(5 * len(curve_metrics), 4))
     for ax, metric in zip(axes, curve_metrics):
         for loss in losses:

@@ -10,9 +10,8 @@ A finished run keeps, for its best validation epoch, the score of every test que
 """
 
 import io
-import math
 from pathlib import Path
-from typing import Dict, Mapping, Sequence, Tuple
+from typing import Dict, Mapping, Tuple
 
 import numpy as np
 import torch
@@ -25,11 +24,9 @@ from pytorch_metric_learning.utils.accuracy_calculator import (
 )
 
 from ..core.files import atomic_write_bytes
-from .metrics import PRIMARY_METRIC
 
 SCORES_FILE = "test_scores.npz"
 QUERY_METRICS = ("mean_average_precision_at_r", "precision_at_1")
-VALIDATION_METRIC = "val_" + PRIMARY_METRIC
 
 QueryScores = Dict[str, np.ndarray]
 
@@ -79,23 +76,16 @@ class KeepEmbeddingsTester(testers.GlobalEmbeddingSpaceTester):
         return self.last_embeddings_and_labels
 
 
-def keep_best_test_scores(run_dir, tester, rows: Sequence[dict]) -> None:
-    """Write the test split's per-query scores to ``run_dir/test_scores.npz`` (atomically)
-    when the last evaluated epoch in ``rows`` is the best so far on validation MAP@R (the
-    earliest best, as the summary picks it). Call after each evaluation, before the
-    checkpoint is saved, so that a resumed run rewrites scores a kill left ahead of it.
-    ``tester`` is a ``KeepEmbeddingsTester``; nothing is written when it evaluated no test
-    split (tuning)."""
+def save_test_scores(run_dir, tester, epoch: int) -> None:
+    """Write the test split's per-query scores of the evaluation just made (at ``epoch``) to
+    ``run_dir/test_scores.npz``, atomically. ``tester`` is a ``KeepEmbeddingsTester``;
+    nothing is written when it evaluated no test split (tuning)."""
     if "test" not in tester.last_embeddings_and_labels:
-        return
-    earlier = [row[VALIDATION_METRIC] for row in rows[:-1]]
-    best_before = max((v for v in earlier if math.isfinite(v)), default=-math.inf)
-    if earlier and not rows[-1][VALIDATION_METRIC] > best_before:
         return
     embeddings, labels = tester.last_embeddings_and_labels["test"]
     scores = per_query_scores(embeddings, labels)
     buffer = io.BytesIO()
-    np.savez(buffer, epoch=rows[-1]["epoch"], **scores)
+    np.savez(buffer, epoch=epoch, **scores)
     atomic_write_bytes(Path(run_dir) / SCORES_FILE, buffer.getvalue())
 
 

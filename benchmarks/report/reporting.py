@@ -17,25 +17,30 @@ def sort_rows(rows: Sequence[dict], loss_order: Sequence[str]) -> List[dict]:
 
 
 def write_results_csv(path, rows: Sequence[dict]) -> None:
-    """Write ``rows`` (one per loss, seed and evaluated epoch) atomically."""
+    """Write ``rows`` (one per loss, seed and evaluated epoch) atomically; test cells are empty
+    where the test split was not evaluated (every trained epoch but the best)."""
     buffer = io.StringIO()
     writer = csv.DictWriter(buffer, fieldnames=COLUMNS, lineterminator="\n")
     writer.writeheader()
     for row in rows:
-        writer.writerow({k: row[k] for k in COLUMNS})
+        writer.writerow({k: row.get(k, "") for k in COLUMNS})
     atomic_write_text(path, buffer.getvalue())
 
 
+def best_row(run_rows: Sequence[dict]) -> dict:
+    """The row of one run's best validation epoch (earliest on ties): the epoch every table reports."""
+    key = "val_" + PRIMARY_METRIC
+    return max(run_rows, key=lambda r: (_finite(r[key]), -r["epoch"]))
+
+
 def best_epoch_rows(rows: Sequence[dict]) -> Dict[str, List[dict]]:
-    """Per loss, the row of each seed's best validation epoch (earliest on ties)."""
+    """Per loss, the row of each seed's best validation epoch."""
     by_run: Dict[tuple, List[dict]] = {}
     for row in rows:
         by_run.setdefault((row["loss"], row["seed"]), []).append(row)
     best: Dict[str, List[dict]] = {}
     for (loss, _), run_rows in by_run.items():
-        key = "val_" + PRIMARY_METRIC
-        top = max(run_rows, key=lambda r: (_finite(r[key]), -r["epoch"]))
-        best.setdefault(loss, []).append(top)
+        best.setdefault(loss, []).append(best_row(run_rows))
     return best
 
 

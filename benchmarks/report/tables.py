@@ -1,10 +1,18 @@
-"""Markdown of paired tests: a difference with its interval and p, a verdict, the comparison table."""
+"""Markdown of comparisons: a difference with its interval and p, a verdict, the comparison table.
+
+Every verdict comes from the seed-paired test (``seed_paired``); the query-level interval
+is shown beside it as a statement about these particular trained models.
+"""
 
 from typing import Mapping, Optional
 
+from .comparisons import Comparison, compare_losses, pooled_mean
 from .metrics import PRIMARY_METRIC, SHORT_NAMES
-from .paired_tests import ALPHA, PairedDifference, compare_losses, pooled_mean
+from .paired_tests import ALPHA
 from .query_scores import QUERY_METRICS, QueryScores
+from .seed_paired import POWER
+
+NOT_TESTED = "not tested: fewer than 2 seeds in common"
 
 
 def _points(x: float) -> str:
@@ -15,30 +23,44 @@ def p_text(p: float) -> str:
     return "< 0.001" if p < 0.001 else f"{p:.3f}"
 
 
-def difference_text(difference: PairedDifference) -> str:
-    """``"+1.2 [+0.8, +1.6], p < 0.001"``: the difference and its interval in points, and p."""
-    return (f"{_points(difference.mean)} [{_points(difference.ci_low)}, {_points(difference.ci_high)}], "
-            f"p {p_text(difference.p_value)}")
+def interval_text(difference) -> str:
+    return f"[{_points(difference.ci_low)}, {_points(difference.ci_high)}]"
 
 
-def verdict(a: str, b: str, difference: PairedDifference, metric: str = PRIMARY_METRIC) -> str:
-    """``"a is better than b (…)"``, ``"b is better than a (…)"`` or ``"no detectable difference …"``;
-    the difference in brackets is the better loss minus the other (a - b when none is)."""
+def difference_text(comparison: Comparison) -> str:
+    """``"+1.2 [+0.8, +1.6], p < 0.001"``: the seed-paired difference, its interval in points, and p."""
+    difference = comparison.seeds
+    if difference is None:
+        return NOT_TESTED
+    return f"{_points(difference.mean)} {interval_text(difference)}, p {p_text(difference.p_value)}"
+
+
+def verdict(a: str, b: str, comparison: Comparison, metric: str = PRIMARY_METRIC) -> str:
+    """``"a is better than b (…)"``, ``"b is better than a (…)"`` or ``"no detectable difference …"``
+    from the seed-paired test; the difference in brackets is the better loss minus the other
+    (a - b when none is), and "no detectable difference" names the smallest difference these
+    seeds would have detected."""
+    difference = comparison.seeds
+    if difference is None:
+        return f"{a} and {b}: {NOT_TESTED}"
     sign = -1.0 if difference.significant and difference.mean < 0 else 1.0
     low, high = sorted((sign * difference.ci_low, sign * difference.ci_high))
     p = p_text(difference.p_value)
     details = (f"Δ{SHORT_NAMES[metric]} {_points(sign * difference.mean)} points, 95 % CI "
                f"[{_points(low)}, {_points(high)}], p {p if p.startswith('<') else '= ' + p}")
     if not difference.significant:
-        return f"no detectable difference between {a} and {b} ({details})"
+        return (f"no detectable difference between {a} and {b} ({details}; {difference.num_seeds} seeds detect "
+                f"{100 * difference.detectable:.1f} points with {100 * POWER:.0f} % power)")
     better, worse = (a, b) if sign > 0 else (b, a)
     return f"{better} is better than {worse} ({details})"
 
 
 def comparison_table(scores: Mapping[str, Mapping[int, QueryScores]], ice_label: Optional[str]) -> str:
     """Markdown: each loss against ICE (``ice_label``) and against the best loss (highest
-    pooled test MAP@R), with ΔMAP@R and ΔP@1 in points, 95 % CI and p, then one sentence
-    per baseline with the verdict on MAP@R. Empty text when fewer than two losses have scores."""
+    pooled test MAP@R): per metric the seed-paired difference in points, its 95 % CI and p,
+    for MAP@R the smallest detectable difference and the query-level interval, then one
+    sentence per baseline with the verdict on MAP@R. Empty text when fewer than two losses
+    have scores."""
     labels = list(scores)
     if len(labels) < 2:
         return ""
@@ -48,6 +70,8 @@ def comparison_table(scores: Mapping[str, Mapping[int, QueryScores]], ice_label:
     for metric in QUERY_METRICS:
         name = SHORT_NAMES[metric]
         header += [f"Δ{name}", f"{name} 95 % CI", f"{name} p"]
+        if metric == PRIMARY_METRIC:
+            header += [f"{name} detectable", f"{name} query-level 95 % CI (these models)"]
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     sentences = []
     for baseline in baselines:
@@ -56,18 +80,23 @@ def comparison_table(scores: Mapping[str, Mapping[int, QueryScores]], ice_label:
         for label in labels:
             if label == baseline:
                 continue
-            differences = compare_losses(scores, label, baseline)
+            comparisons = compare_losses(scores, label, baseline)
             seeds = len(set(scores[label]) & set(scores[baseline]))
-            cells = [f"`{label}`", f"`{baseline}` ({role})", str(seeds), str(differences[PRIMARY_METRIC].num_queries)]
+            cells = [f"`{label}`", f"`{baseline}` ({role})", str(seeds), str(comparisons[PRIMARY_METRIC].queries.num_queries)]
             for metric in QUERY_METRICS:
-                d = differences[metric]
-                cells += [_points(d.mean), f"[{_points(d.ci_low)}, {_points(d.ci_high)}]", p_text(d.p_value)]
+                by_seed = comparisons[metric].seeds
+                cells += [_points(by_seed.mean), interval_text(by_seed), p_text(by_seed.p_value)] if by_seed else ["", "", ""]
+                if metric == PRIMARY_METRIC:
+                    cells += [f"{100 * by_seed.detectable:.1f}" if by_seed else "",
+                              interval_text(comparisons[metric].queries)]
             lines.append("| " + " | ".join(cells) + " |")
-            verdicts.append(verdict(f"`{label}`", f"`{baseline}`", differences[PRIMARY_METRIC]))
+            verdicts.append(verdict(f"`{label}`", f"`{baseline}`", comparisons[PRIMARY_METRIC]))
         sentences.append(f"Against `{baseline}` ({role}), on test MAP@R: " + "; ".join(verdicts) + ".")
-    notes = ("Δ = loss minus the loss it is compared with, in points of %; paired over test queries, "
-             "each query's difference averaged over the seeds both losses finished; 95 % percentile "
-             "bootstrap interval over queries; p from the Wilcoxon signed-rank test (two-sided); "
-             f"called a difference when p < {ALPHA} and the interval excludes 0, without correction "
-             "for the number of comparisons.")
+    notes = ("Δ = loss minus the loss it is compared with, in points of %, from runs paired by seed (same "
+             "initial weights, batches and test queries): the mean over seeds of each seed's difference, "
+             "with a 95 % Student-t interval whose standard error sees both the seed-to-seed spread and the "
+             f"sampling of the test queries; called a difference when p < {ALPHA}, without correction for "
+             f"the number of comparisons. Detectable = the smallest difference these seeds detect with "
+             f"{100 * POWER:.0f} % power. The query-level interval (bootstrap over queries, seeds pooled) "
+             "is about these particular trained models, not about the losses.")
     return "\n".join(lines + ["", notes, "", *sentences])

@@ -88,7 +88,7 @@ def test_bad_loss_specs(text, message):
         (["--losses", "ice,bogus"], "unknown loss 'bogus'; valid losses:"),
         (["--losses", "ntxent:tau=1"], "valid parameters: temperature"),
         (["--epochs", "-1"], "--epochs must be an integer >= 0"),
-        (["--seeds", "0"], "--seeds must be an integer >= 1"),
+        (["--seeds", "0"], "--seeds must be a count from 1 to 10000"),
         (["--batch-size", "60", "--m-per-class", "16"], "--batch-size 60 must be a multiple of --m-per-class 16"),
         (["--lr", "0"], "--lr must be a number > 0"),
         (["--batch-size", "128", "--m-per-class", "4"], "cannot fill a batch of 128"),
@@ -134,12 +134,23 @@ def test_help_documents_datasets_losses_and_outputs(capsys):
         assert word in text
 
 
+@pytest.mark.parametrize("given, seeds", [("5", (0, 1, 2, 3, 4)), ("3,4", (3, 4)), ("7,", (7,)), (" 2 , 0 ", (2, 0))])
+def test_seeds_are_a_count_or_a_list(given, seeds):
+    assert settings.resolve(["--dataset", "digits", "--seeds", given]).seeds == seeds
+
+
+@pytest.mark.parametrize("given", ["0", "2,-1", "1,1", "a", "", "10001", "1.5"])
+def test_seeds_that_are_neither_are_refused(given):
+    with pytest.raises(settings.UsageError, match="--seeds must be a count from 1 to 10000"):
+        settings.resolve(["--dataset", "digits", "--seeds", given])
+
+
 def test_config_file_sets_options_and_command_line_wins(tmp_path):
     config = tmp_path / "bench.toml"
     config.write_text('losses = ["ice:scale=8", "supcon"]\nepochs = 7\nseeds = 2\nbatch-size = 32\n')
     opts = settings.resolve(["--config", str(config), "--seeds", "1", "--dataset", "digits"])
     assert [s.label for s in opts.losses] == ["ice:scale=8", "supcon"]
-    assert (opts.epochs, opts.seeds, opts.batch_size, opts.m_per_class) == (7, 1, 32, 16)
+    assert (opts.epochs, opts.seeds, opts.batch_size, opts.m_per_class) == (7, (0,), 32, 16)
 
 
 @pytest.mark.parametrize(
@@ -228,7 +239,8 @@ def test_out_naming_an_existing_file_is_refused(capsys, tmp_path):
         ("out = 5", "--out must be a path (text), got 5"),
         ("data-root = [1]", "--data-root must be a path (text), got [1]"),
         ("epochs = {a = 1}", "--epochs must be an integer >= 0, got {'a': 1}"),
-        ("seeds = true", "--seeds must be an integer >= 1, got True"),
+        ("seeds = true", "--seeds must be a count from 1 to 10000 (seeds 0..K-1) or distinct seeds from 0 to 9999"),
+        ("seeds = [1, 1]", "separated by commas (3,4 or 7,), got [1, 1]"),
         ('no-pretrained = "no"', "'no-pretrained' must be true or false, got 'no'"),
         ('device = "foo"', "--device must be cpu, cuda, cuda:N or auto"),
         ('amp = "fp8"', "--amp must be one of bf16, fp16, got 'fp8'"),

@@ -9,6 +9,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
@@ -17,6 +18,7 @@ from benchmarks.core import training
 from benchmarks.core.files import BrokenFile, read_torch
 from benchmarks.core.run_store import RunStore
 from benchmarks.report.metrics import METRICS
+from benchmarks.report.query_scores import KeepEmbeddingsTester
 
 REPO = Path(__file__).resolve().parents[2]
 TINY = ["--dataset", "digits", "--epochs", "2", "--seeds", "1", "--limit-per-class", "40", "--batch-size", "32", "--m-per-class", "8", "--patience", "-1"]
@@ -42,7 +44,14 @@ def test_smoke_run_on_digits(tmp_path, capsys):
     ]
     for row in rows:
         for metric in METRICS:
-            assert 0.0 <= float(row[metric]) <= 1.0
+            assert 0.0 <= float(row["val_" + metric]) <= 1.0
+    for loss in ("ice", "triplet", "proxyanchor"):  # test metrics: the untrained model and the best epoch alone
+        run_rows = [r for r in rows if r["loss"] == loss]
+        best = max(run_rows, key=lambda r: (float(r["val_mean_average_precision_at_r"]), -int(r["epoch"])))
+        for row in run_rows:
+            tested = row["epoch"] in ("0", best["epoch"])
+            for metric in METRICS:
+                assert 0.0 <= float(row[metric]) <= 1.0 if tested else row[metric] == ""
     # Every run starts from the same untrained model (same seed): identical epoch-0 rows.
     epoch0 = [{k: v for k, v in r.items() if k != "loss"} for r in rows if r["epoch"] == "0"]
     assert all(e == epoch0[0] for e in epoch0)
@@ -156,6 +165,52 @@ def test_same_seed_reproduces_the_run(tmp_path):
     for name in ("a", "b"):
         assert run.main(TINY + ["--losses", "multisimilarity", "--out", str(tmp_path / name)]) == 0
     assert (tmp_path / "a" / "results.csv").read_text() == (tmp_path / "b" / "results.csv").read_text()
+
+
+def test_evaluations_never_change_what_is_trained(tmp_path, monkeypatch):
+    assert run.main(TINY + ["--losses", "ice", "--out", str(tmp_path / "plain")]) == 0
+    test = KeepEmbeddingsTester.test
+
+    def test_drawing_random_numbers(self, *args, **kwargs):
+        torch.rand(1000), np.random.rand(10)
+        return test(self, *args, **kwargs)
+
+    monkeypatch.setattr(KeepEmbeddingsTester, "test", test_drawing_random_numbers)
+    assert run.main(TINY + ["--losses", "ice", "--out", str(tmp_path / "drawing")]) == 0
+    assert (tmp_path / "plain" / "results.csv").read_text() == (tmp_path / "drawing" / "results.csv").read_text()
+
+
+def test_a_run_killed_before_its_final_test_resumes_with_it_and_trains_nothing(tmp_path, monkeypatch):
+    out = tmp_path / "out"
+    test_at_best = training.Run.evaluate_test_at_best_epoch
+
+    def killed(self):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(training.Run, "evaluate_test_at_best_epoch", killed)
+    with pytest.raises(KeyboardInterrupt):
+        run.main(TINY + ["--losses", "ice", "--out", str(out)])
+    checkpoint = out / "runs" / "ice" / "seed0" / "checkpoint.pth"
+    assert RunStore(checkpoint.parent).load(2).status == "partial"
+    monkeypatch.setattr(training.Run, "evaluate_test_at_best_epoch", test_at_best)
+    trainer = training.Run.trainer
+    monkeypatch.setattr(training.Run, "trainer", lambda self: pytest.fail("trained again"))
+    assert run.main(TINY + ["--losses", "ice", "--out", str(out)]) == 0
+    assert RunStore(checkpoint.parent).load(2).status == "finished"
+    monkeypatch.setattr(training.Run, "trainer", trainer)
+    assert run.main(TINY + ["--losses", "ice", "--out", str(tmp_path / "straight")]) == 0
+    assert (out / "results.csv").read_text() == (tmp_path / "straight" / "results.csv").read_text()
+
+
+def test_seeds_added_to_an_out_folder_join_the_earlier_ones(tmp_path):
+    out = tmp_path / "out"
+    assert run.main(TINY_ONE_EPOCH + ["--losses", "ice", "--out", str(out)]) == 0
+    first = out / "runs" / "ice" / "seed0" / "checkpoint.pth"
+    trained = first.stat().st_mtime_ns
+    assert run.main(TINY_ONE_EPOCH + ["--losses", "ice", "--seeds", "1,2", "--out", str(out)]) == 0
+    assert first.stat().st_mtime_ns == trained  # seed 0 is not trained again
+    assert sorted({(r["seed"]) for r in read_rows(out / "results.csv")}) == ["0", "1", "2"]
+    assert "| `ice` | 3 |" in (out / "summary.md").read_text()
 
 
 def test_two_processes_with_torchrun(tmp_path):
@@ -284,15 +339,18 @@ def test_record_keeper_logs_hold_each_epoch_once_after_a_resume(tmp_path, monkey
     monkeypatch.setattr(RunStore, "save_checkpoint", original)
     assert run.main(argv) == 0
     logs = out / "runs" / "ice" / "seed0" / "logs"
-    for split in ("TEST", "VAL"):
+    rows = read_rows(out / "results.csv")
+    best = max(rows, key=lambda r: (float(r["val_mean_average_precision_at_r"]), -int(r["epoch"])))["epoch"]
+    tested = sorted({"0", best})  # the test split: the untrained model and the best validation epoch
+    for split, epochs in (("TEST", tested), ("VAL", ["0", "1", "2", "3"])):
         (accuracies,) = logs.glob(f"accuracies_*_{split}_vs_self.csv")
         with open(accuracies, newline="") as f:
-            assert [row["epoch"] for row in csv.DictReader(f)] == ["0", "1", "2", "3"]
+            assert [row["epoch"] for row in csv.DictReader(f)] == epochs
     with open(logs / "loss_histories.csv", newline="") as f:
         iterations = [row["~iteration~"] for row in csv.DictReader(f)]
     assert len(iterations) == len(set(iterations))
     with sqlite3.connect(logs / "logs.db") as db:
-        table = next(name for (name,) in db.execute("SELECT name FROM sqlite_master") if name.endswith("TEST_vs_self"))
+        table = next(name for (name,) in db.execute("SELECT name FROM sqlite_master") if name.endswith("VAL_vs_self"))
         assert [e for (e,) in db.execute(f'SELECT epoch FROM "{table}" ORDER BY id')] == [0, 1, 2, 3]
 
 

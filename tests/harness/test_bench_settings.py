@@ -116,7 +116,7 @@ def test_default_losses_come_from_the_dataset_tuned_file(tmp_path, monkeypatch):
     (tmp_path / "digits.toml").write_text('losses = "ice:lam=2.0,scale=8.0,ntxent:temperature=0.1"\n')
     resolved = settings.resolve(["--dataset", "digits"])
     assert [s.label for s in resolved.losses] == ["ice:lam=2,scale=8", "ntxent:temperature=0.1"]  # one text per value
-    assert resolved.seeds == 3  # only the losses are taken from the tuned file
+    assert resolved.seeds == (0, 1, 2, 3, 4)  # only the losses are taken from the tuned file
     explicit = settings.resolve(["--dataset", "digits", "--losses", "supcon"])
     assert [s.label for s in explicit.losses] == ["supcon"]
 

@@ -7,7 +7,7 @@ import pytest
 
 from benchmarks import ablation, evidence, run
 from benchmarks.core.out_folder import OutFolder
-from benchmarks.report import paired_tests, query_scores, tables
+from benchmarks.report import comparisons, query_scores, tables
 from benchmarks.report.reporting import best_epoch_rows
 
 TINY = ["--dataset", "digits", "--epochs", "1", "--limit-per-class", "40", "--batch-size", "32", "--m-per-class", "8",
@@ -37,8 +37,8 @@ def test_ablation_runs_the_grid_and_compares_each_lam_with_lam_zero(tmp_path, mo
                 ablation.Setting(4, 1, "anchor"), ablation.Setting(16, 1, "anchor")]
     best, scores = ablation.collect(OutFolder(out), settings, seeds=2, epochs=1)
     assert set(best) == {s.spec.label for s in settings} and all(len(rows) == 2 for rows in best.values())
-    difference = paired_tests.compare_losses(scores, settings[2].spec.label, settings[0].spec.label)
-    d = difference["mean_average_precision_at_r"]
+    difference = comparisons.compare_losses(scores, settings[2].spec.label, settings[0].spec.label)
+    d = difference["mean_average_precision_at_r"].seeds
     assert "| anchor | 2 | 16" in report and f"{100 * d.mean:+.1f} [{100 * d.ci_low:+.1f}, {100 * d.ci_high:+.1f}]" in report
     assert "## scale, at lam 1 and normalize anchor" in report
     checkpoints = {p: p.stat().st_mtime_ns for p in out.glob("runs/*/seed*/checkpoint.pth")}
@@ -57,16 +57,17 @@ def test_the_ice_table_reads_means_and_paired_differences_from_the_runs(tmp_path
     assert run.main(TINY + ["--losses", "ice,ntxent", "--seeds", "2", "--out", str(out)]) == 0
     table = evidence.ice_table(out)
     with open(out / "results.csv", newline="") as f:
-        rows = [{k: (v if k == "loss" else float(v)) for k, v in r.items()} for r in csv.DictReader(f)]
+        rows = [{k: (v if k == "loss" else float(v or "nan")) for k, v in r.items()} for r in csv.DictReader(f)]
     best = best_epoch_rows(rows)
     ntxent_map = 100 * np.mean([r["mean_average_precision_at_r"] for r in best["ntxent"]])
     lines = table.splitlines()
     assert lines[2].startswith("| untrained model | 2 |") and lines[3].startswith("| `ice` | 2 |")
     assert lines[4].startswith(f"| `ntxent` | 2 | {ntxent_map:.1f} ± ")
     _, run_folders = OutFolder(out).finished_runs(epochs=1)
-    d = paired_tests.compare_losses(query_scores.load_run_scores(run_folders), "ntxent", "ice")["precision_at_1"]
+    found = comparisons.compare_losses(query_scores.load_run_scores(run_folders), "ntxent", "ice")
+    d, headline = found["precision_at_1"].seeds, found["mean_average_precision_at_r"].seeds
     assert lines[4].endswith(f"{100 * d.mean:+.1f} [{100 * d.ci_low:+.1f}, {100 * d.ci_high:+.1f}], "
-                             f"p {tables.p_text(d.p_value)} |")
+                             f"p {tables.p_text(d.p_value)} | {100 * headline.detectable:.1f} |")
     assert "ntxent" in table.splitlines()[-1]
 
 

@@ -11,6 +11,8 @@ from pytorch_metric_learning.utils.accuracy_calculator import AccuracyCalculator
 
 from benchmarks import run
 from benchmarks.report import paired_tests, query_scores, tables
+from benchmarks.report.comparisons import Comparison
+from benchmarks.report.seed_paired import seed_paired_difference
 
 
 def test_per_query_means_equal_pml_accuracy_calculator():
@@ -34,12 +36,16 @@ def synthetic(seeds=3, queries=400, seed=0):
     return np.random.default_rng(seed).uniform(size=(seeds, queries))
 
 
+def both(a, b):
+    return Comparison(seed_paired_difference(a, b), paired_tests.paired_difference(a, b))
+
+
 def test_identical_scores_show_no_difference():
     a = synthetic()
     d = paired_tests.paired_difference(a, a.copy())
     assert (d.mean, d.ci_low, d.ci_high, d.p_value) == (0.0, 0.0, 0.0, 1.0)
     assert not d.significant
-    assert tables.verdict("A", "B", d).startswith("no detectable difference between A and B")
+    assert tables.verdict("A", "B", both(a, a.copy())).startswith("no detectable difference between A and B")
 
 
 def test_noisy_copy_with_zero_mean_shift_is_not_significant():
@@ -55,11 +61,26 @@ def test_shifted_copy_is_significant_in_the_right_direction():
     d = paired_tests.paired_difference(a + noise + 0.02, a)
     assert d.ci_low < 0.02 + noise.mean() < d.ci_high and d.ci_low > 0
     assert d.p_value < 1e-6 and d.significant
-    assert tables.verdict("A", "B", d).startswith("A is better than B (ΔMAP@R +")
-    reverse = paired_tests.paired_difference(a, a + noise + 0.02)
+    forward, reverse = both(a + noise + 0.02, a), both(a, a + noise + 0.02)
+    assert tables.verdict("A", "B", forward).startswith("A is better than B (ΔMAP@R +")
     assert tables.verdict("A", "B", reverse).startswith("B is better than A (ΔMAP@R +")
     assert tables.verdict("A", "B", reverse).replace("B is better than A", "") == \
-        tables.verdict("A", "B", d).replace("A is better than B", "")
+        tables.verdict("A", "B", forward).replace("A is better than B", "")
+
+
+def test_a_verdict_without_a_detectable_difference_names_what_the_seeds_could_detect():
+    a = synthetic()
+    noise = np.random.default_rng(1).normal(0, 0.05, size=a.shape)
+    comparison = both(a + noise - noise.mean(), a)
+    assert tables.verdict("A", "B", comparison).endswith(
+        f"; 3 seeds detect {100 * comparison.seeds.detectable:.1f} points with 80 % power)")
+
+
+def test_one_seed_is_not_tested():
+    a = synthetic(seeds=1)
+    comparison = Comparison(None, paired_tests.paired_difference(a + 0.1, a))
+    assert tables.verdict("A", "B", comparison) == "A and B: not tested: fewer than 2 seeds in common"
+    assert tables.difference_text(comparison) == "not tested: fewer than 2 seeds in common"
 
 
 def test_paired_inputs_must_match():
@@ -88,16 +109,13 @@ def test_comparison_table_against_ice_and_the_best_loss():
         tables.comparison_table(scores, "ice")
 
 
-def test_scores_are_kept_only_when_validation_improves(tmp_path):
+def test_test_scores_are_those_of_the_evaluation_just_made(tmp_path):
     labels = torch.tensor([0, 0, 1, 1])
     tester = SimpleNamespace(last_embeddings_and_labels={"test": (torch.randn(4, 3), labels[:, None])})
-    rows = []
-    for epoch, val in enumerate([0.5, 0.7, 0.7, float("nan"), 0.6]):
-        rows.append({"epoch": epoch, "val_mean_average_precision_at_r": val})
-        query_scores.keep_best_test_scores(tmp_path, tester, rows)
-        assert int(np.load(tmp_path / query_scores.SCORES_FILE)["epoch"]) == (0 if epoch == 0 else 1)
+    query_scores.save_test_scores(tmp_path, tester, 3)
+    assert int(np.load(tmp_path / query_scores.SCORES_FILE)["epoch"]) == 3
     (tmp_path / query_scores.SCORES_FILE).unlink()
-    query_scores.keep_best_test_scores(tmp_path, SimpleNamespace(last_embeddings_and_labels={"val": None}), rows[:1])
+    query_scores.save_test_scores(tmp_path, SimpleNamespace(last_embeddings_and_labels={"val": None}), 0)
     assert not (tmp_path / query_scores.SCORES_FILE).exists()
 
 
@@ -116,7 +134,12 @@ def test_benchmark_run_keeps_scores_and_writes_the_comparison(tmp_path, capsys):
     for loss in ("ice", "contrastive"):
         for seed in (0, 1):
             stored = np.load(out / "runs" / loss / f"seed{seed}" / query_scores.SCORES_FILE)
-            row = next(r for r in rows if (r["loss"], r["seed"], r["epoch"]) == (loss, str(seed), str(stored["epoch"])))
+            run_rows = [r for r in rows if (r["loss"], r["seed"]) == (loss, str(seed))]
+            best = max(run_rows, key=lambda r: (float(r["val_mean_average_precision_at_r"]), -int(r["epoch"])))
+            assert int(stored["epoch"]) == int(best["epoch"])  # the test split at the best validation epoch
+            tested = [r["epoch"] for r in run_rows if r["mean_average_precision_at_r"] != ""]
+            assert tested == sorted({"0", best["epoch"]})  # and, besides the untrained model, nowhere else
+            row = best
             for metric in query_scores.QUERY_METRICS:  # the stored queries reproduce the harness's test metrics
                 assert stored[metric].mean() == pytest.approx(float(row[metric]), abs=1e-6)
     summary = (out / "summary.md").read_text()
