@@ -3,7 +3,7 @@
 Adding a dataset means writing one loader, ``load_x(root=None, val_mode="auto", limit=None)
 -> BenchmarkData`` (it may also take ``image_size`` and ``download``), and adding one
 ``DatasetEntry`` to ``DATASETS`` below. ``--help``, the settings' per-dataset defaults and
-the dataset table of ``benchmarks/README.md`` (checked by a test) all come from here.
+the dataset table of ``docs/datasets.md`` (checked by a test) all come from here.
 """
 
 import dataclasses
@@ -120,7 +120,7 @@ def load_dataset(name: str, root=None, download=False, image_size=None, val_mode
 
 
 def readme_table() -> str:
-    """The dataset table of ``benchmarks/README.md``."""
+    """The dataset table of ``docs/datasets.md``."""
     lines = ["| dataset | size | split (class-disjoint) | how to get it | licence | command |", "|---|---|---|---|---|---|"]
     for name, entry in DATASETS.items():
         lines.append(f"| `{name}` | {entry.size} | {entry.split} | {entry.install} | {entry.licence} | `{entry.command}` |")

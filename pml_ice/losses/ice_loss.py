@@ -44,7 +44,7 @@ class ICELoss(BaseMetricLossFunction):
     Args:
         scale: the inverse temperature ``s > 0``. The default, with the default
             reducer's ``lam``, is the best batch-normalised trial of a validation-only
-            tuning run on glyphs (``benchmarks/tuned/glyphs-tuning.md``); see the
+            tuning run on glyphs (``benchmarks/tuned/reports/glyphs-tuning.md``); see the
             docs page "Tuning", "Choosing scale and lam" (docs/tuning.md).
         memory_efficient: ``None`` (default) chunks the anchors and recomputes the
             logits in backward when ``anchors x references`` exceeds the device's
