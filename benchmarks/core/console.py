@@ -62,8 +62,9 @@ class Console:
 
     def epoch(self, row: dict) -> None:
         if self.verbose:
+            tested = f", test MAP@R {_percent(row, PRIMARY_METRIC)}" if PRIMARY_METRIC in row else ""
             self.say(f"    {row['loss']} seed {row['seed']} epoch {row['epoch']}: "
-                     f"val MAP@R {_percent(row, 'val_' + PRIMARY_METRIC)}, test MAP@R {_percent(row, PRIMARY_METRIC)}")
+                     f"val MAP@R {_percent(row, 'val_' + PRIMARY_METRIC)}{tested}")
 
     def run_done(self, label: str, seed: int, rows, seconds, note: str = "") -> None:
         """One line per run: best validation epoch with its validation and test MAP@R, wall time."""
