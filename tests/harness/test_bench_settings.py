@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from benchmarks import run
-from benchmarks.core import launch, loss_registry, loss_specs, settings, training
+from benchmarks.core import launch, loss_registry, settings, training
 from benchmarks.data import registry
 from benchmarks.data.registry import DATASETS
 

@@ -2,7 +2,6 @@
 backward of the whole batch: the loss and every parameter gradient."""
 
 import os
-import socket
 
 import pytest
 import torch
@@ -14,6 +13,7 @@ from pml_ice import losses, reducers
 from pml_ice.trainers import CachedMetricLossOnly
 from pml_ice.utils import GradientCache, cached_backward
 from pml_ice.utils.distributed import DistributedLossWrapper
+from gloo import free_port, join_gloo
 
 BATCH, IN_FEATURES, HIDDEN, EMBEDDING_SIZE, CHUNK = 24, 6, 16, 8, 5
 
@@ -177,26 +177,16 @@ def test_cached_metric_loss_only_equals_metric_loss_only():
 
 
 def test_bad_arguments_are_named():
-    model, (inputs, labels) = make_model(), make_batch()
+    model, (inputs, _) = make_model(), make_batch()
     with pytest.raises(ValueError, match="chunk_size must be a positive integer"):
         GradientCache(model, inputs, 0)
     with pytest.raises(TypeError, match="inputs must be a torch.Tensor"):
         GradientCache(model, [inputs], 4)
 
 
-def free_port():
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 def ddp_worker(rank, world_size, port, out_dir):
     """Each rank: half of the global batch, cached in chunks, ICE sharded exactly."""
-    os.environ["OMP_NUM_THREADS"] = "1"
-    torch.set_num_threads(1)
-    os.environ["MASTER_ADDR"] = "127.0.0.1"
-    os.environ["MASTER_PORT"] = str(port)
-    dist.init_process_group("gloo", rank=rank, world_size=world_size)
+    join_gloo(rank, world_size, port)
     try:
         model = make_model()
         ddp_model = torch.nn.parallel.DistributedDataParallel(model)

@@ -6,7 +6,6 @@ Each world size is spawned once; its workers run every case and save the results
 which the tests compare with the one-process computation."""
 
 import os
-import socket
 
 import pytest
 import torch
@@ -17,6 +16,7 @@ from pytorch_metric_learning.utils import distributed as pml_distributed
 
 from pml_ice import losses, reducers
 from pml_ice.utils.distributed import DistributedLossWrapper, DistributedMinerWrapper
+from gloo import free_port, join_gloo
 
 IN_FEATURES, EMBEDDING_SIZE = 6, 8
 TOLERANCE = {torch.float64: 1e-12, torch.float32: 1e-5}
@@ -173,22 +173,12 @@ def run_one_process(name, world_size):
 
 
 def worker(rank, world_size, port, names, out_dir):
-    os.environ["OMP_NUM_THREADS"] = "1"
-    torch.set_num_threads(1)
-    os.environ["MASTER_ADDR"] = "127.0.0.1"
-    os.environ["MASTER_PORT"] = str(port)
-    dist.init_process_group("gloo", rank=rank, world_size=world_size)
+    join_gloo(rank, world_size, port)
     try:
         results = {name: run_sharded(name, world_size, rank) for name in names}
         torch.save(results, os.path.join(out_dir, f"rank{rank}.pt"))
     finally:
         dist.destroy_process_group()
-
-
-def free_port():
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def spawn(world_size, names, out_dir):

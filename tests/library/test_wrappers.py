@@ -2,7 +2,6 @@
 and DistributedLossWrapper with two real processes."""
 
 import os
-import socket
 
 import pytest
 import torch
@@ -12,6 +11,7 @@ from pytorch_metric_learning import miners
 from pytorch_metric_learning.utils.distributed import DistributedLossWrapper
 
 from pml_ice import losses, reducers
+from gloo import free_port, join_gloo
 from reference import ice_reference, per_pair_losses, reduce_pair_losses
 
 SCALE = 16.0
@@ -127,18 +127,10 @@ def test_multiple_losses_sums_weighted_references(agreement, make_batch):
     agreement.check("MultipleLosses loss float64", value, expected, 1e-9)
 
 
-def free_port():
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 def distributed_worker(rank, world_size, port, inputs, labels, weight, efficient, out_dir):
     """One rank: its slice of the inputs through a shared linear layer, ICE under
     DistributedLossWrapper, backward, then DDP's averaging of the layer gradient."""
-    os.environ["MASTER_ADDR"] = "127.0.0.1"
-    os.environ["MASTER_PORT"] = str(port)
-    dist.init_process_group("gloo", rank=rank, world_size=world_size)
+    join_gloo(rank, world_size, port)
     try:
         local_inputs = inputs.chunk(world_size)[rank]
         local_labels = labels.chunk(world_size)[rank]
