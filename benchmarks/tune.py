@@ -11,7 +11,9 @@ a kill loses at most the trial in flight, rerunning continues, and several proce
 machines pointed at one database share the studies. Outputs under ``--out``: ``best.toml``
 (read by ``python -m benchmarks.run --config``), ``tuning.md`` (every trial) and
 ``plots/<loss>.png``. A trial whose loss became NaN or infinite is recorded as pruned
-(TPE ranks it below every completed trial); it counts toward the budget.
+(TPE ranks it below every completed trial); it counts toward the budget. Only distinct
+settings count; a trial left running by a killed process of this host is marked failed and
+its setting tried again.
 """
 
 import argparse
@@ -81,7 +83,7 @@ def main(argv=None) -> int:
     for loss, study in studies.items():
         print(f"tuning {loss}: {len(counted_trials(study, args.trials))}/{args.trials} trials finished", flush=True)
         try:
-            tune_loss(study, loss, settings, data, args.trials, args.seeds, out, say)
+            tune_loss(storage, study, loss, settings, data, args.trials, args.seeds, out, say)
         except UsageError as error:
             print(mask_credentials(f"python -m benchmarks.tune: error: {error}"), file=sys.stderr)
             return 2
