@@ -83,7 +83,7 @@ def open_folder(settings: Settings, folder: OutFolder, data: BenchmarkData, cons
                 processes: int) -> Tuple[BenchmarkData, Optional[int]]:
     """Check and claim the --out folder; return the data to train on and, for a frozen trunk,
     its feature size (the data are then the trunk's cached features)."""
-    identity = dict(settings.identity(), processes=processes)
+    identity = dict(settings.identity(), processes=processes, torch_threads=torch.get_num_threads())
     folder.check_identity(identity)
     if rank == 0:
         folder.write_identity(identity)

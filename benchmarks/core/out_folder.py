@@ -62,7 +62,8 @@ class OutFolder:
                 fcntl.flock(handle, fcntl.LOCK_UN)
 
     def check_identity(self, identity: dict) -> None:
-        """Refuse a folder whose config.json names other settings; name a broken config.json."""
+        """Refuse a folder whose config.json names other settings (more epochs extend its runs);
+        name a broken config.json. Settings an older config.json lacks are not compared."""
         try:
             stored = read_json(self.config)
         except BrokenFile as error:
@@ -73,14 +74,17 @@ class OutFolder:
         if not isinstance(stored, dict):
             raise BrokenFile(f"{self.config} does not hold the settings of {self.path}; restore or delete it")
         stored = stored_identity(stored)
-        differing = [k for k in identity if stored.get(k) != identity[k]]
+        differing = [k for k in identity if k in stored and stored[k] != identity[k]
+                     and not (k == "epochs" and stored[k] < identity[k])]
         if differing:
             details = ", ".join(f"{k}: {stored.get(k)!r} there, {identity[k]!r} now" for k in differing)
             raise IdentityMismatch(f"{self.path} holds runs made with other settings ({details}); choose another --out")
 
     def write_identity(self, identity: dict) -> None:
-        if not self.config.is_file():
-            atomic_write_json(self.config, identity)
+        """config.json: ``identity``, keeping the settings an existing one has but this harness does not know."""
+        stored = read_json(self.config) or {}
+        if {**stored, **identity} != stored:
+            atomic_write_json(self.config, {**stored, **identity})
 
     def run_store(self, folder_name: str, seed: int) -> RunStore:
         return RunStore(self.path / "runs" / folder_name / f"seed{seed}")

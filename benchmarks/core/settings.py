@@ -173,10 +173,10 @@ class Settings:
         f"benchmarks/tuned/configs/<dataset>.toml, where present, else {loss_registry.DEFAULT_LOSSES})", LossList(),
         metavar="SPECS")
     epochs: int = setting(None, "maximum training epochs per run (epoch 0 = untrained model is always evaluated)",
-                          Integer(0), per_dataset=True, metavar="N")
+                          Integer(0), identity=True, per_dataset=True, metavar="N")
     patience: Optional[int] = setting(5, "stop a run when validation MAP@R has not improved for N epochs "
                                       "(default 5; -1 = never)", Integer(-1, note=" (-1 = never stop early)"),
-                                      metavar="N")
+                                      identity=True, metavar="N")
     seeds: Tuple[int, ...] = setting(5, "seeds per loss: a count K for seeds 0..K-1, or seeds such as 3,4 to add "
                                      "to an --out folder (default 5)", SeedList(), metavar="K|S,S")
     out: str = setting(None, "output folder (default: results/<dataset>)", PathText(), metavar="DIR")
@@ -213,7 +213,7 @@ class Settings:
     eval_batch_size: int = setting(256, "batch size when computing embeddings for evaluation (default 256)",
                                    Integer(1), metavar="B")
     device: str = setting("auto", "cpu, cuda, cuda:1, ... (default: cuda when available)", Device())
-    num_workers: int = setting(0, "data-loader worker processes (default 0)", Integer(0), metavar="N")
+    num_workers: int = setting(0, "data-loader worker processes (default 0)", Integer(0), identity=True, metavar="N")
     verbose: bool = setting(False, "also print a line per evaluated epoch", Boolean())
     quiet: bool = setting(False, "print only the final table", Boolean())
 
@@ -223,7 +223,7 @@ class Settings:
 
 
 # Identity fields added after folders were made, with the value those folders were made with.
-VALUES_BEFORE_FIELD = {"passes_per_epoch": 1}
+VALUES_BEFORE_FIELD = {"passes_per_epoch": 1, "num_workers": 0}
 
 
 def stored_identity(stored: dict) -> dict:

@@ -37,9 +37,8 @@ COUNTED_STATES = (optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.PRUN
 
 
 # run settings written to best.toml: the training budget every loss was tuned with (the settings
-# that identify a run's --out folder but the machine's data path, plus the epochs and the patience).
-BUDGET_KEYS = tuple(name for name, field in FIELDS.items() if field.metadata["identity"] and name != "data_root") \
-    + ("epochs", "patience")
+# that identify a run's --out folder but the machine's data path).
+BUDGET_KEYS = tuple(name for name, field in FIELDS.items() if field.metadata["identity"] and name != "data_root")
 FINAL_SEEDS = 5  # seeds of the final runs, as the protocol asks
 
 

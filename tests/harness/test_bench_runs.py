@@ -390,3 +390,34 @@ def test_a_lock_file_that_is_a_link_is_refused_and_its_target_untouched(tmp_path
     assert run.main(TINY_ONE_EPOCH + ["--losses", "ice", "--out", str(out)]) == 2
     assert f"{out / '.lock'} is a symbolic link" in capsys.readouterr().err
     assert victim.read_text() == "precious\n"
+
+
+@pytest.mark.parametrize("change, difference", [
+    (["--epochs", "1", "--seeds", "2"], "epochs: 2 there, 1 now"),
+    (["--patience", "3"], "patience: None there, 3 now"),
+    (["--num-workers", "2"], "num_workers: 0 there, 2 now"),
+    ("threads", "torch_threads: "),
+])
+def test_settings_that_change_the_numbers_identify_the_folder(tmp_path, capsys, change, difference):
+    argv = TINY + ["--losses", "ice", "--out", str(tmp_path)]
+    assert run.main(argv) == 0
+    capsys.readouterr()
+    threads = torch.get_num_threads()
+    try:
+        if change == "threads":
+            torch.set_num_threads(threads + 1)
+            change = []
+        assert run.main(argv + change) == 2
+    finally:
+        torch.set_num_threads(threads)
+    assert difference in capsys.readouterr().err
+
+
+def test_a_folder_older_than_a_setting_opens_and_records_it(tmp_path):
+    argv = TINY + ["--epochs", "0", "--losses", "ice", "--out", str(tmp_path)]
+    assert run.main(argv) == 0
+    config = json.loads((tmp_path / "config.json").read_text())
+    older = {k: v for k, v in config.items() if k not in ("epochs", "patience", "num_workers", "torch_threads")}
+    (tmp_path / "config.json").write_text(json.dumps(older))
+    assert run.main(argv) == 0
+    assert json.loads((tmp_path / "config.json").read_text()) == config
