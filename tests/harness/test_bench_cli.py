@@ -74,6 +74,13 @@ def test_a_loss_with_own_parameters_takes_its_own_learning_rate():
         ("ice:scale=-1", "scale"),
         ("ice,ice", "loss given twice: ice"),
         ("ice:scale=2,scale=3", "given twice"),
+        ("triplet:miner_type_of_triplets=foo", "miner_type_of_triplets of loss 'triplet' must be one of all, hard, semihard, easy; got 'foo'"),
+        ("ice:normalize=foo", "normalize of loss 'ice' must be one of batch, anchor; got 'foo'"),
+        ("triplet:swap=foo", "swap of loss 'triplet' must be true or false; got 'foo'"),
+        ("ice:lam=-1", "loss 'ice:lam=-1' cannot be built: ICEReweightReducer: lam must be a real number >= 0"),
+        ("ice:lam=[1]", "lam of loss 'ice' must be a finite number; got [1]"),
+        ("ice:scale=inf", "scale of loss 'ice' must be a finite number; got 'inf'"),
+        ("ntxent:temperature=0", "temperature of loss 'ntxent' must be a number > 0; got 0"),
     ],
 )
 def test_bad_loss_specs(text, message):
