@@ -151,8 +151,8 @@ def make_loss_spec(name: str, params: Dict[str, Any]) -> LossSpec:
         if key in entry.positive and not (number and value > 0):
             raise LossSpecError(f"{key} of loss '{name}' must be a number > 0; got {value!r}")
     loss_lr = params.get(LOSS_LR)
-    if LOSS_LR in params and not (isinstance(loss_lr, (int, float)) and not isinstance(loss_lr, bool) and loss_lr > 0):
-        raise LossSpecError(f"loss_lr of loss '{name}' must be a number > 0, got {loss_lr!r}")
+    if LOSS_LR in params and not (isinstance(loss_lr, (int, float)) and not isinstance(loss_lr, bool) and 0 < loss_lr < math.inf):
+        raise LossSpecError(f"loss_lr of loss '{name}' must be a finite number > 0, got {loss_lr!r}")
     spec = LossSpec(name, tuple(sorted((k, _canonical(v)) for k, v in params.items())))
     # Fail now on bad values (e.g. a negative scale), not after hours of other runs.
     spec.build(num_classes=2, embedding_size=8)

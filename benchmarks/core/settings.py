@@ -9,6 +9,7 @@ Precedence: field default < dataset default < config file < command line.
 
 import argparse
 import dataclasses
+import math
 import os
 import sys
 from pathlib import Path
@@ -37,6 +38,7 @@ class Integer:
     minimum: int
     optional: bool = False
     note: str = ""
+    maximum: Optional[int] = None
     cli_type = int
 
     def __call__(self, name, value):
@@ -44,6 +46,8 @@ class Integer:
             return None
         if not (isinstance(value, int) and not isinstance(value, bool) and value >= self.minimum):
             raise UsageError(f"{flag(name)} must be an integer >= {self.minimum}{self.note}, got {value!r}")
+        if self.maximum is not None and value > self.maximum:
+            raise UsageError(f"{flag(name)} must be at most {self.maximum}{self.note}, got {value!r}")
         return value
 
 
@@ -56,6 +60,8 @@ class Number:
         is_number = isinstance(value, (int, float)) and not isinstance(value, bool)
         if not is_number or not (value > 0 if self.above_zero else value >= 0):
             raise UsageError(f"{flag(name)} must be a number {'>' if self.above_zero else '>='} 0, got {value!r}")
+        if not math.isfinite(value):
+            raise UsageError(f"{flag(name)} must be finite, got {value!r}")
         return value
 
 
@@ -186,7 +192,7 @@ class Settings:
                                identity=True)
     freeze_trunk: bool = setting(None, "keep the trunk fixed and train only the embedder on cached trunk features",
                                  Boolean(cli="both"), identity=True, per_dataset=True)
-    embedding_size: int = setting(None, "output size of the linear embedder", Integer(1), identity=True,
+    embedding_size: int = setting(None, "output size of the linear embedder", Integer(1, maximum=65536), identity=True,
                                   per_dataset=True, metavar="D")
     batch_size: int = setting(None, "global batch size (split across processes)", Integer(1), identity=True,
                               per_dataset=True, metavar="B")
@@ -289,6 +295,8 @@ def _read_toml(path) -> dict:
         raise UsageError(f"config file {path} does not exist") from error
     except tomllib.TOMLDecodeError as error:
         raise UsageError(f"config file {path} is not valid TOML: {error}") from error
+    except UnicodeDecodeError as error:
+        raise UsageError(f"config file {path} is not UTF-8 text, as TOML must be ({error}); save it as UTF-8") from error
 
 
 def default_losses(dataset: str) -> str:

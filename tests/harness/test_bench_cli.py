@@ -67,7 +67,8 @@ def test_a_loss_with_own_parameters_takes_its_own_learning_rate():
     "text, message",
     [
         ("ice:loss_lr=0.1", "unknown parameter 'loss_lr' for loss 'ice'"),
-        ("arcface:loss_lr=0", "loss_lr of loss 'arcface' must be a number > 0"),
+        ("arcface:loss_lr=0", "loss_lr of loss 'arcface' must be a finite number > 0"),
+        ("arcface:loss_lr=inf", "loss_lr of loss 'arcface' must be a finite number > 0, got 'inf'"),
         ("nosuchloss", "unknown loss 'nosuchloss'; valid losses: arcface, circle, contrastive, ice"),
         ("ice:temperature=1", "unknown parameter 'temperature' for loss 'ice'; valid parameters: scale"),
         ("ntxent:temperature", "must be written key=value"),
@@ -168,6 +169,9 @@ def test_config_file_sets_options_and_command_line_wins(tmp_path):
         ('lr = "abc"', "--lr must be a number > 0, got 'abc'"),
         ("loss-lr = 0", "--loss-lr must be a number > 0"),
         ("weight_decay = -0.1", "--weight-decay must be a number >= 0, got -0.1"),
+        ("lr = inf", "--lr must be finite, got inf"),
+        ("weight_decay = nan", "--weight-decay must be"),
+        ("embedding_size = 100000000000", "--embedding-size must be at most 65536, got 100000000000"),
         ("image-size = 0", "--image-size must be an integer >= 1"),
         ('limit-per-class = "5"', "--limit-per-class must be an integer >= 1, got '5'"),
         ('val = "random"', "--val must be one of auto, classes, samples, got 'random'"),
@@ -262,3 +266,10 @@ def test_config_values_of_the_wrong_type(tmp_path, line, message):
 def test_no_pretrained_in_a_config_file(tmp_path):
     assert settings.resolve(write_config(tmp_path, "no-pretrained = true")).pretrained is False
     assert settings.resolve(write_config(tmp_path, "no-pretrained = false")).pretrained is True
+
+
+def test_a_config_file_that_is_not_utf8_is_named(tmp_path):
+    config = tmp_path / "bench.toml"
+    config.write_bytes(b"epochs = 1\n# \xff\xfe\n")
+    with pytest.raises(settings.UsageError, match="bench.toml is not UTF-8 text, as TOML must be"):
+        settings.resolve(["--config", str(config)])
