@@ -220,6 +220,8 @@ class Settings:
                                    Integer(1), metavar="B")
     device: str = setting("auto", "cpu, cuda, cuda:1, ... (default: cuda when available)", Device())
     num_workers: int = setting(0, "data-loader worker processes (default 0)", Integer(0), identity=True, metavar="N")
+    timeout: int = setting(600, "seconds a process of a torchrun launch waits for the others before it stops with "
+                           "an error (default 600)", Integer(1), metavar="SECONDS")
     verbose: bool = setting(False, "also print a line per evaluated epoch", Boolean())
     quiet: bool = setting(False, "print only the final table", Boolean())
 

@@ -273,3 +273,26 @@ def test_a_config_file_that_is_not_utf8_is_named(tmp_path):
     config.write_bytes(b"epochs = 1\n# \xff\xfe\n")
     with pytest.raises(settings.UsageError, match="bench.toml is not UTF-8 text, as TOML must be"):
         settings.resolve(["--config", str(config)])
+
+
+def test_processes_wait_timeout_seconds_for_each_other(monkeypatch, tmp_path, capsys):
+    from benchmarks.core import experiment
+
+    assert settings.resolve([]).timeout == 600
+    opts = settings.resolve(["--dataset", "digits", "--timeout", "5", "--epochs", "0", "--seeds", "1", "--losses", "ice",
+                             "--limit-per-class", "20", "--batch-size", "16", "--m-per-class", "4", "--out", str(tmp_path)])
+    with pytest.raises(settings.UsageError, match="--timeout must be an integer >= 1"):
+        settings.resolve(["--timeout", "0"])
+    started = {}
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setattr(torch.distributed, "init_process_group", lambda **kwargs: started.update(kwargs))
+    monkeypatch.setattr(torch.distributed, "get_rank", lambda: 0)
+    monkeypatch.setattr(torch.distributed, "barrier", lambda: None)
+
+    def frozen_peer(self):
+        raise RuntimeError("[gloo/unbound_buffer.cc:78] Timed out waiting 5000ms for recv operation to complete")
+
+    monkeypatch.setattr(experiment.Experiment, "run", frozen_peer)
+    assert launch.run_experiment(opts) == 1
+    assert started["timeout"].total_seconds() == 5 and started["backend"] == "gloo"
+    assert "process 0 waited --timeout 5 s for another process, which froze or died" in capsys.readouterr().err
