@@ -28,8 +28,8 @@ import optuna
 from .core.loss_registry import DEFAULT_LOSSES, LOSSES, TUNABLE_LOSSES
 from .core.launch import USER_ERRORS, quiet_known_warnings
 from .core.settings import UsageError, resolve
-from .core.tuning import (counted_trials, load_validation_data, mask_credentials, open_storage,
-                          open_study, parse_loss_names, tune_loss)
+from .core.tuning import (check_reported_studies, counted_trials, load_validation_data, mask_credentials,
+                          open_storage, open_study, parse_loss_names, tune_loss)
 from .report.tuning_report import write_best_toml, write_report
 
 DEFAULT_TRIALS = 20
@@ -75,6 +75,7 @@ def main(argv=None) -> int:
         quiet_known_warnings()
         data = load_validation_data(settings, out, say)
         optuna.logging.set_verbosity(optuna.logging.WARNING)
+        check_reported_studies(storage, out, settings.dataset, losses)
         studies = {loss: open_study(storage, settings, loss, args.sampler_seed, args.seeds) for loss in losses}
     except USER_ERRORS as error:
         print(mask_credentials(f"python -m benchmarks.tune: error: {error}"), file=sys.stderr)

@@ -148,6 +148,22 @@ class TrialSeededTPE(optuna.samplers.BaseSampler):
         return self.tpe.sample_independent(study, trial, param_name, param_distribution)
 
 
+def check_reported_studies(storage, out: Path, dataset: str, losses: List[str]) -> None:
+    """Refuse to tune into ``out`` when its tuning.md reports losses whose studies the storage
+    lacks (an emptied or replaced database): tuning would overwrite tuning.md and best.toml."""
+    report = out / "tuning.md"
+    if not report.is_file():
+        return
+    reported = {line[3:].strip() for line in report.read_text(encoding="utf-8", errors="replace").splitlines()
+                if line.startswith("## ")}
+    held = set(optuna.get_all_study_names(storage))
+    lost = [loss for loss in losses if loss in reported and f"{dataset}-{loss}" not in held]
+    if lost:
+        raise UsageError(f"{report} reports trials of {', '.join(lost)} that the storage does not hold (an empty or "
+                         "replaced tuning.db?); restore the database, or choose another --out (tuning here would "
+                         "overwrite tuning.md and best.toml)")
+
+
 def open_study(storage, settings: Settings, loss: str, sampler_seed: int, seeds: int):
     """Create or load the study ``<dataset>-<loss>``; refuse one made with another budget."""
     study = optuna.create_study(

@@ -279,3 +279,14 @@ def test_a_trial_of_a_dead_process_is_failed_retried_and_its_folder_removed(tmp_
     assert trials[1].params == trials[0].params and trials[1].user_attrs["retry_of"] == 0
     assert trained[0] == spec.label and len(set(trained)) == 2
     assert not (tmp_path / "trials" / "ntxent-0-abc").exists()
+
+
+def test_an_emptied_database_is_refused_before_the_report_is_overwritten(tmp_path, monkeypatch, capsys):
+    scripted_values(monkeypatch)
+    argv = TINY + ["--losses", "ntxent", "--out", str(tmp_path), "--trials", "1"]
+    assert tune.main(argv) == 0
+    report, toml = (tmp_path / "tuning.md").read_text(), (tmp_path / "best.toml").read_text()
+    (tmp_path / "tuning.db").write_bytes(b"")
+    assert tune.main(argv) == 2
+    assert "tuning.md reports trials of ntxent that the storage does not hold" in capsys.readouterr().err
+    assert (tmp_path / "tuning.md").read_text() == report and (tmp_path / "best.toml").read_text() == toml
