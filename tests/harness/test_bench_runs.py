@@ -349,6 +349,9 @@ def test_record_keeper_logs_hold_each_epoch_once_after_a_resume(tmp_path, monkey
     with open(logs / "loss_histories.csv", newline="") as f:
         iterations = [row["~iteration~"] for row in csv.DictReader(f)]
     assert len(iterations) == len(set(iterations))
+    for path in logs.glob("*.csv"):  # one line ending per file, record-keeper's
+        text = path.read_bytes()
+        assert text.count(b"\n") == text.count(b"\r\n"), path.name
     with sqlite3.connect(logs / "logs.db") as db:
         table = next(name for (name,) in db.execute("SELECT name FROM sqlite_master") if name.endswith("VAL_vs_self"))
         assert [e for (e,) in db.execute(f'SELECT epoch FROM "{table}" ORDER BY id')] == [0, 1, 2, 3]
