@@ -153,4 +153,7 @@ class Experiment:
         if self.failures:
             self.console.say("\nFailed runs (left out of the table and plots):\n" + "\n".join(
                 f"  {label} seed {seed}: {error}" for (label, seed), error in self.failures.items()))
-        self.console.say(f"\nWrote {self.folder.results_csv}, {self.folder.summary}, " + ", ".join(map(str, plots)))
+        if self.folder.read_only:
+            self.console.say(f"\n{self.folder.path} cannot be written: nothing was updated there")
+        else:
+            self.console.say(f"\nWrote {self.folder.results_csv}, {self.folder.summary}, " + ", ".join(map(str, plots)))

@@ -7,6 +7,7 @@ out_folder and report (results). ``run_experiment`` is shared by the commands th
 
 import contextlib
 import datetime
+import errno
 import logging
 import os
 import sys
@@ -103,10 +104,27 @@ def refuse(prog: str, error: Exception, console: Console) -> int:
     return 2
 
 
+# what a file system that cannot take a write says: full, over quota, read-only, not ours
+UNWRITABLE = (errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM)
+
+
 def run_experiment(settings: Settings, prog: str = "python -m benchmarks.run") -> int:
     """Train and evaluate every (loss, seed) of ``settings`` in ``settings.out``; rerunning resumes.
     Returns the exit status (2 when the data, the model or the folder refuse the settings, 1 when
-    another process of a torchrun launch stopped answering for ``--timeout`` seconds)."""
+    a file cannot be written or another process of a torchrun launch stopped answering for
+    ``--timeout`` seconds)."""
+    try:
+        return _run_experiment(settings, prog)
+    except OSError as error:
+        if error.errno not in UNWRITABLE:
+            raise
+        print(f"{prog}: error: cannot write {error.filename or settings.out}: {error.strerror}; the files written "
+              "before are intact (each is replaced whole); make room or give a writable --out, then rerun to resume",
+              file=sys.stderr)
+        return 1
+
+
+def _run_experiment(settings: Settings, prog: str) -> int:
     rank, processes = start_processes(settings)
     console = Console(enabled=rank == 0, verbose=settings.verbose, quiet=settings.quiet)
     try:

@@ -424,3 +424,43 @@ def test_a_folder_older_than_a_setting_opens_and_records_it(tmp_path):
     (tmp_path / "config.json").write_text(json.dumps(older))
     assert run.main(argv) == 0
     assert json.loads((tmp_path / "config.json").read_text()) == config
+
+
+def refuse_writes(monkeypatch, code):
+    """Every new file fails with ``code`` (as root, chmod cannot make a folder read-only)."""
+    import errno
+    import tempfile
+    from benchmarks.core import out_folder
+
+    def no_new_file(*args, **kwargs):
+        raise OSError(code, os.strerror(code), kwargs.get("dir") or (args[0] if args else None))
+
+    real_open = os.open
+    monkeypatch.setattr(tempfile, "mkstemp", no_new_file)
+    monkeypatch.setattr(out_folder.os, "open", lambda path, flags, *a: no_new_file(path) if flags & os.O_CREAT
+                        else real_open(path, flags, *a))
+    return errno
+
+
+def test_a_finished_read_only_folder_prints_its_table(tmp_path, monkeypatch, capsys):
+    argv = TINY + ["--epochs", "1", "--losses", "ice", "--out", str(tmp_path)]
+    assert run.main(argv) == 0
+    before = {p: p.read_bytes() for p in tmp_path.rglob("*") if p.is_file()}
+    capsys.readouterr()
+    refuse_writes(monkeypatch, 30)  # EROFS
+    assert run.main(argv) == 0
+    out = capsys.readouterr().out
+    assert "Test metrics (%)" in out and "cannot be written: nothing was updated there" in out
+    assert {p: p.read_bytes() for p in tmp_path.rglob("*") if p.is_file()} == before
+
+
+def test_a_full_disk_stops_with_one_line_and_keeps_the_files(tmp_path, monkeypatch, capsys):
+    argv = TINY + ["--epochs", "1", "--losses", "ice", "--out", str(tmp_path)]
+    assert run.main(argv) == 0
+    before = {p: p.read_bytes() for p in tmp_path.rglob("*") if p.is_file()}
+    capsys.readouterr()
+    refuse_writes(monkeypatch, 28)  # ENOSPC
+    assert run.main(argv[:-2] + ["--losses", "ice,ntxent", "--out", str(tmp_path)]) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "No space left on device; the files written before are intact" in err[0], err
+    assert {p: p.read_bytes() for p in tmp_path.rglob("*") if p.is_file() and p in before} == before
