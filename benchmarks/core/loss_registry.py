@@ -1,8 +1,9 @@
 """The loss registry: every fact the harness knows about a loss, in one entry.
 
 Adding a PML loss to the harness means adding one ``LossEntry`` to ``LOSSES`` below: its
-class, its miner, its defaults, its tuning search space and whether the default comparison
-runs it. ``--losses``, ``--list-losses``, ``benchmarks.tune`` and ``benchmarks.speed`` all read it.
+class, its miner, its defaults, the values its parameters may take, its tuning search space
+and whether the default comparison runs it. ``--losses``, ``--list-losses``,
+``benchmarks.tune`` and ``benchmarks.speed`` all read it.
 """
 
 import dataclasses
@@ -69,8 +70,9 @@ def _ice_reducer_class():
 
 @dataclasses.dataclass(frozen=True)
 class LossEntry:
-    """A registered loss: its class, default hyperparameters, optional miner and reducer, its
-    tuning search space and whether the default comparison includes it."""
+    """A registered loss: its class, default hyperparameters, optional miner and reducer, the
+    values of its enumerated and positive parameters, its tuning search space and whether the
+    default comparison includes it."""
 
     description: str
     loss_class: Callable[[], type]
