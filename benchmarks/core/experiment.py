@@ -80,6 +80,10 @@ class Experiment:
             if not stored.rows:
                 continue
             key = stored.key
+            if stored.status == "partial":
+                self.console.say(f"earlier run {key[0]} seed {key[1]}: trained {stored.checkpoint['epoch']} of "
+                                 f"{self.settings.epochs} epochs, published as it is; add it to --losses and --seeds "
+                                 "to finish it")
             self.rows_by_run[key] = stored.rows
             self.run_folders[key] = store.folder
             if stored.error:

@@ -464,3 +464,11 @@ def test_a_full_disk_stops_with_one_line_and_keeps_the_files(tmp_path, monkeypat
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "No space left on device; the files written before are intact" in err[0], err
     assert {p: p.read_bytes() for p in tmp_path.rglob("*") if p.is_file() and p in before} == before
+
+
+def test_an_earlier_run_left_behind_by_more_epochs_is_named(tmp_path, capsys):
+    argv = TINY + ["--out", str(tmp_path)]
+    assert run.main(argv + ["--epochs", "1", "--losses", "ice,ntxent"]) == 0
+    capsys.readouterr()
+    assert run.main(argv + ["--losses", "ice"]) == 0
+    assert "earlier run ntxent seed 0: trained 1 of 2 epochs, published as it is; add it to --losses" in capsys.readouterr().out
