@@ -12,8 +12,9 @@ machines pointed at one database share the studies. Outputs under ``--out``: ``b
 (read by ``python -m benchmarks.run --config``), ``tuning.md`` (every trial) and
 ``plots/<loss>.png``. A trial whose loss became NaN or infinite is recorded as pruned
 (TPE ranks it below every completed trial); it counts toward the budget. Only distinct
-settings count; a trial left running by a killed process of this host is marked failed and
-its setting tried again.
+settings count; a trial left running by a killed process is marked failed (at once on this
+host, elsewhere once its heartbeat has been silent for ``core.tuning.STALE_AFTER_S`` seconds)
+and its setting tried again.
 """
 
 import argparse

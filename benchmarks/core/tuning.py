@@ -5,7 +5,8 @@ MAP@R over its trained epochs, averaged over seeds. The test split is dropped wh
 is loaded: tuning never embeds it. A trial whose loss became NaN or infinite is recorded
 as pruned (TPE ranks it below every completed trial); it counts toward the budget.
 Only distinct settings count: a trial proposing a setting already tried fails without training,
-and a trial left running by a dead process on this host is marked failed and its setting retried.
+and a trial left running by a dead process (on this host: at once; elsewhere: once its heartbeat
+stops) is marked failed and its setting retried.
 """
 
 import dataclasses
@@ -16,6 +17,7 @@ import shutil
 import socket
 import tempfile
 import time
+import warnings
 from pathlib import Path
 from typing import Dict, List
 
@@ -101,14 +103,24 @@ def mask_credentials(text: str) -> str:
     return CREDENTIALS.sub(r"\1***@", text)
 
 
+# A running trial beats every HEARTBEAT_S seconds; one silent for STALE_AFTER_S (its process died,
+# on any host) is failed and its setting queued again by the next trial of any process.
+HEARTBEAT_S, STALE_AFTER_S = 60, 600
+
+
 def open_storage(url: str):
-    """An Optuna RDB storage (SQLite waits up to a minute for a lock held by another process)."""
+    """An Optuna RDB storage with trial heartbeats (SQLite waits up to a minute for a lock
+    held by another process)."""
     from sqlalchemy.exc import IntegrityError, OperationalError
 
     engine_kwargs = {"connect_args": {"timeout": 60}} if url.startswith("sqlite") else {}
     for _ in range(3):
         try:
-            return optuna.storages.RDBStorage(url, engine_kwargs=engine_kwargs)
+            with warnings.catch_warnings():  # heartbeats and retries are marked experimental
+                warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+                return optuna.storages.RDBStorage(
+                    url, engine_kwargs=engine_kwargs, heartbeat_interval=HEARTBEAT_S, grace_period=STALE_AFTER_S,
+                    heartbeat_stale_trial_callback=optuna.storages.RetryHeartbeatStaleTrialCallback())
         except (IntegrityError, OperationalError) as error:  # also seen while another process creates the same new database
             failure = error
             time.sleep(1)

@@ -5,6 +5,7 @@ import csv
 import dataclasses
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import optuna
@@ -290,3 +291,23 @@ def test_an_emptied_database_is_refused_before_the_report_is_overwritten(tmp_pat
     assert tune.main(argv) == 2
     assert "tuning.md reports trials of ntxent that the storage does not hold" in capsys.readouterr().err
     assert (tmp_path / "tuning.md").read_text() == report and (tmp_path / "best.toml").read_text() == toml
+
+
+def test_a_trial_whose_heartbeat_stopped_on_another_host_is_retried(tmp_path, monkeypatch):
+    trained = scripted_values(monkeypatch)
+    monkeypatch.setattr(tuning, "HEARTBEAT_S", 1)
+    monkeypatch.setattr(tuning, "STALE_AFTER_S", 1)
+    url = f"sqlite:///{tmp_path / 'tuning.db'}"
+    storage = tuning.open_storage(url)
+    study = optuna.create_study(study_name="digits-ntxent", storage=storage, direction="maximize")
+    killed = study.ask()
+    killed.set_user_attr("process", "another-host:1")
+    spec = tuning.trial_spec("ntxent", killed)
+    killed.set_user_attr("loss", spec.label)
+    storage.record_heartbeat(killed._trial_id)
+    time.sleep(2.5)
+    assert tune.main(TINY + ["--losses", "ntxent", "--out", str(tmp_path), "--trials", "2", "--storage", url]) == 0
+    trials = trials_of(tmp_path, "ntxent")
+    assert trials[0].state == optuna.trial.TrialState.FAIL
+    assert [t.state for t in trials[1:]] == [optuna.trial.TrialState.COMPLETE] * 2
+    assert spec.label in trained and len(set(trained)) == 2
