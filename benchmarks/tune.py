@@ -11,7 +11,10 @@ a kill loses at most the trial in flight, rerunning continues, and several proce
 machines pointed at one database share the studies. Outputs under ``--out``: ``best.toml``
 (read by ``python -m benchmarks.run --config``), ``tuning.md`` (every trial) and
 ``plots/<loss>.png``. A trial whose loss became NaN or infinite is recorded as pruned
-(TPE ranks it below every completed trial); it counts toward the budget.
+(TPE ranks it below every completed trial); it counts toward the budget. Only distinct
+settings count; a trial left running by a killed process is marked failed (at once on this
+host, elsewhere once its heartbeat has been silent for ``core.tuning.STALE_AFTER_S`` seconds)
+and its setting tried again.
 """
 
 import argparse
@@ -26,8 +29,8 @@ import optuna
 from .core.loss_registry import DEFAULT_LOSSES, LOSSES, TUNABLE_LOSSES
 from .core.launch import USER_ERRORS, quiet_known_warnings
 from .core.settings import UsageError, resolve
-from .core.tuning import (counted_trials, load_validation_data, mask_credentials, open_storage,
-                          open_study, parse_loss_names, tune_loss)
+from .core.tuning import (check_reported_studies, counted_trials, load_validation_data, mask_credentials,
+                          open_storage, open_study, parse_loss_names, tune_loss)
 from .report.tuning_report import write_best_toml, write_report
 
 DEFAULT_TRIALS = 20
@@ -73,6 +76,7 @@ def main(argv=None) -> int:
         quiet_known_warnings()
         data = load_validation_data(settings, out, say)
         optuna.logging.set_verbosity(optuna.logging.WARNING)
+        check_reported_studies(storage, out, settings.dataset, losses)
         studies = {loss: open_study(storage, settings, loss, args.sampler_seed, args.seeds) for loss in losses}
     except USER_ERRORS as error:
         print(mask_credentials(f"python -m benchmarks.tune: error: {error}"), file=sys.stderr)
@@ -81,7 +85,7 @@ def main(argv=None) -> int:
     for loss, study in studies.items():
         print(f"tuning {loss}: {len(counted_trials(study, args.trials))}/{args.trials} trials finished", flush=True)
         try:
-            tune_loss(study, loss, settings, data, args.trials, args.seeds, out, say)
+            tune_loss(storage, study, loss, settings, data, args.trials, args.seeds, out, say)
         except UsageError as error:
             print(mask_credentials(f"python -m benchmarks.tune: error: {error}"), file=sys.stderr)
             return 2

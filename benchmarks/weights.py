@@ -21,7 +21,7 @@ from .core import loss_specs, settings
 from .core.experiment import fresh_models
 from .core.files import atomic_write_text, read_json
 from .core.run_store import RunStore
-from .data.registry import load_dataset
+from .data.registry import DATASETS, load_dataset
 from .report.plots import save_figure
 from .report.weight_analysis import HARDEST_FRACTION, pair_weights
 
@@ -34,6 +34,9 @@ def run_settings(out: Path) -> settings.Settings:
     stored = read_json(out / "config.json")
     if stored is None:
         raise settings.UsageError(f"{out} has no config.json: not an output folder of benchmarks.run")
+    if not (isinstance(stored, dict) and stored.get("dataset") in DATASETS):
+        raise settings.UsageError(f"{out / 'config.json'} names no dataset of this harness: not an output folder "
+                                  "of benchmarks.run; give --out a folder that benchmarks.run wrote")
     resolved = settings.resolve(["--dataset", stored["dataset"], "--device", "cpu", "--out", str(out)])
     values = {k: v for k, v in stored.items() if k in settings.FIELDS}
     run = dataclasses.replace(resolved, **values)
@@ -45,12 +48,15 @@ def run_settings(out: Path) -> settings.Settings:
 def find_run(out: Path, loss: str, seed: int):
     """(loss spec, checkpoint) of the run of ``loss`` (default: the first ICE run) and ``seed``."""
     folders = sorted(p.parent for p in (out / "runs").glob(f"*/seed{seed}/checkpoint.pth"))
+    unreadable = []
     for folder in folders:
         stored = RunStore(folder).load(epochs=0, restart_broken=False)
+        unreadable += [stored.note] if stored.note else []
         label = stored.key[0] if stored.key else ""
         if stored.checkpoint is not None and ((loss is None and label.startswith("ice")) or label == loss):
             return loss_specs.parse_loss_spec(label), stored.checkpoint
-    raise settings.UsageError(f"no finished run of {loss or 'an ICE loss'} with seed {seed} under {out / 'runs'}")
+    raise settings.UsageError(f"no finished run of {loss or 'an ICE loss'} with seed {seed} under {out / 'runs'}"
+                              + "".join(f"; {note}" for note in unreadable))
 
 
 def embed_batches(trunk, embedder, dataset, run, num_batches, seed):

@@ -80,6 +80,10 @@ class Experiment:
             if not stored.rows:
                 continue
             key = stored.key
+            if stored.status == "partial":
+                self.console.say(f"earlier run {key[0]} seed {key[1]}: trained {stored.checkpoint['epoch']} of "
+                                 f"{self.settings.epochs} epochs, published as it is; add it to --losses and --seeds "
+                                 "to finish it")
             self.rows_by_run[key] = stored.rows
             self.run_folders[key] = store.folder
             if stored.error:
@@ -153,4 +157,7 @@ class Experiment:
         if self.failures:
             self.console.say("\nFailed runs (left out of the table and plots):\n" + "\n".join(
                 f"  {label} seed {seed}: {error}" for (label, seed), error in self.failures.items()))
-        self.console.say(f"\nWrote {self.folder.results_csv}, {self.folder.summary}, " + ", ".join(map(str, plots)))
+        if self.folder.read_only:
+            self.console.say(f"\n{self.folder.path} cannot be written: nothing was updated there")
+        else:
+            self.console.say(f"\nWrote {self.folder.results_csv}, {self.folder.summary}, " + ", ".join(map(str, plots)))

@@ -6,6 +6,8 @@ out_folder and report (results). ``run_experiment`` is shared by the commands th
 """
 
 import contextlib
+import datetime
+import errno
 import logging
 import os
 import sys
@@ -36,7 +38,8 @@ def start_processes(settings: Settings):
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
     if settings.device.startswith("cuda"):
         torch.cuda.set_device(local_rank)  # "cuda" then means this process's GPU
-    torch.distributed.init_process_group(backend="nccl" if settings.device.startswith("cuda") else "gloo")
+    torch.distributed.init_process_group(backend="nccl" if settings.device.startswith("cuda") else "gloo",
+                                         timeout=datetime.timedelta(seconds=settings.timeout))
     return torch.distributed.get_rank(), processes
 
 
@@ -83,7 +86,7 @@ def open_folder(settings: Settings, folder: OutFolder, data: BenchmarkData, cons
                 processes: int) -> Tuple[BenchmarkData, Optional[int]]:
     """Check and claim the --out folder; return the data to train on and, for a frozen trunk,
     its feature size (the data are then the trunk's cached features)."""
-    identity = dict(settings.identity(), processes=processes)
+    identity = dict(settings.identity(), processes=processes, torch_threads=torch.get_num_threads())
     folder.check_identity(identity)
     if rank == 0:
         folder.write_identity(identity)
@@ -101,9 +104,27 @@ def refuse(prog: str, error: Exception, console: Console) -> int:
     return 2
 
 
+# what a file system that cannot take a write says: full, over quota, read-only, not ours
+UNWRITABLE = (errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM)
+
+
 def run_experiment(settings: Settings, prog: str = "python -m benchmarks.run") -> int:
     """Train and evaluate every (loss, seed) of ``settings`` in ``settings.out``; rerunning resumes.
-    Returns the exit status (2 when the data, the model or the folder refuse the settings)."""
+    Returns the exit status (2 when the data, the model or the folder refuse the settings, 1 when
+    a file cannot be written or another process of a torchrun launch stopped answering for
+    ``--timeout`` seconds)."""
+    try:
+        return _run_experiment(settings, prog)
+    except OSError as error:
+        if error.errno not in UNWRITABLE:
+            raise
+        print(f"{prog}: error: cannot write {error.filename or settings.out}: {error.strerror}; the files written "
+              "before are intact (each is replaced whole); make room or give a writable --out, then rerun to resume",
+              file=sys.stderr)
+        return 1
+
+
+def _run_experiment(settings: Settings, prog: str) -> int:
     rank, processes = start_processes(settings)
     console = Console(enabled=rank == 0, verbose=settings.verbose, quiet=settings.quiet)
     try:
@@ -120,8 +141,18 @@ def run_experiment(settings: Settings, prog: str = "python -m benchmarks.run") -
             data, feature_size = open_folder(settings, folder, data, console, rank, processes)
         except USER_ERRORS as error:
             return refuse(prog, error, console)
-        Experiment(settings, data, folder, console, rank, processes, feature_size).run()
+        try:
+            Experiment(settings, data, folder, console, rank, processes, feature_size).run()
+            if processes > 1:
+                torch.distributed.barrier()
+        except RuntimeError as error:  # gloo and NCCL report a process that stopped answering this way
+            if processes == 1 or "timed out" not in str(error).lower():
+                raise
+            console.stop()
+            print(f"{prog}: error: process {rank} waited --timeout {settings.timeout} s for another process, which "
+                  f"froze or died ({error}); rerun the command to resume, with a larger --timeout if one step of "
+                  "training or evaluation takes that long", file=sys.stderr)
+            return 1
     if processes > 1:
-        torch.distributed.barrier()
         torch.distributed.destroy_process_group()
     return 0

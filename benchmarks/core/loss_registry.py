@@ -1,8 +1,9 @@
 """The loss registry: every fact the harness knows about a loss, in one entry.
 
 Adding a PML loss to the harness means adding one ``LossEntry`` to ``LOSSES`` below: its
-class, its miner, its defaults, its tuning search space and whether the default comparison
-runs it. ``--losses``, ``--list-losses``, ``benchmarks.tune`` and ``benchmarks.speed`` all read it.
+class, its miner, its defaults, the values its parameters may take, its tuning search space
+and whether the default comparison runs it. ``--losses``, ``--list-losses``,
+``benchmarks.tune`` and ``benchmarks.speed`` all read it.
 """
 
 import dataclasses
@@ -39,6 +40,8 @@ class Parameter:
         return f"{self.name} in {text}" + "".join(f", {t} = {self.name}" for t in self.tied)
 
 
+TRIPLET_TYPES = ("all", "hard", "semihard", "easy")  # PML's TripletMarginMiner
+
 # Arguments the harness supplies itself or that are not hyperparameters.
 _NOT_HYPERPARAMETERS = {
     "self",
@@ -67,8 +70,9 @@ def _ice_reducer_class():
 
 @dataclasses.dataclass(frozen=True)
 class LossEntry:
-    """A registered loss: its class, default hyperparameters, optional miner and reducer, its
-    tuning search space and whether the default comparison includes it."""
+    """A registered loss: its class, default hyperparameters, optional miner and reducer, the
+    values of its enumerated and positive parameters, its tuning search space and whether the
+    default comparison includes it."""
 
     description: str
     loss_class: Callable[[], type]
@@ -79,6 +83,8 @@ class LossEntry:
     own_parameters: bool = False  # trains proxies or class weights with its own optimizer (``loss_lr``)
     search_space: Tuple[Parameter, ...] = ()  # what ``benchmarks.tune`` searches; the first is the main one
     compared_by_default: bool = False  # in the default --losses of ``benchmarks.run`` and ``benchmarks.tune``
+    choices: Dict[str, Tuple[str, ...]] = dataclasses.field(default_factory=dict)  # values of enumerated parameters
+    positive: Tuple[str, ...] = ()  # parameters that must be > 0 (a temperature divides)
 
     def loss_parameters(self):
         return _hyperparameters(self.loss_class())
@@ -89,11 +95,15 @@ class LossEntry:
     def reducer_parameters(self):
         return _hyperparameters(self.reducer_class()) if self.reducer_class else {}
 
+    def parameter_defaults(self) -> Dict[str, Any]:
+        """Every parameter a spec may set (miner ones prefixed ``miner_``) with its class default."""
+        values = dict(self.loss_parameters())
+        values.update({"miner_" + n: v for n, v in self.miner_parameters().items()})
+        values.update(self.reducer_parameters())
+        return values
+
     def valid_parameters(self):
-        names = list(self.loss_parameters())
-        names += ["miner_" + n for n in self.miner_parameters()]
-        names += list(self.reducer_parameters())
-        return names + [LOSS_LR] * self.own_parameters
+        return list(self.parameter_defaults()) + [LOSS_LR] * self.own_parameters
 
 
 def _hyperparameters(cls) -> Dict[str, Any]:
@@ -128,10 +138,11 @@ LOSSES: Dict[str, LossEntry] = {
         search_space=(Parameter("scale", 4, 128, log=True), Parameter("lam", 0.0, 4.0),
                       Parameter("normalize", choices=NORMALIZATIONS)),
         compared_by_default=True,
+        choices={"normalize": NORMALIZATIONS},
     ),
-    "ntxent": LossEntry("PML NTXentLoss", _pml("NTXentLoss"),
+    "ntxent": LossEntry("PML NTXentLoss", _pml("NTXentLoss"), positive=("temperature",),
                         search_space=(Parameter("temperature", 0.01, 1.0, log=True),), compared_by_default=True),
-    "supcon": LossEntry("PML SupConLoss", _pml("SupConLoss"),
+    "supcon": LossEntry("PML SupConLoss", _pml("SupConLoss"), positive=("temperature",),
                         search_space=(Parameter("temperature", 0.01, 1.0, log=True),), compared_by_default=True),
     "multisimilarity": LossEntry(
         "PML MultiSimilarityLoss with MultiSimilarityMiner",
@@ -151,6 +162,7 @@ LOSSES: Dict[str, LossEntry] = {
         search_space=(Parameter("margin", 0.0, 1.0, tied=("miner_margin",)),
                       Parameter("miner_type_of_triplets", choices=("all", "hard", "semihard"))),
         compared_by_default=True,
+        choices={"miner_type_of_triplets": TRIPLET_TYPES},
     ),
     "contrastive": LossEntry("PML ContrastiveLoss", _pml("ContrastiveLoss"),
                              search_space=(Parameter("pos_margin", 0.0, 1.0), Parameter("neg_margin", 0.0, 2.0)),
@@ -164,7 +176,8 @@ LOSSES: Dict[str, LossEntry] = {
     "arcface": LossEntry("PML ArcFaceLoss (trainable class weights)", _pml("ArcFaceLoss"), own_parameters=True,
                          search_space=(Parameter("margin", 5.0, 60.0), Parameter("scale", 8, 128, log=True))),
     "normsoftmax": LossEntry(
-        "PML NormalizedSoftmaxLoss (trainable class weights)", _pml("NormalizedSoftmaxLoss"), own_parameters=True
+        "PML NormalizedSoftmaxLoss (trainable class weights)", _pml("NormalizedSoftmaxLoss"), own_parameters=True,
+        positive=("temperature",),
     ),
 }
 

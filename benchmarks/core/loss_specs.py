@@ -10,6 +10,7 @@ Everything is checked when the spec is parsed, so a typo fails before any traini
 import ast
 import dataclasses
 import inspect
+import math
 from typing import Any, Dict, Optional, Tuple
 
 from .loss_registry import LOSS_LR, LOSSES, LossEntry
@@ -77,9 +78,9 @@ class LossSpec:
             loss_kw["num_classes"] = num_classes
         if "embedding_size" in accepted:
             loss_kw["embedding_size"] = embedding_size
-        if reducer_kw:
-            loss_kw["reducer"] = entry.reducer_class()(**reducer_kw)
         try:
+            if reducer_kw:
+                loss_kw["reducer"] = entry.reducer_class()(**reducer_kw)
             loss = loss_class(**loss_kw)
             miner = entry.miner_class()(**miner_kw) if entry.miner_class else None
         except (TypeError, ValueError) as error:
@@ -126,19 +127,32 @@ def make_loss_spec(name: str, params: Dict[str, Any]) -> LossSpec:
         raise LossSpecError(
             f"unknown loss '{name}'; valid losses: {', '.join(sorted(LOSSES))}"
         )
+    entry = LOSSES[name]
     try:
-        valid = LOSSES[name].valid_parameters()
+        valid = entry.valid_parameters()
+        defaults = entry.parameter_defaults()
     except ImportError as error:
         raise LossSpecError(f"loss '{name}' is not available: {error}") from error
-    for key in params:
+    for key, value in params.items():
         if key not in valid:
             raise LossSpecError(
                 f"unknown parameter '{key}' for loss '{name}'; valid parameters: "
                 + (", ".join(valid) if valid else "(none)")
             )
+        allowed = entry.choices.get(key)
+        if allowed and value not in allowed:
+            raise LossSpecError(f"{key} of loss '{name}' must be one of {', '.join(allowed)}; got {value!r}")
+        default = defaults.get(key)
+        if isinstance(default, bool) and not isinstance(value, bool):
+            raise LossSpecError(f"{key} of loss '{name}' must be true or false; got {value!r}")
+        number = isinstance(value, (int, float)) and not isinstance(value, bool)
+        if isinstance(default, (int, float)) and not isinstance(default, bool) and not (number and math.isfinite(value)):
+            raise LossSpecError(f"{key} of loss '{name}' must be a finite number; got {value!r}")
+        if key in entry.positive and not (number and value > 0):
+            raise LossSpecError(f"{key} of loss '{name}' must be a number > 0; got {value!r}")
     loss_lr = params.get(LOSS_LR)
-    if LOSS_LR in params and not (isinstance(loss_lr, (int, float)) and not isinstance(loss_lr, bool) and loss_lr > 0):
-        raise LossSpecError(f"loss_lr of loss '{name}' must be a number > 0, got {loss_lr!r}")
+    if LOSS_LR in params and not (isinstance(loss_lr, (int, float)) and not isinstance(loss_lr, bool) and 0 < loss_lr < math.inf):
+        raise LossSpecError(f"loss_lr of loss '{name}' must be a finite number > 0, got {loss_lr!r}")
     spec = LossSpec(name, tuple(sorted((k, _canonical(v)) for k, v in params.items())))
     # Fail now on bad values (e.g. a negative scale), not after hours of other runs.
     spec.build(num_classes=2, embedding_size=8)

@@ -1,12 +1,14 @@
 """The --out folder of an experiment: its lock, its identity (config.json), its run folders
 and the files published from all of them (results.csv, summary.md, plots).
 
-One command at a time works in a folder: a second one waits for the lock. Every publication
-is rebuilt from the rows of every run folder on disk, so runs made by earlier commands with
-other --losses or --seeds stay in results.csv and summary.md, in its paired comparisons too.
+One command at a time works in a folder: a second one waits for the lock; a folder the
+command cannot write is only read. Every publication is rebuilt from the rows of every run
+folder on disk, so runs made by earlier commands with other --losses or --seeds stay in
+results.csv and summary.md, in its paired comparisons too.
 """
 
 import contextlib
+import errno
 import fcntl
 import os
 from pathlib import Path
@@ -32,6 +34,7 @@ class OutFolder:
         self.config = self.path / "config.json"
         self.results_csv = self.path / "results.csv"
         self.summary = self.path / "summary.md"
+        self.read_only = False  # set by ``lock`` when the command cannot write the folder
 
     @contextlib.contextmanager
     def lock(self, say):
@@ -43,7 +46,11 @@ class OutFolder:
         except OSError as error:
             if lock.is_symlink():
                 raise UsageError(f"{lock} is a symbolic link; remove it (the lock file must be a plain file)") from error
-            raise
+            if error.errno not in (errno.EROFS, errno.EACCES):
+                raise
+            self.read_only = True  # nothing can be written: the command only reads and prints
+            yield
+            return
         with os.fdopen(fd, "r+") as handle:
             try:
                 fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -62,7 +69,8 @@ class OutFolder:
                 fcntl.flock(handle, fcntl.LOCK_UN)
 
     def check_identity(self, identity: dict) -> None:
-        """Refuse a folder whose config.json names other settings; name a broken config.json."""
+        """Refuse a folder whose config.json names other settings (more epochs extend its runs);
+        name a broken config.json. Settings an older config.json lacks are not compared."""
         try:
             stored = read_json(self.config)
         except BrokenFile as error:
@@ -73,14 +81,17 @@ class OutFolder:
         if not isinstance(stored, dict):
             raise BrokenFile(f"{self.config} does not hold the settings of {self.path}; restore or delete it")
         stored = stored_identity(stored)
-        differing = [k for k in identity if stored.get(k) != identity[k]]
+        differing = [k for k in identity if k in stored and stored[k] != identity[k]
+                     and not (k == "epochs" and stored[k] < identity[k])]
         if differing:
             details = ", ".join(f"{k}: {stored.get(k)!r} there, {identity[k]!r} now" for k in differing)
             raise IdentityMismatch(f"{self.path} holds runs made with other settings ({details}); choose another --out")
 
     def write_identity(self, identity: dict) -> None:
-        if not self.config.is_file():
-            atomic_write_json(self.config, identity)
+        """config.json: ``identity``, keeping the settings an existing one has but this harness does not know."""
+        stored = read_json(self.config) or {}
+        if {**stored, **identity} != stored:
+            atomic_write_json(self.config, {**stored, **identity})
 
     def run_store(self, folder_name: str, seed: int) -> RunStore:
         return RunStore(self.path / "runs" / folder_name / f"seed{seed}")
@@ -104,13 +115,14 @@ class OutFolder:
 
     def publish_rows(self, rows_by_run: Dict[RunKey, List[dict]], loss_order: Sequence[str]) -> None:
         """results.csv: every row of every run, failed runs included."""
-        write_results_csv(self.results_csv, sort_rows([r for rows in rows_by_run.values() for r in rows], loss_order))
+        if not self.read_only:
+            write_results_csv(self.results_csv, sort_rows([r for rows in rows_by_run.values() for r in rows], loss_order))
 
     def publish_summary(self, rows_by_run, loss_order, header: List[str], failures: Dict[RunKey, str],
                         run_folders: Mapping[RunKey, Path]):
         """results.csv, summary.md and the plots; failed runs stay out of the table, plots and
         paired comparisons (``run_folders``: the folder of each run in ``rows_by_run``).
-        Returns the table, the comparisons and the plot paths."""
+        Returns the table, the comparisons and the plot paths (none written in a read-only folder)."""
         self.publish_rows(rows_by_run, loss_order)
         kept_runs = sorted((key for key in rows_by_run if key not in failures),
                            key=lambda key: (loss_order.index(key[0]), key[1]))
@@ -119,6 +131,6 @@ class OutFolder:
         scores = load_run_scores({key: run_folders[key] for key in kept_runs})
         ice_label = next((label for label in scores if label.partition(":")[0] == "ice"), None)
         comparison = comparison_table(scores, ice_label)
-        table = write_summary(self.summary, kept, loss_order, header, failures, comparison)
-        plots = write_plots(self.path / "plots", kept, loss_order) if kept else []
+        table = write_summary(None if self.read_only else self.summary, kept, loss_order, header, failures, comparison)
+        plots = write_plots(self.path / "plots", kept, loss_order) if kept and not self.read_only else []
         return table, comparison, plots

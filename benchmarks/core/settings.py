@@ -9,6 +9,7 @@ Precedence: field default < dataset default < config file < command line.
 
 import argparse
 import dataclasses
+import math
 import os
 import sys
 from pathlib import Path
@@ -37,6 +38,7 @@ class Integer:
     minimum: int
     optional: bool = False
     note: str = ""
+    maximum: Optional[int] = None
     cli_type = int
 
     def __call__(self, name, value):
@@ -44,6 +46,8 @@ class Integer:
             return None
         if not (isinstance(value, int) and not isinstance(value, bool) and value >= self.minimum):
             raise UsageError(f"{flag(name)} must be an integer >= {self.minimum}{self.note}, got {value!r}")
+        if self.maximum is not None and value > self.maximum:
+            raise UsageError(f"{flag(name)} must be at most {self.maximum}{self.note}, got {value!r}")
         return value
 
 
@@ -56,6 +60,8 @@ class Number:
         is_number = isinstance(value, (int, float)) and not isinstance(value, bool)
         if not is_number or not (value > 0 if self.above_zero else value >= 0):
             raise UsageError(f"{flag(name)} must be a number {'>' if self.above_zero else '>='} 0, got {value!r}")
+        if not math.isfinite(value):
+            raise UsageError(f"{flag(name)} must be finite, got {value!r}")
         return value
 
 
@@ -173,10 +179,10 @@ class Settings:
         f"benchmarks/tuned/configs/<dataset>.toml, where present, else {loss_registry.DEFAULT_LOSSES})", LossList(),
         metavar="SPECS")
     epochs: int = setting(None, "maximum training epochs per run (epoch 0 = untrained model is always evaluated)",
-                          Integer(0), per_dataset=True, metavar="N")
+                          Integer(0), identity=True, per_dataset=True, metavar="N")
     patience: Optional[int] = setting(5, "stop a run when validation MAP@R has not improved for N epochs "
                                       "(default 5; -1 = never)", Integer(-1, note=" (-1 = never stop early)"),
-                                      metavar="N")
+                                      identity=True, metavar="N")
     seeds: Tuple[int, ...] = setting(5, "seeds per loss: a count K for seeds 0..K-1, or seeds such as 3,4 to add "
                                      "to an --out folder (default 5)", SeedList(), metavar="K|S,S")
     out: str = setting(None, "output folder (default: results/<dataset>)", PathText(), metavar="DIR")
@@ -186,7 +192,7 @@ class Settings:
                                identity=True)
     freeze_trunk: bool = setting(None, "keep the trunk fixed and train only the embedder on cached trunk features",
                                  Boolean(cli="both"), identity=True, per_dataset=True)
-    embedding_size: int = setting(None, "output size of the linear embedder", Integer(1), identity=True,
+    embedding_size: int = setting(None, "output size of the linear embedder", Integer(1, maximum=65536), identity=True,
                                   per_dataset=True, metavar="D")
     batch_size: int = setting(None, "global batch size (split across processes)", Integer(1), identity=True,
                               per_dataset=True, metavar="B")
@@ -213,7 +219,9 @@ class Settings:
     eval_batch_size: int = setting(256, "batch size when computing embeddings for evaluation (default 256)",
                                    Integer(1), metavar="B")
     device: str = setting("auto", "cpu, cuda, cuda:1, ... (default: cuda when available)", Device())
-    num_workers: int = setting(0, "data-loader worker processes (default 0)", Integer(0), metavar="N")
+    num_workers: int = setting(0, "data-loader worker processes (default 0)", Integer(0), identity=True, metavar="N")
+    timeout: int = setting(600, "seconds a process of a torchrun launch waits for the others before it stops with "
+                           "an error (default 600)", Integer(1), metavar="SECONDS")
     verbose: bool = setting(False, "also print a line per evaluated epoch", Boolean())
     quiet: bool = setting(False, "print only the final table", Boolean())
 
@@ -223,7 +231,7 @@ class Settings:
 
 
 # Identity fields added after folders were made, with the value those folders were made with.
-VALUES_BEFORE_FIELD = {"passes_per_epoch": 1}
+VALUES_BEFORE_FIELD = {"passes_per_epoch": 1, "num_workers": 0}
 
 
 def stored_identity(stored: dict) -> dict:
@@ -289,6 +297,8 @@ def _read_toml(path) -> dict:
         raise UsageError(f"config file {path} does not exist") from error
     except tomllib.TOMLDecodeError as error:
         raise UsageError(f"config file {path} is not valid TOML: {error}") from error
+    except UnicodeDecodeError as error:
+        raise UsageError(f"config file {path} is not UTF-8 text, as TOML must be ({error}); save it as UTF-8") from error
 
 
 def default_losses(dataset: str) -> str:

@@ -4,15 +4,20 @@ A trial trains one run per seed with the harness and scores it by the best valid
 MAP@R over its trained epochs, averaged over seeds. The test split is dropped when the data
 is loaded: tuning never embeds it. A trial whose loss became NaN or infinite is recorded
 as pruned (TPE ranks it below every completed trial); it counts toward the budget.
+Only distinct settings count: a trial proposing a setting already tried fails without training,
+and a trial left running by a dead process (on this host: at once; elsewhere: once its heartbeat
+stops) is marked failed and its setting retried.
 """
 
 import dataclasses
 import json
 import os
 import re
+import shutil
 import socket
 import tempfile
 import time
+import warnings
 from pathlib import Path
 from typing import Dict, List
 
@@ -34,9 +39,8 @@ COUNTED_STATES = (optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.PRUN
 
 
 # run settings written to best.toml: the training budget every loss was tuned with (the settings
-# that identify a run's --out folder but the machine's data path, plus the epochs and the patience).
-BUDGET_KEYS = tuple(name for name, field in FIELDS.items() if field.metadata["identity"] and name != "data_root") \
-    + ("epochs", "patience")
+# that identify a run's --out folder but the machine's data path).
+BUDGET_KEYS = tuple(name for name, field in FIELDS.items() if field.metadata["identity"] and name != "data_root")
 FINAL_SEEDS = 5  # seeds of the final runs, as the protocol asks
 
 
@@ -99,14 +103,24 @@ def mask_credentials(text: str) -> str:
     return CREDENTIALS.sub(r"\1***@", text)
 
 
+# A running trial beats every HEARTBEAT_S seconds; one silent for STALE_AFTER_S (its process died,
+# on any host) is failed and its setting queued again by the next trial of any process.
+HEARTBEAT_S, STALE_AFTER_S = 60, 600
+
+
 def open_storage(url: str):
-    """An Optuna RDB storage (SQLite waits up to a minute for a lock held by another process)."""
+    """An Optuna RDB storage with trial heartbeats (SQLite waits up to a minute for a lock
+    held by another process)."""
     from sqlalchemy.exc import IntegrityError, OperationalError
 
     engine_kwargs = {"connect_args": {"timeout": 60}} if url.startswith("sqlite") else {}
     for _ in range(3):
         try:
-            return optuna.storages.RDBStorage(url, engine_kwargs=engine_kwargs)
+            with warnings.catch_warnings():  # heartbeats and retries are marked experimental
+                warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+                return optuna.storages.RDBStorage(
+                    url, engine_kwargs=engine_kwargs, heartbeat_interval=HEARTBEAT_S, grace_period=STALE_AFTER_S,
+                    heartbeat_stale_trial_callback=optuna.storages.RetryHeartbeatStaleTrialCallback())
         except (IntegrityError, OperationalError) as error:  # also seen while another process creates the same new database
             failure = error
             time.sleep(1)
@@ -125,11 +139,48 @@ def budget(settings: Settings) -> Dict[str, object]:
     return values
 
 
+class TrialSeededTPE(optuna.samplers.BaseSampler):
+    """TPE seeded from ``seed`` and the trial number: a resumed process or one sharing the study
+    proposes new settings instead of replaying the first ones."""
+
+    def __init__(self, seed: int):
+        self.seed = seed
+        self.tpe = optuna.samplers.TPESampler(seed=seed)
+
+    def infer_relative_search_space(self, study, trial):
+        return {}
+
+    def sample_relative(self, study, trial, search_space):
+        return {}
+
+    def before_trial(self, study, trial):
+        self.tpe = optuna.samplers.TPESampler(seed=int(np.random.SeedSequence([self.seed, trial.number]).generate_state(1)[0]))
+
+    def sample_independent(self, study, trial, param_name, param_distribution):
+        return self.tpe.sample_independent(study, trial, param_name, param_distribution)
+
+
+def check_reported_studies(storage, out: Path, dataset: str, losses: List[str]) -> None:
+    """Refuse to tune into ``out`` when its tuning.md reports losses whose studies the storage
+    lacks (an emptied or replaced database): tuning would overwrite tuning.md and best.toml."""
+    report = out / "tuning.md"
+    if not report.is_file():
+        return
+    reported = {line[3:].strip() for line in report.read_text(encoding="utf-8", errors="replace").splitlines()
+                if line.startswith("## ")}
+    held = set(optuna.get_all_study_names(storage))
+    lost = [loss for loss in losses if loss in reported and f"{dataset}-{loss}" not in held]
+    if lost:
+        raise UsageError(f"{report} reports trials of {', '.join(lost)} that the storage does not hold (an empty or "
+                         "replaced tuning.db?); restore the database, or choose another --out (tuning here would "
+                         "overwrite tuning.md and best.toml)")
+
+
 def open_study(storage, settings: Settings, loss: str, sampler_seed: int, seeds: int):
     """Create or load the study ``<dataset>-<loss>``; refuse one made with another budget."""
     study = optuna.create_study(
         study_name=f"{settings.dataset}-{loss}", storage=storage, direction="maximize", load_if_exists=True,
-        sampler=optuna.samplers.TPESampler(seed=sampler_seed),
+        sampler=TrialSeededTPE(sampler_seed),
     )
     identity = {**budget(settings), "seeds_per_trial": seeds, "search_space": [p.describe() for p in LOSSES[loss].search_space]}
     identity = json.loads(json.dumps(identity))
@@ -144,10 +195,56 @@ def open_study(storage, settings: Settings, loss: str, sampler_seed: int, seeds:
 
 
 def counted_trials(study, trials: int) -> list:
-    """The first ``trials`` finished trials by number (complete, or pruned by divergence):
-    the budget, even when concurrent processes finished a few more."""
-    done = study.get_trials(deepcopy=False, states=COUNTED_STATES)
-    return sorted(done, key=lambda t: t.number)[:trials]
+    """The first ``trials`` finished trials by number (complete, or pruned by divergence) with
+    distinct settings: the budget, even when concurrent processes finished a few more."""
+    distinct = {}
+    for t in sorted(study.get_trials(deepcopy=False, states=COUNTED_STATES), key=lambda t: t.number):
+        distinct.setdefault(t.user_attrs.get("loss"), t)
+    return list(distinct.values())[:trials]
+
+
+class DuplicateSetting(Exception):
+    """A trial proposed a setting that another trial has tried or is trying."""
+
+
+def process_is_dead(process: str) -> bool:
+    """Whether ``host:pid`` names a process of this host that no longer runs."""
+    host, _, pid = process.rpartition(":")
+    if host != socket.gethostname() or not pid.isdigit():
+        return False
+    try:
+        os.kill(int(pid), 0)
+    except ProcessLookupError:
+        return True
+    except PermissionError:
+        pass
+    return False
+
+
+def recover_killed_trials(storage, study, loss: str, out: Path, log) -> None:
+    """Mark the running trials of dead processes of this host failed, queue their settings
+    again (unless another trial holds them) and remove trial folders no running trial owns."""
+    study_id = storage.get_study_id_from_name(study.study_name)
+    for t in study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.RUNNING,)):
+        if process_is_dead(t.user_attrs.get("process", "")):
+            trial_id = storage.get_trial_id_from_study_id_trial_number(study_id, t.number)
+            try:
+                storage.set_trial_state_values(trial_id, optuna.trial.TrialState.FAIL)
+            except optuna.exceptions.UpdateFinishedTrialError:  # finished meanwhile, or another process marked it first
+                continue
+            log(f"  {loss} trial {t.number}: its process {t.user_attrs['process']} is gone; marked failed")
+    trials = study.get_trials(deepcopy=False)
+    held = {json.dumps(t.params, sort_keys=True) for t in trials if t.state != optuna.trial.TrialState.FAIL}
+    for t in trials:
+        key = json.dumps(t.params, sort_keys=True)
+        if t.state == optuna.trial.TrialState.FAIL and t.params and key not in held:
+            study.enqueue_trial(t.params, user_attrs={"retry_of": t.number})
+            held.add(key)
+    running = {t.number for t in trials if t.state == optuna.trial.TrialState.RUNNING}
+    for folder in (out / "trials").glob(f"{loss}-*-*"):
+        number = folder.name[len(loss) + 1:].split("-")[0]
+        if number.isdigit() and int(number) not in running:
+            shutil.rmtree(folder, ignore_errors=True)
 
 
 def best_trial(study, trials: int):
@@ -155,12 +252,17 @@ def best_trial(study, trials: int):
     return max(complete, key=lambda t: (t.value, -t.number)) if complete else None
 
 
-def tune_loss(study, loss: str, settings: Settings, data: BenchmarkData, trials: int, seeds: int, out: Path, log) -> None:
+def tune_loss(storage, study, loss: str, settings: Settings, data: BenchmarkData, trials: int, seeds: int, out: Path, log) -> None:
     """Run trials until the study holds ``trials`` finished ones (shared with other processes)."""
     def objective(trial):
+        trial.set_user_attr("process", f"{socket.gethostname()}:{os.getpid()}")
         spec = trial_spec(loss, trial)
         trial.set_user_attr("loss", spec.label)
-        trial.set_user_attr("process", f"{socket.gethostname()}:{os.getpid()}")
+        same = [t.number for t in study.get_trials(deepcopy=False, states=COUNTED_STATES + (optuna.trial.TrialState.RUNNING,))
+                if t.number != trial.number and t.user_attrs.get("loss") == spec.label]
+        if same:
+            trial.set_user_attr("error", f"same setting as trial {same[0]}")
+            raise DuplicateSetting(f"same setting as trial {same[0]}")
         try:
             with tempfile.TemporaryDirectory(prefix=f"{loss}-{trial.number}-", dir=out / "trials") as run_dir:
                 return float(np.mean([validation_map_at_r(settings, data, spec, s, Path(run_dir) / f"seed{s}")
@@ -170,10 +272,15 @@ def tune_loss(study, loss: str, settings: Settings, data: BenchmarkData, trials:
             raise optuna.TrialPruned(str(error)) from error
 
     def report(study, trial):
+        if trial.state == optuna.trial.TrialState.FAIL:
+            log(f"  {loss} trial {trial.number}: not trained, {trial.user_attrs.get('error')}")
+            return
         value = "pruned (diverged)" if trial.value is None else f"val MAP@R {100 * trial.value:.2f}"
         log(f"  {loss} trial {trial.number}: {value}  {trial.user_attrs.get('loss')}")
+        if len(counted_trials(study, trials)) >= trials:
+            study.stop()
 
-    finished = optuna.study.MaxTrialsCallback(trials, states=COUNTED_STATES)
     (out / "trials").mkdir(parents=True, exist_ok=True)
+    recover_killed_trials(storage, study, loss, out, log)
     if len(counted_trials(study, trials)) < trials:
-        study.optimize(objective, callbacks=[report, finished], gc_after_trial=True)
+        study.optimize(objective, callbacks=[report], catch=(DuplicateSetting,), gc_after_trial=True)

@@ -23,6 +23,7 @@ import hashlib
 import io
 import json
 import unicodedata
+import zipfile
 from pathlib import Path
 from typing import Dict, List, Optional, Sequence
 
@@ -197,19 +198,24 @@ def cache_key(paths: Sequence[Path], code_points: Optional[Sequence[int]] = None
 
 def cached_glyph_set(cache_dir=None, font_dir=None, fonts: Sequence[str] = GLYPH_FONTS,
                      code_points: Optional[Sequence[int]] = None):
-    """``glyph_set`` of the fonts, rendered once and then read from ``cache_dir/glyphs-<key>.npz``."""
+    """``glyph_set`` of the fonts, rendered once and then read from ``cache_dir/glyphs-<key>.npz``
+    (a cache that cannot be read, e.g. truncated, is rendered again)."""
     paths = font_paths(font_dir, fonts)
     cache_dir = Path(cache_dir) if cache_dir is not None else DEFAULT_CACHE
     if cache_dir.exists() and not cache_dir.is_dir():
         raise DatasetNotInstalled(f"glyphs: the cache folder {cache_dir} is a file; pass --data-root DIR, a folder.")
     cache = cache_dir / f"glyphs-{cache_key(paths, code_points)}.npz"
-    if not cache.is_file():
-        code_points, images, present = glyph_set(paths, code_points)
-        buffer = io.BytesIO()
-        np.savez_compressed(buffer, code_points=code_points, images=images, present=present, fonts=np.array(fonts))
-        atomic_write_bytes(cache, buffer.getvalue())
-    with np.load(cache) as stored:
-        return stored["code_points"], stored["images"], stored["present"]
+    if cache.is_file():
+        try:
+            with np.load(cache) as stored:
+                return stored["code_points"], stored["images"], stored["present"]
+        except (zipfile.BadZipFile, EOFError, OSError, ValueError, KeyError):
+            pass
+    code_points, images, present = glyph_set(paths, code_points)
+    buffer = io.BytesIO()
+    np.savez_compressed(buffer, code_points=code_points, images=images, present=present, fonts=np.array(fonts))
+    atomic_write_bytes(cache, buffer.getvalue())
+    return code_points, images, present
 
 
 def alternating_split(num_classes: int, test_every: int = 1):

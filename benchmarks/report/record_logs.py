@@ -31,7 +31,7 @@ def _trim_csv(path: Path, epoch: int, first_iteration_after: int) -> None:
     kept = [r for r in rows if not _is_after(r, epoch, first_iteration_after)]
     if len(kept) < len(rows):
         buffer = io.StringIO()
-        writer = csv.DictWriter(buffer, fieldnames=fields, lineterminator="\n")
+        writer = csv.DictWriter(buffer, fieldnames=fields, lineterminator="\r\n")  # as record-keeper writes
         writer.writeheader()
         writer.writerows(kept)
         atomic_write_text(path, buffer.getvalue())

@@ -87,7 +87,7 @@ def summary_table(rows: Sequence[dict], loss_order: Sequence[str]) -> str:
 
 def write_summary(path, rows, loss_order, header_lines: Sequence[str], failures: Dict[Tuple[str, int], str],
                   comparison: str = "") -> str:
-    """Write summary.md atomically and return the table of ``rows``; ``failures`` maps
+    """Write summary.md atomically (unless ``path`` is None) and return the table of ``rows``; ``failures`` maps
     (loss, seed) of each failed run, whose rows the caller leaves out, to its error;
     ``comparison`` is the markdown of ``tables.comparison_table``."""
     table = summary_table(rows, loss_order)
@@ -99,5 +99,6 @@ def write_summary(path, rows, loss_order, header_lines: Sequence[str], failures:
     if failures:
         parts += ["## Failed runs (left out of the table)", ""]
         parts += [f"- `{loss}` seed {seed}: {error}" for (loss, seed), error in sorted(failures.items())] + [""]
-    atomic_write_text(path, "\n".join(parts))
+    if path is not None:
+        atomic_write_text(path, "\n".join(parts))
     return table

@@ -67,13 +67,21 @@ def test_a_loss_with_own_parameters_takes_its_own_learning_rate():
     "text, message",
     [
         ("ice:loss_lr=0.1", "unknown parameter 'loss_lr' for loss 'ice'"),
-        ("arcface:loss_lr=0", "loss_lr of loss 'arcface' must be a number > 0"),
+        ("arcface:loss_lr=0", "loss_lr of loss 'arcface' must be a finite number > 0"),
+        ("arcface:loss_lr=inf", "loss_lr of loss 'arcface' must be a finite number > 0, got 'inf'"),
         ("nosuchloss", "unknown loss 'nosuchloss'; valid losses: arcface, circle, contrastive, ice"),
         ("ice:temperature=1", "unknown parameter 'temperature' for loss 'ice'; valid parameters: scale"),
         ("ntxent:temperature", "must be written key=value"),
         ("ice:scale=-1", "scale"),
         ("ice,ice", "loss given twice: ice"),
         ("ice:scale=2,scale=3", "given twice"),
+        ("triplet:miner_type_of_triplets=foo", "miner_type_of_triplets of loss 'triplet' must be one of all, hard, semihard, easy; got 'foo'"),
+        ("ice:normalize=foo", "normalize of loss 'ice' must be one of batch, anchor; got 'foo'"),
+        ("triplet:swap=foo", "swap of loss 'triplet' must be true or false; got 'foo'"),
+        ("ice:lam=-1", "loss 'ice:lam=-1' cannot be built: ICEReweightReducer: lam must be a real number >= 0"),
+        ("ice:lam=[1]", "lam of loss 'ice' must be a finite number; got [1]"),
+        ("ice:scale=inf", "scale of loss 'ice' must be a finite number; got 'inf'"),
+        ("ntxent:temperature=0", "temperature of loss 'ntxent' must be a number > 0; got 0"),
     ],
 )
 def test_bad_loss_specs(text, message):
@@ -161,6 +169,9 @@ def test_config_file_sets_options_and_command_line_wins(tmp_path):
         ('lr = "abc"', "--lr must be a number > 0, got 'abc'"),
         ("loss-lr = 0", "--loss-lr must be a number > 0"),
         ("weight_decay = -0.1", "--weight-decay must be a number >= 0, got -0.1"),
+        ("lr = inf", "--lr must be finite, got inf"),
+        ("weight_decay = nan", "--weight-decay must be"),
+        ("embedding_size = 100000000000", "--embedding-size must be at most 65536, got 100000000000"),
         ("image-size = 0", "--image-size must be an integer >= 1"),
         ('limit-per-class = "5"', "--limit-per-class must be an integer >= 1, got '5'"),
         ('val = "random"', "--val must be one of auto, classes, samples, got 'random'"),
@@ -255,3 +266,33 @@ def test_config_values_of_the_wrong_type(tmp_path, line, message):
 def test_no_pretrained_in_a_config_file(tmp_path):
     assert settings.resolve(write_config(tmp_path, "no-pretrained = true")).pretrained is False
     assert settings.resolve(write_config(tmp_path, "no-pretrained = false")).pretrained is True
+
+
+def test_a_config_file_that_is_not_utf8_is_named(tmp_path):
+    config = tmp_path / "bench.toml"
+    config.write_bytes(b"epochs = 1\n# \xff\xfe\n")
+    with pytest.raises(settings.UsageError, match="bench.toml is not UTF-8 text, as TOML must be"):
+        settings.resolve(["--config", str(config)])
+
+
+def test_processes_wait_timeout_seconds_for_each_other(monkeypatch, tmp_path, capsys):
+    from benchmarks.core import experiment
+
+    assert settings.resolve([]).timeout == 600
+    opts = settings.resolve(["--dataset", "digits", "--timeout", "5", "--epochs", "0", "--seeds", "1", "--losses", "ice",
+                             "--limit-per-class", "20", "--batch-size", "16", "--m-per-class", "4", "--out", str(tmp_path)])
+    with pytest.raises(settings.UsageError, match="--timeout must be an integer >= 1"):
+        settings.resolve(["--timeout", "0"])
+    started = {}
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setattr(torch.distributed, "init_process_group", lambda **kwargs: started.update(kwargs))
+    monkeypatch.setattr(torch.distributed, "get_rank", lambda: 0)
+    monkeypatch.setattr(torch.distributed, "barrier", lambda: None)
+
+    def frozen_peer(self):
+        raise RuntimeError("[gloo/unbound_buffer.cc:78] Timed out waiting 5000ms for recv operation to complete")
+
+    monkeypatch.setattr(experiment.Experiment, "run", frozen_peer)
+    assert launch.run_experiment(opts) == 1
+    assert started["timeout"].total_seconds() == 5 and started["backend"] == "gloo"
+    assert "process 0 waited --timeout 5 s for another process, which froze or died" in capsys.readouterr().err

@@ -144,21 +144,21 @@ def test_more_epochs_extend_finished_runs(tmp_path, monkeypatch):
 
 def test_non_finite_loss_stops_only_that_run(tmp_path, capsys):
     out = tmp_path / "out"
-    assert run.main(TINY + ["--losses", "ntxent:temperature=0.0,ice", "--out", str(out)]) == 0
+    assert run.main(TINY + ["--losses", "ntxent:temperature=1e-45,ice", "--out", str(out)]) == 0
     printed = capsys.readouterr().out
-    assert "loss 'ntxent:temperature=0' is nan at epoch 1, iteration 0" in printed
+    assert "loss 'ntxent:temperature=1e-45' is nan at epoch 1, iteration 0" in printed
     summary = (out / "summary.md").read_text()
-    assert "loss 'ntxent:temperature=0' is nan at epoch 1, iteration 0" in summary
+    assert "loss 'ntxent:temperature=1e-45' is nan at epoch 1, iteration 0" in summary
     # Its epoch-0 row is no result: the table and plots leave the failed run out.
-    assert "| `ice` | 1 |" in summary and "| `ntxent:temperature=0`" not in summary
-    assert "| `ntxent:temperature=0`" not in printed
+    assert "| `ice` | 1 |" in summary and "| `ntxent:temperature=1e-45`" not in summary
+    assert "| `ntxent:temperature=1e-45`" not in printed
     rows = read_rows(out / "results.csv")
     assert [(r["loss"], r["epoch"]) for r in rows] == [
-        ("ntxent:temperature=0", "0"), ("ice", "0"), ("ice", "1"), ("ice", "2")
+        ("ntxent:temperature=1e-45", "0"), ("ice", "0"), ("ice", "1"), ("ice", "2")
     ]
     # The failure is remembered: a rerun does not retry it.
-    assert run.main(TINY + ["--losses", "ntxent:temperature=0.0,ice", "--out", str(out)]) == 0
-    assert "failed before: ntxent:temperature=0 seed 0" in capsys.readouterr().out
+    assert run.main(TINY + ["--losses", "ntxent:temperature=1e-45,ice", "--out", str(out)]) == 0
+    assert "failed before: ntxent:temperature=1e-45 seed 0" in capsys.readouterr().out
 
 
 def test_same_seed_reproduces_the_run(tmp_path):
@@ -349,6 +349,9 @@ def test_record_keeper_logs_hold_each_epoch_once_after_a_resume(tmp_path, monkey
     with open(logs / "loss_histories.csv", newline="") as f:
         iterations = [row["~iteration~"] for row in csv.DictReader(f)]
     assert len(iterations) == len(set(iterations))
+    for path in logs.glob("*.csv"):  # one line ending per file, record-keeper's
+        text = path.read_bytes()
+        assert text.count(b"\n") == text.count(b"\r\n"), path.name
     with sqlite3.connect(logs / "logs.db") as db:
         table = next(name for (name,) in db.execute("SELECT name FROM sqlite_master") if name.endswith("VAL_vs_self"))
         assert [e for (e,) in db.execute(f'SELECT epoch FROM "{table}" ORDER BY id')] == [0, 1, 2, 3]
@@ -390,3 +393,82 @@ def test_a_lock_file_that_is_a_link_is_refused_and_its_target_untouched(tmp_path
     assert run.main(TINY_ONE_EPOCH + ["--losses", "ice", "--out", str(out)]) == 2
     assert f"{out / '.lock'} is a symbolic link" in capsys.readouterr().err
     assert victim.read_text() == "precious\n"
+
+
+@pytest.mark.parametrize("change, difference", [
+    (["--epochs", "1", "--seeds", "2"], "epochs: 2 there, 1 now"),
+    (["--patience", "3"], "patience: None there, 3 now"),
+    (["--num-workers", "2"], "num_workers: 0 there, 2 now"),
+    ("threads", "torch_threads: "),
+])
+def test_settings_that_change_the_numbers_identify_the_folder(tmp_path, capsys, change, difference):
+    argv = TINY + ["--losses", "ice", "--out", str(tmp_path)]
+    assert run.main(argv) == 0
+    capsys.readouterr()
+    threads = torch.get_num_threads()
+    try:
+        if change == "threads":
+            torch.set_num_threads(threads + 1)
+            change = []
+        assert run.main(argv + change) == 2
+    finally:
+        torch.set_num_threads(threads)
+    assert difference in capsys.readouterr().err
+
+
+def test_a_folder_older_than_a_setting_opens_and_records_it(tmp_path):
+    argv = TINY + ["--epochs", "0", "--losses", "ice", "--out", str(tmp_path)]
+    assert run.main(argv) == 0
+    config = json.loads((tmp_path / "config.json").read_text())
+    older = {k: v for k, v in config.items() if k not in ("epochs", "patience", "num_workers", "torch_threads")}
+    (tmp_path / "config.json").write_text(json.dumps(older))
+    assert run.main(argv) == 0
+    assert json.loads((tmp_path / "config.json").read_text()) == config
+
+
+def refuse_writes(monkeypatch, code):
+    """Every new file fails with ``code`` (as root, chmod cannot make a folder read-only)."""
+    import errno
+    import tempfile
+    from benchmarks.core import out_folder
+
+    def no_new_file(*args, **kwargs):
+        raise OSError(code, os.strerror(code), kwargs.get("dir") or (args[0] if args else None))
+
+    real_open = os.open
+    monkeypatch.setattr(tempfile, "mkstemp", no_new_file)
+    monkeypatch.setattr(out_folder.os, "open", lambda path, flags, *a: no_new_file(path) if flags & os.O_CREAT
+                        else real_open(path, flags, *a))
+    return errno
+
+
+def test_a_finished_read_only_folder_prints_its_table(tmp_path, monkeypatch, capsys):
+    argv = TINY + ["--epochs", "1", "--losses", "ice", "--out", str(tmp_path)]
+    assert run.main(argv) == 0
+    before = {p: p.read_bytes() for p in tmp_path.rglob("*") if p.is_file()}
+    capsys.readouterr()
+    refuse_writes(monkeypatch, 30)  # EROFS
+    assert run.main(argv) == 0
+    out = capsys.readouterr().out
+    assert "Test metrics (%)" in out and "cannot be written: nothing was updated there" in out
+    assert {p: p.read_bytes() for p in tmp_path.rglob("*") if p.is_file()} == before
+
+
+def test_a_full_disk_stops_with_one_line_and_keeps_the_files(tmp_path, monkeypatch, capsys):
+    argv = TINY + ["--epochs", "1", "--losses", "ice", "--out", str(tmp_path)]
+    assert run.main(argv) == 0
+    before = {p: p.read_bytes() for p in tmp_path.rglob("*") if p.is_file()}
+    capsys.readouterr()
+    refuse_writes(monkeypatch, 28)  # ENOSPC
+    assert run.main(argv[:-2] + ["--losses", "ice,ntxent", "--out", str(tmp_path)]) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "No space left on device; the files written before are intact" in err[0], err
+    assert {p: p.read_bytes() for p in tmp_path.rglob("*") if p.is_file() and p in before} == before
+
+
+def test_an_earlier_run_left_behind_by_more_epochs_is_named(tmp_path, capsys):
+    argv = TINY + ["--out", str(tmp_path)]
+    assert run.main(argv + ["--epochs", "1", "--losses", "ice,ntxent"]) == 0
+    capsys.readouterr()
+    assert run.main(argv + ["--losses", "ice"]) == 0
+    assert "earlier run ntxent seed 0: trained 1 of 2 epochs, published as it is; add it to --losses" in capsys.readouterr().out

@@ -135,3 +135,13 @@ def test_clear_errors_for_missing_fonts_and_bad_cache(tmp_path):
         glyphs.load_glyphs(tmp_path / "file", fonts=FONTS, code_points=LATIN)
     with pytest.raises(ValueError, match="at least 10 classes"):
         glyphs.load_glyphs(tmp_path / "cache", fonts=FONTS, code_points=LATIN[:6])
+
+
+def test_a_truncated_cache_is_rendered_again(tmp_path):
+    first = load(tmp_path)
+    cache, = (tmp_path / "cache").glob("glyphs-*.npz")
+    whole = cache.read_bytes()
+    cache.write_bytes(whole[: len(whole) // 2])
+    again = load(tmp_path)
+    assert torch.equal(first.test.images, again.test.images)
+    assert cache.read_bytes() == whole

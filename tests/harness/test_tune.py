@@ -5,6 +5,7 @@ import csv
 import dataclasses
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import optuna
@@ -103,6 +104,7 @@ def test_killed_tuning_resumes_keeping_finished_trials(tmp_path, monkeypatch):
     after = trials_of(tmp_path, "ntxent")
     assert [(t.number, t.state, t.value, t.params) for t in after[:3]] == before
     assert [t.state for t in after[3:]] == [optuna.trial.TrialState.COMPLETE]
+    assert after[3].params == before[2][3]  # the killed trial's setting is tried again
     assert "| 2 | fail (not counted) |" in (tmp_path / "tuning.md").read_text()
     assert tune.main(argv) == 0  # the budget is spent: nothing more runs
     assert len(trials_of(tmp_path, "ntxent")) == 4
@@ -221,3 +223,91 @@ def test_a_storage_password_is_never_written_or_printed(tmp_path, monkeypatch, c
 def test_credentials_are_masked_in_any_url():
     assert tuning.mask_credentials("a://u:p@h/x b://v:q:r@h c://h:80/y sqlite:////d/t.db") == \
         "a://u:***@h/x b://v:***@h c://h:80/y sqlite:////d/t.db"
+
+
+def scripted_values(monkeypatch):
+    """Replace training by a value of the setting, recording every setting trained."""
+    trained = []
+
+    def fake(opts, data, spec, seed, run_dir):
+        trained.append(spec.label)
+        return 0.5
+    monkeypatch.setattr(tuning, "validation_map_at_r", fake)
+    return trained
+
+
+def test_resumed_and_parallel_samplers_propose_new_settings(tmp_path, monkeypatch):
+    trained = scripted_values(monkeypatch)
+    argv = TINY + ["--losses", "ntxent", "--out", str(tmp_path)]
+    for trials in (1, 2, 3):  # three processes, each resuming the study
+        assert tune.main(argv + ["--trials", str(trials)]) == 0
+    assert len(trained) == 3 and len(set(trained)) == 3
+    storage = f"sqlite:///{tmp_path / 'tuning.db'}"  # two processes asking at once, on the same history
+    asked = [optuna.load_study(study_name="digits-ntxent", storage=storage, sampler=tuning.TrialSeededTPE(0)).ask()
+             for _ in range(2)]
+    assert len({*trained, *(tuning.trial_spec("ntxent", t).label for t in asked)}) == 5
+
+
+def test_a_duplicate_setting_fails_without_training_and_is_not_counted(tmp_path, monkeypatch):
+    trained = scripted_values(monkeypatch)
+    argv = TINY + ["--losses", "ntxent", "--out", str(tmp_path)]
+    assert tune.main(argv + ["--trials", "1"]) == 0
+    study = optuna.load_study(study_name="digits-ntxent", storage=f"sqlite:///{tmp_path / 'tuning.db'}")
+    study.enqueue_trial(trials_of(tmp_path, "ntxent")[0].params)
+    assert tune.main(argv + ["--trials", "2"]) == 0
+    trials = trials_of(tmp_path, "ntxent")
+    assert [t.state for t in trials] == [optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.FAIL,
+                                         optuna.trial.TrialState.COMPLETE]
+    assert trials[1].user_attrs["error"] == "same setting as trial 0"
+    assert len(trained) == 2 and len(set(trained)) == 2
+
+
+def test_a_trial_of_a_dead_process_is_failed_retried_and_its_folder_removed(tmp_path, monkeypatch):
+    trained = scripted_values(monkeypatch)
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    study = optuna.create_study(study_name="digits-ntxent", storage=f"sqlite:///{tmp_path / 'tuning.db'}",
+                                direction="maximize")
+    killed = study.ask()
+    killed.set_user_attr("process", f"{tuning.socket.gethostname()}:{dead.pid}")
+    spec = tuning.trial_spec("ntxent", killed)
+    killed.set_user_attr("loss", spec.label)
+    (tmp_path / "trials" / "ntxent-0-abc").mkdir(parents=True)
+    assert tune.main(TINY + ["--losses", "ntxent", "--out", str(tmp_path), "--trials", "2"]) == 0
+    trials = trials_of(tmp_path, "ntxent")
+    assert trials[0].state == optuna.trial.TrialState.FAIL
+    assert [t.state for t in trials[1:]] == [optuna.trial.TrialState.COMPLETE] * 2
+    assert trials[1].params == trials[0].params and trials[1].user_attrs["retry_of"] == 0
+    assert trained[0] == spec.label and len(set(trained)) == 2
+    assert not (tmp_path / "trials" / "ntxent-0-abc").exists()
+
+
+def test_an_emptied_database_is_refused_before_the_report_is_overwritten(tmp_path, monkeypatch, capsys):
+    scripted_values(monkeypatch)
+    argv = TINY + ["--losses", "ntxent", "--out", str(tmp_path), "--trials", "1"]
+    assert tune.main(argv) == 0
+    report, toml = (tmp_path / "tuning.md").read_text(), (tmp_path / "best.toml").read_text()
+    (tmp_path / "tuning.db").write_bytes(b"")
+    assert tune.main(argv) == 2
+    assert "tuning.md reports trials of ntxent that the storage does not hold" in capsys.readouterr().err
+    assert (tmp_path / "tuning.md").read_text() == report and (tmp_path / "best.toml").read_text() == toml
+
+
+def test_a_trial_whose_heartbeat_stopped_on_another_host_is_retried(tmp_path, monkeypatch):
+    trained = scripted_values(monkeypatch)
+    monkeypatch.setattr(tuning, "HEARTBEAT_S", 1)
+    monkeypatch.setattr(tuning, "STALE_AFTER_S", 1)
+    url = f"sqlite:///{tmp_path / 'tuning.db'}"
+    storage = tuning.open_storage(url)
+    study = optuna.create_study(study_name="digits-ntxent", storage=storage, direction="maximize")
+    killed = study.ask()
+    killed.set_user_attr("process", "another-host:1")
+    spec = tuning.trial_spec("ntxent", killed)
+    killed.set_user_attr("loss", spec.label)
+    storage.record_heartbeat(killed._trial_id)
+    time.sleep(2.5)
+    assert tune.main(TINY + ["--losses", "ntxent", "--out", str(tmp_path), "--trials", "2", "--storage", url]) == 0
+    trials = trials_of(tmp_path, "ntxent")
+    assert trials[0].state == optuna.trial.TrialState.FAIL
+    assert [t.state for t in trials[1:]] == [optuna.trial.TrialState.COMPLETE] * 2
+    assert spec.label in trained and len(set(trained)) == 2

@@ -49,3 +49,16 @@ def test_weights_command_on_a_tiny_run(tmp_path, capsys):
     assert "| untrained | 96 |" in report and "| trained (epoch 1) | 96 |" in report
     assert weights.main(["--out", str(out), "--loss", "ntxent"]) == 2
     assert "no finished run of ntxent with seed 0" in capsys.readouterr().err
+
+
+def test_weights_command_names_a_foreign_folder(tmp_path, capsys):
+    from benchmarks import weights
+
+    (tmp_path / "config.json").write_text("[1]")
+    assert weights.main(["--out", str(tmp_path)]) == 2
+    assert "config.json names no dataset of this harness: not an output folder of benchmarks.run" in capsys.readouterr().err
+    (tmp_path / "config.json").write_text('{"dataset": "digits"}')
+    (tmp_path / "runs" / "ice" / "seed0").mkdir(parents=True)
+    torch.save({"epoch": 1, "model": {}}, tmp_path / "runs" / "ice" / "seed0" / "checkpoint.pth")
+    assert weights.main(["--out", str(tmp_path)]) == 2
+    assert "checkpoint.pth is not a checkpoint of this harness" in capsys.readouterr().err
