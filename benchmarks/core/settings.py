@@ -23,6 +23,8 @@ from .models import FROM_SCRATCH_MODELS, MODELS
 
 # The tuned losses of a dataset, <dataset>.toml: the losses of a best.toml of `python -m benchmarks.tune`.
 TUNED_FOLDER = Path(__file__).resolve().parents[1] / "tuned" / "configs"
+REPOSITORY = Path(__file__).resolve().parents[2]
+SOURCE_FOLDERS = ("benchmarks", "pml_ice", "tests", "docs", ".git")  # no --out inside them
 
 
 class UsageError(ValueError):
@@ -355,6 +357,11 @@ def _check_together(settings: Settings) -> None:
         raise UsageError("--verbose and --quiet exclude each other")
     if Path(settings.out).exists() and not Path(settings.out).is_dir():
         raise UsageError(f"--out {settings.out} is a file, not a folder; choose another --out")
+    out = Path(settings.out).resolve()
+    for name in SOURCE_FOLDERS:
+        if out == REPOSITORY / name or REPOSITORY / name in out.parents:
+            raise UsageError(f"--out {settings.out} is inside the repository's {name}/ folder; choose a folder "
+                             "outside the source tree, such as results/<name>")
 
 
 def resolve(argv=None) -> Settings:

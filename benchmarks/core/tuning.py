@@ -111,7 +111,7 @@ HEARTBEAT_S, STALE_AFTER_S = 60, 600
 def open_storage(url: str):
     """An Optuna RDB storage with trial heartbeats (SQLite waits up to a minute for a lock
     held by another process)."""
-    from sqlalchemy.exc import IntegrityError, OperationalError
+    from sqlalchemy.exc import DatabaseError, IntegrityError, OperationalError
 
     engine_kwargs = {"connect_args": {"timeout": 60}} if url.startswith("sqlite") else {}
     for _ in range(3):
@@ -124,6 +124,10 @@ def open_storage(url: str):
         except (IntegrityError, OperationalError) as error:  # also seen while another process creates the same new database
             failure = error
             time.sleep(1)
+        except DatabaseError as error:  # the URL is right, the database behind it is not one Optuna can read
+            raise UsageError(f"--storage {url!r}: the database cannot be read ({str(error).splitlines()[0]}); "
+                             "it is damaged or not an Optuna database: restore it, or move it aside to start "
+                             "new studies") from error
         except Exception as error:  # ArgumentError for a malformed URL, ImportError for a missing driver, ...
             failure = error
             break

@@ -153,6 +153,12 @@ def test_seeds_that_are_neither_are_refused(given):
         settings.resolve(["--dataset", "digits", "--seeds", given])
 
 
+@pytest.mark.parametrize("inside", ["benchmarks/x", "pml_ice", "docs/results", "tests/harness/out"])
+def test_an_out_inside_the_source_tree_is_refused(inside):
+    with pytest.raises(settings.UsageError, match=f"is inside the repository's {inside.split('/')[0]}/ folder"):
+        settings.resolve(["--dataset", "digits", "--out", str(settings.REPOSITORY / inside)])
+
+
 def test_config_file_sets_options_and_command_line_wins(tmp_path):
     config = tmp_path / "bench.toml"
     config.write_text('losses = ["ice:scale=8", "supcon"]\nepochs = 7\nseeds = 2\nbatch-size = 32\n')

@@ -142,6 +142,15 @@ def test_bad_requests_fail_before_training(tmp_path, capsys, argv, message):
     assert message in capsys.readouterr().err
 
 
+def test_a_damaged_database_is_named_as_damaged(tmp_path, capsys):
+    damaged = tmp_path / "tuning.db"
+    damaged.write_bytes(b"not a database")
+    assert tune.main(["--storage", f"sqlite:///{damaged}", "--out", str(tmp_path / "out")]) == 2
+    err = capsys.readouterr().err
+    assert "the database cannot be read" in err and "restore it, or move it aside" in err
+    assert "give a SQLAlchemy URL" not in err
+
+
 def test_a_study_tuned_with_another_budget_is_refused(tmp_path, capsys):
     argv = TINY + ["--trials", "1", "--losses", "ntxent", "--out", str(tmp_path)]
     assert tune.main(argv) == 0
