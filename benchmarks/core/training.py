@@ -306,7 +306,7 @@ class Run:
                 if row["epoch"] > 0 and row is not chosen:
                     for metric in METRICS:
                         row.pop(metric, None)
-            if chosen["epoch"] > 0:
+            if chosen["epoch"] > 0 and PRIMARY_METRIC not in chosen:  # a best epoch not tested yet
                 trunk, embedder = copy.deepcopy(self.trunk), copy.deepcopy(self.embedder)
                 trunk.load_state_dict(self.best["models"]["trunk"])
                 embedder.load_state_dict(self.best["models"]["embedder"])

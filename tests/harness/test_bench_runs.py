@@ -202,6 +202,14 @@ def test_a_run_killed_before_its_final_test_resumes_with_it_and_trains_nothing(t
     assert (out / "results.csv").read_text() == (tmp_path / "straight" / "results.csv").read_text()
 
 
+def test_a_run_extended_by_more_epochs_is_tested_at_its_new_best_epoch_alone(tmp_path):
+    out, straight = tmp_path / "out", tmp_path / "straight"
+    assert run.main(TINY + ["--epochs", "1", "--losses", "ice", "--out", str(out)]) == 0
+    assert run.main(TINY + ["--losses", "ice", "--out", str(out)]) == 0  # TINY trains 2 epochs
+    assert run.main(TINY + ["--losses", "ice", "--out", str(straight)]) == 0
+    assert (out / "results.csv").read_text() == (straight / "results.csv").read_text()
+
+
 def test_seeds_added_to_an_out_folder_join_the_earlier_ones(tmp_path):
     out = tmp_path / "out"
     assert run.main(TINY_ONE_EPOCH + ["--losses", "ice", "--out", str(out)]) == 0
