@@ -450,22 +450,26 @@ def refuse_writes(monkeypatch, code):
     return errno
 
 
+def file_bytes(folder):
+    return {p: p.read_bytes() for p in folder.rglob("*") if p.is_file()}
+
+
 def test_a_finished_read_only_folder_prints_its_table(tmp_path, monkeypatch, capsys):
     argv = TINY + ["--epochs", "1", "--losses", "ice", "--out", str(tmp_path)]
     assert run.main(argv) == 0
-    before = {p: p.read_bytes() for p in tmp_path.rglob("*") if p.is_file()}
+    before = file_bytes(tmp_path)
     capsys.readouterr()
     refuse_writes(monkeypatch, 30)  # EROFS
     assert run.main(argv) == 0
     out = capsys.readouterr().out
     assert "Test metrics (%)" in out and "cannot be written: nothing was updated there" in out
-    assert {p: p.read_bytes() for p in tmp_path.rglob("*") if p.is_file()} == before
+    assert file_bytes(tmp_path) == before
 
 
 def test_a_full_disk_stops_with_one_line_and_keeps_the_files(tmp_path, monkeypatch, capsys):
     argv = TINY + ["--epochs", "1", "--losses", "ice", "--out", str(tmp_path)]
     assert run.main(argv) == 0
-    before = {p: p.read_bytes() for p in tmp_path.rglob("*") if p.is_file()}
+    before = file_bytes(tmp_path)
     capsys.readouterr()
     refuse_writes(monkeypatch, 28)  # ENOSPC
     assert run.main(argv[:-2] + ["--losses", "ice,ntxent", "--out", str(tmp_path)]) == 1
