@@ -29,7 +29,8 @@ def settings_lines(settings: Settings, data: BenchmarkData, processes: int, labe
         f"embedding {settings.embedding_size}",
         f"- training: up to {settings.epochs} epochs, patience {settings.patience}, batch {settings.batch_size} "
         f"({settings.m_per_class} per class), Adam lr {settings.lr}, {processes} process(es), device "
-        f"{settings.device}{', autocast ' + settings.amp if settings.amp else ''}",
+        f"{settings.device}{', autocast ' + settings.amp if settings.amp else ''}"
+        f"{f', gradient caching in chunks of {settings.cache_chunk}' if settings.cache_chunk else ''}",
         f"- seeds: {', '.join(str(s) for s in settings.seeds)}",
     ]
     return lines + [f"- `{label}`: {_loss_values(label)}" for label in labels]

@@ -218,6 +218,10 @@ class Settings:
                        identity=True)
     amp: Optional[str] = setting(None, "mixed precision: autocast the forward pass and the loss (fp16 adds a "
                                  "GradScaler)", OneOf(("bf16", "fp16"), optional=True), identity=True)
+    cache_chunk: Optional[int] = setting(None, "gradient caching: the trunk and embedder see N samples of a process's "
+                                         "batch at a time, the loss the whole batch (BatchNorm normalises each "
+                                         "chunk by its own statistics; default: no caching)",
+                                         Integer(1, optional=True), identity=True, metavar="N")
     eval_batch_size: int = setting(256, "batch size when computing embeddings for evaluation (default 256)",
                                    Integer(1), metavar="B")
     device: str = setting("auto", "cpu, cuda, cuda:1, ... (default: cuda when available)", Device())
@@ -233,7 +237,7 @@ class Settings:
 
 
 # Identity fields added after folders were made, with the value those folders were made with.
-VALUES_BEFORE_FIELD = {"passes_per_epoch": 1, "num_workers": 0}
+VALUES_BEFORE_FIELD = {"passes_per_epoch": 1, "num_workers": 0, "cache_chunk": None}
 
 
 def stored_identity(stored: dict) -> dict:

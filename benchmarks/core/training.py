@@ -27,6 +27,9 @@ from pytorch_metric_learning.utils import distributed as pml_dist
 from pytorch_metric_learning.utils import logging_presets
 from pytorch_metric_learning.utils.inference import FaissKMeans
 
+from pml_ice.trainers import CachedMetricLossOnly
+from pml_ice.utils import distributed as ice_dist
+
 from ..report.metrics import METRICS, PRIMARY_METRIC, RecallAccuracyCalculator
 from ..report.query_scores import KeepEmbeddingsTester, save_test_scores
 from ..report.record_logs import drop_records_after
@@ -55,21 +58,28 @@ def world() -> tuple:
     return 0, 1
 
 
-class BenchmarkTrainer(trainers.MetricLossOnly):
-    """MetricLossOnly that stops on a non-finite loss, averages proxy gradients across ranks
-    and optionally autocasts the forward pass and the loss (``amp``: 'bf16' or 'fp16'; fp16
-    needs a ``scaler``, a GradScaler)."""
+class BenchmarkTrainer(CachedMetricLossOnly):
+    """MetricLossOnly that stops on a non-finite loss, averages the gradients of a PML-wrapped
+    loss's own parameters across ranks, optionally autocasts the forward pass and the loss
+    (``amp``: 'bf16' or 'fp16'; fp16 needs a ``scaler``, a GradScaler), and with a
+    ``chunk_size`` caches gradients (CachedMetricLossOnly; None: one forward of the batch)."""
 
     def __init__(self, *args, loss_label: str = "loss", amp: Optional[str] = None,
-                 scaler: Optional[torch.amp.GradScaler] = None, **kwargs):
+                 scaler: Optional[torch.amp.GradScaler] = None, chunk_size: Optional[int] = None, **kwargs):
         self.loss_label = loss_label
         self.amp_dtype = AMP_DTYPES.get(amp)
         self.scaler = scaler
-        super().__init__(*args, **kwargs)
+        super().__init__(*args, chunk_size=chunk_size, **kwargs)
+
+    def autocast(self):
+        return torch.autocast(self.data_device.type, dtype=self.amp_dtype, enabled=self.amp_dtype is not None)
 
     def calculate_loss(self, curr_batch):
-        with torch.autocast(self.data_device.type, dtype=self.amp_dtype, enabled=self.amp_dtype is not None):
-            super().calculate_loss(curr_batch)
+        with self.autocast():
+            if self.chunk_size is None:
+                trainers.MetricLossOnly.calculate_loss(self, curr_batch)
+            else:
+                super().calculate_loss(curr_batch)
 
     def backward(self):
         total = self.losses["total_loss"]
@@ -77,10 +87,11 @@ class BenchmarkTrainer(trainers.MetricLossOnly):
             raise NonFiniteLossError(
                 f"loss '{self.loss_label}' is {float(total)} at epoch {self.epoch}, iteration {self.iteration}"
             )
-        if self.scaler is not None:
-            self.scaler.scale(total).backward()
-        else:
-            super().backward()
+        (total if self.scaler is None else self.scaler.scale(total)).backward()
+        if self.gradient_cache is not None:
+            with self.autocast():  # the re-forward casts as the forward did
+                self.gradient_cache.backward()
+            self.gradient_cache = None
         self._average_loss_gradients()
 
     def step_optimizers(self):
@@ -91,10 +102,10 @@ class BenchmarkTrainer(trainers.MetricLossOnly):
         self.scaler.update()
 
     def _average_loss_gradients(self):
-        # Every rank computes the loss on the gathered batch, scaled by the world size
-        # (DistributedLossWrapper): the loss's own parameters get world x the gradient.
+        # PML's DistributedLossWrapper: every rank computes the loss on the gathered batch,
+        # scaled by the world size, so the loss's own parameters get world x the gradient.
         _, size = world()
-        if size > 1:
+        if size > 1 and not getattr(self.loss_funcs["metric_loss"], "efficient", False):
             for p in self.loss_funcs["metric_loss"].parameters():
                 if p.grad is not None:
                     torch.distributed.all_reduce(p.grad)
@@ -193,6 +204,17 @@ def build_hooks(store: RunStore, resumed_epoch: Optional[int], iterations_per_ep
     )
 
 
+def distributed_loss_and_miner(loss, miner):
+    """The loss and miner across processes: ICE sharded exactly (each process its own anchors
+    against the gathered batch, gradients to every process's embeddings); any other loss
+    through PML's wrapper, which computes the whole gathered batch's loss in every process."""
+    if ice_dist.why_not_exactly_shardable(loss) is None:
+        wrapped_miner = ice_dist.DistributedMinerWrapper(miner, efficient=True) if miner is not None else None
+        return ice_dist.DistributedLossWrapper(loss, efficient=True), wrapped_miner
+    wrapped_miner = pml_dist.DistributedMinerWrapper(miner) if miner is not None else None
+    return pml_dist.DistributedLossWrapper(loss), wrapped_miner
+
+
 def parallel_models(trunk, embedder, loss, miner, optimizers):
     """Models, loss and miner as the trainer sees them: wrapped for DistributedDataParallel
     when several processes run (buffers stay rank-local: rank 0 evaluates alone)."""
@@ -203,8 +225,7 @@ def parallel_models(trunk, embedder, loss, miner, optimizers):
         return torch.nn.parallel.DistributedDataParallel(module, broadcast_buffers=False)
 
     models = {"trunk": wrap(trunk) if "trunk_optimizer" in optimizers else trunk, "embedder": wrap(embedder)}
-    wrapped_miner = pml_dist.DistributedMinerWrapper(miner) if miner is not None else None
-    return models, pml_dist.DistributedLossWrapper(loss), wrapped_miner
+    return (models, *distributed_loss_and_miner(loss, miner))
 
 
 class Run:
@@ -357,6 +378,7 @@ class Run:
             loss_label=self.spec.label,
             amp=self.settings.amp,
             scaler=self.scaler,
+            chunk_size=self.settings.cache_chunk,
         )
 
     def execute(self) -> RunResult:

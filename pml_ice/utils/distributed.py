@@ -260,16 +260,21 @@ def check_batch(embeddings, labels, indices_tuple):
     c_f.check_shapes(embeddings, labels)
 
 
-def check_exactly_shardable(loss):
-    """``efficient=True`` is exact only where the global normalisers are known."""
+def why_not_exactly_shardable(loss):
+    """Why ``efficient=True`` cannot shard ``loss`` exactly (it needs the global
+    normalisers of ICEReweightReducer), or None when it can."""
     inner = loss.loss if isinstance(loss, pml_losses.CrossBatchMemory) else loss
-    problem = None
     if not isinstance(inner, ICELoss):
-        problem = f"the loss is {type(inner).__name__}, not ICELoss"
-    elif not isinstance(inner.reducer, ICEReweightReducer):
-        problem = f"its reducer is {type(inner.reducer).__name__}, not ICEReweightReducer"
-    elif inner.sub_loss_names() != ["loss"]:
-        problem = "it has an embedding regularizer"
+        return f"the loss is {type(inner).__name__}, not ICELoss"
+    if not isinstance(inner.reducer, ICEReweightReducer):
+        return f"its reducer is {type(inner.reducer).__name__}, not ICEReweightReducer"
+    if inner.sub_loss_names() != ["loss"]:
+        return "it has an embedding regularizer"
+    return None
+
+
+def check_exactly_shardable(loss):
+    problem = why_not_exactly_shardable(loss)
     if problem is not None:
         raise ValueError(
             "DistributedLossWrapper(efficient=True) is exact only for ICELoss with "

@@ -221,10 +221,13 @@ def test_seeds_added_to_an_out_folder_join_the_earlier_ones(tmp_path):
     assert "| `ice` | 3 |" in (out / "summary.md").read_text()
 
 
-def test_two_processes_with_torchrun(tmp_path):
+@pytest.mark.parametrize("caching", [[], ["--cache-chunk", "8"]], ids=["uncached", "cached"])
+def test_two_processes_with_torchrun(tmp_path, caching):
+    """ICE sharded exactly, ProxyAnchor through PML's wrapper; with caching, DDP synchronises
+    once per step."""
     out = tmp_path / "out"
-    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-               "-m", "benchmarks.run", *TINY, "--epochs", "1", "--losses", "ice,proxyanchor", "--out", str(out)]
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m",
+               "benchmarks.run", *TINY, "--epochs", "1", "--losses", "ice,proxyanchor", *caching, "--out", str(out)]
     env = dict(os.environ, OMP_NUM_THREADS="1")
     process = subprocess.Popen(command, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                                text=True, start_new_session=True)
