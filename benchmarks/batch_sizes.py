@@ -1,0 +1,176 @@
+"""Does a bigger batch help? ``python -m benchmarks.batch_sizes [options]``.
+
+For each batch size of ``--batch-sizes`` (default 128,1024,4096), at one budget in epochs
+(the dataset's, or ``--epochs``): tune each loss of ``--losses`` (default ice,ntxent) on
+validation with ``--trials`` trials (the same for every loss and batch size), with
+``python -m benchmarks.tune`` into ``<out>/batch<B>/tuning``; then train each loss's best
+setting with ``--seeds`` seeds, with ``python -m benchmarks.run --config best.toml`` into
+``<out>/batch<B>``. Batches larger than ``--cache-chunk`` (default 128) train through
+gradient caching in chunks of that size, so BatchNorm normalises over as many samples at
+every batch size and only the loss sees the larger batch. A fixed budget in epochs gives a
+larger batch fewer optimizer steps. Rerunning resumes. Then it writes
+``<out>/batch_sizes.md``: test MAP@R and P@1 per loss and batch size (mean ± std over seeds);
+each loss at each batch size against itself at the smallest, and the first loss against the
+others at each batch size, by the seed-paired test (a seed fixes the initial weights; the
+batches differ between batch sizes). Every other option is an option of ``benchmarks.run``
+(dataset, ``--epochs``, ``--m-per-class``, ...).
+"""
+
+import argparse
+import dataclasses
+import os
+import shlex
+import sys
+from pathlib import Path
+from typing import Dict, List
+
+from . import run, tune
+from .core.files import atomic_write_text
+from .core.launch import USER_ERRORS, check_batches, prepare_data
+from .core.loss_registry import LOSSES
+from .core.out_folder import OutFolder
+from .core.settings import SeedList, Settings, UsageError, resolve
+from .report.comparisons import compare_losses
+from .report.metrics import PRIMARY_METRIC
+from .report.query_scores import QUERY_METRICS, load_run_scores
+from .report.reporting import best_epoch_rows, mean_std_text
+from .report.tables import difference_text, verdict
+
+DEFAULT_BATCH_SIZES = "128,1024,4096"
+FIXED_OPTIONS = ("--batch-size", "--cache-chunk", "--losses", "--seeds", "--out", "--quiet")
+
+
+def positive_integers(text: str) -> List[int]:
+    try:
+        values = [int(part) for part in text.split(",") if part.strip()]
+    except ValueError:
+        values = []
+    if not values or min(values) < 1 or len(set(values)) != len(values):
+        raise argparse.ArgumentTypeError(f"expected distinct positive integers separated by commas, got {text!r}")
+    return sorted(values)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="python -m benchmarks.batch_sizes", description=__doc__.split("\n\n", 1)[1],
+                                     allow_abbrev=False,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    add = parser.add_argument
+    add("--batch-sizes", type=positive_integers, default=positive_integers(DEFAULT_BATCH_SIZES), metavar="B,B",
+        help=f"global batch sizes (default {DEFAULT_BATCH_SIZES})")
+    add("--losses", default="ice,ntxent", metavar="NAMES", help="losses to tune and train (default ice,ntxent)")
+    add("--trials", type=int, default=8, metavar="N", help="tuning trials per loss and batch size (default 8)")
+    add("--seeds", default="5", metavar="K|S,S", help="final seeds: a count or seeds, as for benchmarks.run (default 5)")
+    add("--cache-chunk", type=int, default=128, metavar="N",
+        help="samples per chunk of gradient caching for larger batches (default 128)")
+    add("--out", metavar="DIR", help="output folder (default: results/batch-sizes-<dataset>)")
+    return parser
+
+
+def batch_argv(run_argv: List[str], batch_size: int, cache_chunk: int) -> List[str]:
+    caching = ["--cache-chunk", str(cache_chunk)] if batch_size > cache_chunk else []
+    return run_argv + ["--batch-size", str(batch_size), *caching]
+
+
+def tuned_labels(best_toml: Path) -> Dict[str, str]:
+    """Loss name -> the label of its tuned spec in ``best.toml``."""
+    return {spec.name: spec.label for spec in resolve(["--config", str(best_toml)]).losses}
+
+
+def write_report(out: Path, settings: Settings, batch_sizes: List[int], losses: List[str], seeds, command: str,
+                 cache_chunk: int, train_size: int) -> str:
+    best, scores, labels = {}, {}, {}
+    for size in batch_sizes:
+        folder = out / f"batch{size}"
+        rows_by_run, run_folders = OutFolder(folder).finished_runs(settings.epochs)
+        keys = [key for key in rows_by_run if key[1] in seeds]
+        chosen = best_epoch_rows([row for key in keys for row in rows_by_run[key]])
+        run_scores = load_run_scores({key: run_folders[key] for key in keys})
+        for name, label in tuned_labels(folder / "tuning" / "best.toml").items():
+            if name in losses and label in chosen:
+                labels[name, size] = label
+                best[name, size], scores[f"{name} @ {size}"] = chosen[label], run_scores[label]
+    header = ["loss", "batch", "steps per epoch", "tuned setting", "seeds", "test MAP@R", "test P@1",
+              *(f"Δ{'MAP@R' if m == PRIMARY_METRIC else 'P@1'} vs batch {batch_sizes[0]} [95 % CI], p"
+                for m in QUERY_METRICS)]
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    sentences = []
+    for name in losses:
+        for size in batch_sizes:
+            if (name, size) not in best:
+                continue
+            cells = [name, str(size), str(settings.passes_per_epoch * train_size // size), f"`{labels[name, size]}`",
+                     str(len(best[name, size])), mean_std_text(best[name, size], PRIMARY_METRIC),
+                     mean_std_text(best[name, size], "precision_at_1")]
+            smallest = f"{name} @ {batch_sizes[0]}"
+            if size != batch_sizes[0] and smallest in scores:
+                comparisons = compare_losses(scores, f"{name} @ {size}", smallest)
+                cells += [difference_text(comparisons[m]) for m in QUERY_METRICS]
+                sentences.append(verdict(f"{name} at batch {size}", f"{name} at batch {batch_sizes[0]}",
+                                         comparisons[PRIMARY_METRIC]))
+            else:
+                cells += ["", ""]
+            lines.append("| " + " | ".join(cells) + " |")
+    first = losses[0]
+    for size in batch_sizes:
+        for other in losses[1:]:
+            a, b = f"{other} @ {size}", f"{first} @ {size}"
+            if a in scores and b in scores:
+                sentences.append(f"At batch {size}: " + verdict(other, first, compare_losses(scores, a, b)[PRIMARY_METRIC]))
+    parts = [f"# Batch size: {', '.join(losses)}", "", f"Command: `{command}`", "",
+             f"- dataset {settings.dataset}, model {settings.model}, epochs {settings.epochs}, each "
+             f"{settings.passes_per_epoch} pass(es) over {train_size} training images, {settings.m_per_class} "
+             f"per class, lr {settings.lr}; "
+             f"batches above {cache_chunk} through gradient caching in chunks of {cache_chunk}",
+             "- each loss tuned at each batch size on validation MAP@R with the same number of trials; "
+             "test metrics at each run's best validation epoch, in %, mean ± std over seeds",
+             "- Δ: the seed-paired test (training runs and test queries; a seed fixes the initial weights, the "
+             "batches differ between batch sizes), no multiplicity correction", "", *lines, "",
+             *(f"- {sentence}" for sentence in sentences), ""]
+    text = "\n".join(parts)
+    atomic_write_text(out / "batch_sizes.md", text)
+    return text
+
+
+def main(argv=None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    command = "python -m benchmarks.batch_sizes " + " ".join(shlex.quote(a) for a in argv)
+    args, run_argv = build_parser().parse_known_args(argv)
+    try:
+        fixed = [a for a in run_argv if a.split("=")[0] in FIXED_OPTIONS]
+        if fixed:
+            raise UsageError(f"{', '.join(fixed)}: set by this command (see --help)")
+        losses = [name.strip() for name in args.losses.split(",") if name.strip()]
+        unknown = [name for name in losses if name not in LOSSES]
+        if not losses or unknown:
+            raise UsageError(f"--losses: unknown loss names {unknown or args.losses!r}; choose from {', '.join(LOSSES)}")
+        if args.trials < 1 or args.cache_chunk < 1:
+            raise UsageError(f"--trials and --cache-chunk must be at least 1, got {args.trials} and {args.cache_chunk}")
+        seeds = SeedList()("seeds", args.seeds)
+        settings = resolve(batch_argv(run_argv, args.batch_sizes[0], args.cache_chunk))
+        data = prepare_data(settings, 1)
+        for size in args.batch_sizes:  # refuse a batch the data cannot fill before anything trains
+            check_batches(dataclasses.replace(settings, batch_size=size), data, 1)
+        out = Path(args.out or os.path.join("results", f"batch-sizes-{settings.dataset}"))
+    except USER_ERRORS as error:
+        print(f"python -m benchmarks.batch_sizes: error: {error}", file=sys.stderr)
+        return 2
+    for size in args.batch_sizes:
+        folder = out / f"batch{size}"
+        sized = batch_argv(run_argv, size, args.cache_chunk)
+        print(f"batch {size}: tuning {', '.join(losses)}", flush=True)
+        status = tune.main(sized + ["--losses", ",".join(losses), "--trials", str(args.trials),
+                                    "--out", str(folder / "tuning")])
+        if status:
+            return status
+        print(f"batch {size}: final runs", flush=True)
+        status = run.main(sized + ["--config", str(folder / "tuning" / "best.toml"), "--seeds", args.seeds,
+                                   "--out", str(folder), "--quiet"])
+        if status:
+            return status
+    print("\n" + write_report(out, settings, args.batch_sizes, losses, seeds, command, args.cache_chunk,
+                              len(data.train)))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
