@@ -1,9 +1,11 @@
 """One benchmark run (one loss, one seed) with PML's trainer, tester and logging hooks.
 
 A run evaluates the untrained model (epoch 0) on the validation and test splits, then
-trains with ``MetricLossOnly`` and an ``MPerClassSampler``, evaluating the validation
-split after every epoch through ``logging_presets.HookContainer`` (record-keeper +
-tensorboard, early stopping by patience on validation MAP@R). The test split is evaluated
+trains with ``MetricLossOnly`` (``CachedMetricLossOnly`` with ``--cache-chunk``) and an
+``MPerClassSampler``, evaluating the validation split after every epoch through
+``logging_presets.HookContainer`` (record-keeper + tensorboard, early stopping by patience
+on validation MAP@R). Across processes ICE is sharded exactly, PML's losses go through PML's
+DistributedLossWrapper. The test split is evaluated
 once more, when training ends, at the best validation epoch (the epoch every table
 reports), from the weights kept when that epoch was reached. After each evaluation its
 ``RunStore`` writes a checkpoint holding the models (and the best epoch's), optimizers,
