@@ -1,7 +1,7 @@
 """Does a bigger batch help? ``python -m benchmarks.batch_sizes [options]``.
 
 For each batch size of ``--batch-sizes`` (default 128,1024,4096), at one budget in epochs
-(the dataset's, or ``--epochs``): tune each loss of ``--losses`` (default ice,ntxent) on
+(the dataset's, or ``--epochs``): tune each loss of ``--losses`` (default ice,unweighted_ice) on
 validation with ``--trials`` trials (the same for every loss and batch size), with
 ``python -m benchmarks.tune`` into ``<out>/batch<B>/tuning``; then train each loss's best
 setting with ``--seeds`` seeds, with ``python -m benchmarks.run --config best.toml`` into
@@ -37,6 +37,7 @@ from .report.reporting import best_epoch_rows, mean_std_text
 from .report.tables import difference_text, verdict
 
 DEFAULT_BATCH_SIZES = "128,1024,4096"
+DEFAULT_LOSSES = "ice,unweighted_ice"
 FIXED_OPTIONS = ("--batch-size", "--cache-chunk", "--losses", "--seeds", "--out", "--quiet")
 
 
@@ -57,7 +58,8 @@ def build_parser() -> argparse.ArgumentParser:
     add = parser.add_argument
     add("--batch-sizes", type=positive_integers, default=positive_integers(DEFAULT_BATCH_SIZES), metavar="B,B",
         help=f"global batch sizes (default {DEFAULT_BATCH_SIZES})")
-    add("--losses", default="ice,ntxent", metavar="NAMES", help="losses to tune and train (default ice,ntxent)")
+    add("--losses", default=DEFAULT_LOSSES, metavar="NAMES", help=f"losses to tune and train (default {DEFAULT_LOSSES}; "
+        "unweighted_ice is NTXent's loss, which PML's NTXentLoss cannot hold in memory at these batches)")
     add("--trials", type=int, default=8, metavar="N", help="tuning trials per loss and batch size (default 8)")
     add("--seeds", default="5", metavar="K|S,S", help="final seeds: a count or seeds, as for benchmarks.run (default 5)")
     add("--cache-chunk", type=int, default=128, metavar="N",

@@ -85,6 +85,7 @@ class LossEntry:
     compared_by_default: bool = False  # in the default --losses of ``benchmarks.run`` and ``benchmarks.tune``
     choices: Dict[str, Tuple[str, ...]] = dataclasses.field(default_factory=dict)  # values of enumerated parameters
     positive: Tuple[str, ...] = ()  # parameters that must be > 0 (a temperature divides)
+    fixed: Dict[str, Any] = dataclasses.field(default_factory=dict)  # loss or reducer values no spec may change
 
     def loss_parameters(self):
         return _hyperparameters(self.loss_class())
@@ -100,7 +101,7 @@ class LossEntry:
         values = dict(self.loss_parameters())
         values.update({"miner_" + n: v for n, v in self.miner_parameters().items()})
         values.update(self.reducer_parameters())
-        return values
+        return {name: value for name, value in values.items() if name not in self.fixed}
 
     def valid_parameters(self):
         return list(self.parameter_defaults()) + [LOSS_LR] * self.own_parameters
@@ -139,6 +140,14 @@ LOSSES: Dict[str, LossEntry] = {
                       Parameter("normalize", choices=NORMALIZATIONS)),
         compared_by_default=True,
         choices={"normalize": NORMALIZATIONS},
+    ),
+    "unweighted_ice": LossEntry(
+        "ICELoss with lam = 0 and batch normalisation: NTXent's loss on labels at scale = 1 / temperature, "
+        "without PML NTXentLoss's positive-by-negative-pair matrices (which outgrow memory from batch ~1024)",
+        _ice_loss_class,
+        reducer_class=_ice_reducer_class,
+        fixed={"lam": 0, "normalize": "batch"},
+        search_space=(Parameter("scale", 1, 100, log=True),),  # NTXent's temperature range, inverted
     ),
     "ntxent": LossEntry("PML NTXentLoss", _pml("NTXentLoss"), positive=("temperature",),
                         search_space=(Parameter("temperature", 0.01, 1.0, log=True),), compared_by_default=True),
