@@ -100,7 +100,7 @@ def write_report(out: Path, settings: Settings, batch_sizes: List[int], losses: 
         for size in batch_sizes:
             if (name, size) not in best:
                 continue
-            cells = [name, str(size), str(settings.passes_per_epoch * train_size // size), f"`{labels[name, size]}`",
+            cells = [name, str(size), str(max(1, settings.passes_per_epoch * train_size // size)), f"`{labels[name, size]}`",
                      str(len(best[name, size])), mean_std_text(best[name, size], PRIMARY_METRIC),
                      mean_std_text(best[name, size], "precision_at_1")]
             smallest = f"{name} @ {batch_sizes[0]}"
