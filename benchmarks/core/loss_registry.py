@@ -141,6 +141,8 @@ LOSSES: Dict[str, LossEntry] = {
         compared_by_default=True,
         choices={"normalize": NORMALIZATIONS},
     ),
+    "ntxent": LossEntry("PML NTXentLoss", _pml("NTXentLoss"), positive=("temperature",),
+                        search_space=(Parameter("temperature", 0.01, 1.0, log=True),), compared_by_default=True),
     "unweighted_ice": LossEntry(
         "ICELoss with lam = 0 and batch normalisation: NTXent's loss on labels at scale = 1 / temperature, "
         "without PML NTXentLoss's positive-by-negative-pair matrices (which outgrow memory from batch ~1024)",
@@ -149,8 +151,6 @@ LOSSES: Dict[str, LossEntry] = {
         fixed={"lam": 0, "normalize": "batch"},
         search_space=(Parameter("scale", 1, 100, log=True),),  # NTXent's temperature range, inverted
     ),
-    "ntxent": LossEntry("PML NTXentLoss", _pml("NTXentLoss"), positive=("temperature",),
-                        search_space=(Parameter("temperature", 0.01, 1.0, log=True),), compared_by_default=True),
     "supcon": LossEntry("PML SupConLoss", _pml("SupConLoss"), positive=("temperature",),
                         search_space=(Parameter("temperature", 0.01, 1.0, log=True),), compared_by_default=True),
     "multisimilarity": LossEntry(

@@ -32,7 +32,7 @@ def test_config_json_holds_exactly_the_identifying_settings():
     assert list(settings.resolve([]).identity()) == [
         "dataset", "data_root", "epochs", "patience", "model", "pretrained", "freeze_trunk", "embedding_size", "batch_size",
         "m_per_class", "passes_per_epoch", "lr", "loss_lr", "weight_decay", "image_size", "limit_per_class", "val", "amp",
-        "num_workers"]
+        "cache_chunk", "num_workers"]
 
 
 @pytest.mark.parametrize("name", sorted(DATASETS))
