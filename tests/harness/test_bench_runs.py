@@ -457,12 +457,18 @@ def file_bytes(folder):
     return {p: p.read_bytes() for p in folder.rglob("*") if p.is_file()}
 
 
-def test_a_finished_read_only_folder_prints_its_table(tmp_path, monkeypatch, capsys):
+def finished_folder_refusing_writes(tmp_path, monkeypatch, capsys, error):
+    """A finished one-run folder, its files' bytes, and every later write refused with ``error``."""
     argv = TINY + ["--epochs", "1", "--losses", "ice", "--out", str(tmp_path)]
     assert run.main(argv) == 0
     before = file_bytes(tmp_path)
     capsys.readouterr()
-    refuse_writes(monkeypatch, 30)  # EROFS
+    refuse_writes(monkeypatch, error)
+    return argv, before
+
+
+def test_a_finished_read_only_folder_prints_its_table(tmp_path, monkeypatch, capsys):
+    argv, before = finished_folder_refusing_writes(tmp_path, monkeypatch, capsys, 30)  # EROFS
     assert run.main(argv) == 0
     out = capsys.readouterr().out
     assert "Test metrics (%)" in out and "cannot be written: nothing was updated there" in out
@@ -470,11 +476,7 @@ def test_a_finished_read_only_folder_prints_its_table(tmp_path, monkeypatch, cap
 
 
 def test_a_full_disk_stops_with_one_line_and_keeps_the_files(tmp_path, monkeypatch, capsys):
-    argv = TINY + ["--epochs", "1", "--losses", "ice", "--out", str(tmp_path)]
-    assert run.main(argv) == 0
-    before = file_bytes(tmp_path)
-    capsys.readouterr()
-    refuse_writes(monkeypatch, 28)  # ENOSPC
+    argv, before = finished_folder_refusing_writes(tmp_path, monkeypatch, capsys, 28)  # ENOSPC
     assert run.main(argv[:-2] + ["--losses", "ice,ntxent", "--out", str(tmp_path)]) == 1
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "No space left on device; the files written before are intact" in err[0], err
