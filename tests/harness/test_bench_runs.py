@@ -3,7 +3,6 @@
 import csv
 import json
 import os
-import signal
 import sqlite3
 import subprocess
 import sys
@@ -19,6 +18,7 @@ from benchmarks.core.files import BrokenFile, read_torch
 from benchmarks.core.run_store import RunStore
 from benchmarks.report.metrics import METRICS
 from benchmarks.report.query_scores import KeepEmbeddingsTester
+from torchrun import run_two_processes
 
 REPO = Path(__file__).resolve().parents[2]
 TINY = ["--dataset", "digits", "--epochs", "2", "--seeds", "1", "--limit-per-class", "40", "--batch-size", "32", "--m-per-class", "8", "--patience", "-1"]
@@ -226,18 +226,8 @@ def test_two_processes_with_torchrun(tmp_path, caching):
     """ICE sharded exactly, ProxyAnchor through PML's wrapper; with caching, DDP synchronises
     once per step."""
     out = tmp_path / "out"
-    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m",
-               "benchmarks.run", *TINY, "--epochs", "1", "--losses", "ice,proxyanchor", *caching, "--out", str(out)]
-    env = dict(os.environ, OMP_NUM_THREADS="1")
-    process = subprocess.Popen(command, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                               text=True, start_new_session=True)
-    try:
-        stdout, stderr = process.communicate(timeout=300)
-    except subprocess.TimeoutExpired:
-        os.killpg(process.pid, signal.SIGKILL)  # torchrun and both workers
-        process.communicate()
-        raise
-    assert process.returncode == 0, stderr[-3000:]
+    stdout = run_two_processes(["-m", "benchmarks.run", *TINY, "--epochs", "1", "--losses", "ice,proxyanchor",
+                                *caching, "--out", str(out)])
     rows = read_rows(out / "results.csv")
     assert [(r["loss"], r["epoch"]) for r in rows] == [("ice", "0"), ("ice", "1"), ("proxyanchor", "0"), ("proxyanchor", "1")]
     assert stdout.count("| `ice` | 1 |") == 1  # only rank 0 reports
