@@ -30,6 +30,7 @@ from .core.launch import USER_ERRORS, check_batches, prepare_data
 from .core.loss_registry import LOSSES
 from .core.out_folder import OutFolder
 from .core.settings import SeedList, Settings, UsageError, resolve
+from .core.training import samples_per_epoch
 from .report.comparisons import compare_losses
 from .report.metrics import PRIMARY_METRIC
 from .report.query_scores import QUERY_METRICS, load_run_scores
@@ -100,7 +101,8 @@ def write_report(out: Path, settings: Settings, batch_sizes: List[int], losses: 
         for size in batch_sizes:
             if (name, size) not in best:
                 continue
-            cells = [name, str(size), str(max(1, settings.passes_per_epoch * train_size // size)), f"`{labels[name, size]}`",
+            steps = samples_per_epoch(dataclasses.replace(settings, batch_size=size), train_size) // size
+            cells = [name, str(size), str(steps), f"`{labels[name, size]}`",
                      str(len(best[name, size])), mean_std_text(best[name, size], PRIMARY_METRIC),
                      mean_std_text(best[name, size], "precision_at_1")]
             smallest = f"{name} @ {batch_sizes[0]}"

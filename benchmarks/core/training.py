@@ -230,6 +230,12 @@ def parallel_models(trunk, embedder, loss, miner, optimizers):
     return (models, *distributed_loss_and_miner(loss, miner))
 
 
+def samples_per_epoch(settings: Settings, train_size: int, world: int = 1) -> int:
+    """What one process's sampler draws in an epoch: its share of ``passes_per_epoch`` passes over
+    the training set, at least one batch; the sampler trims it to whole batches."""
+    return max(settings.batch_size // world, settings.passes_per_epoch * train_size // world)
+
+
 class Run:
     """One (loss, seed) run: built from fresh models, resumed from its stored checkpoint if any."""
 
@@ -247,7 +253,7 @@ class Run:
         self.per_rank_batch = settings.batch_size // self.world
         self.sampler = samplers.MPerClassSampler(
             labels, settings.m_per_class, batch_size=self.per_rank_batch,
-            length_before_new_iter=max(self.per_rank_batch, settings.passes_per_epoch * len(labels) // self.world),
+            length_before_new_iter=samples_per_epoch(settings, len(labels), self.world),
         )
         self.scaler = torch.amp.GradScaler(self.device.type) if settings.amp == "fp16" else None
         self.checkpoint = stored.checkpoint
