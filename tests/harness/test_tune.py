@@ -302,6 +302,7 @@ def test_an_emptied_database_is_refused_before_the_report_is_overwritten(tmp_pat
     assert (tmp_path / "tuning.md").read_text() == report and (tmp_path / "best.toml").read_text() == toml
 
 
+@pytest.mark.filterwarnings("ignore:Heartbeat of storage:UserWarning")  # the test asks by hand
 def test_a_trial_whose_heartbeat_stopped_on_another_host_is_retried(tmp_path, monkeypatch):
     trained = scripted_values(monkeypatch)
     monkeypatch.setattr(tuning, "HEARTBEAT_S", 1)
