@@ -32,8 +32,8 @@ from .core.settings import Settings, UsageError, resolve
 from .report.metrics import PRIMARY_METRIC
 from .report.comparisons import compare_losses
 from .report.plots import save_figure
-from .report.query_scores import QUERY_METRICS, load_run_scores
-from .report.reporting import best_epoch_rows, mean_std, mean_std_text
+from .report.query_scores import QUERY_METRICS
+from .report.reporting import mean_std, mean_std_text
 from .report.tables import difference_text
 
 LAMS = (0, 0.5, 1, 2, 4)
@@ -77,11 +77,8 @@ def all_settings(groups: Dict[str, List[Setting]]) -> List[Setting]:
 
 def collect(folder: OutFolder, settings: Sequence[Setting], seeds: int, epochs: int):
     """Best-validation-epoch rows and per-query test scores of each finished setting."""
-    rows_by_run, run_folders = folder.finished_runs(epochs)
     wanted = {(setting.spec.label, seed) for setting in settings for seed in range(seeds)}
-    keys = [key for key in rows_by_run if key in wanted]
-    rows = [row for key in keys for row in rows_by_run[key]]
-    return best_epoch_rows(rows), load_run_scores({key: run_folders[key] for key in keys})
+    return folder.best_epochs(epochs, wanted.__contains__)
 
 
 def group_table(group: str, settings: Sequence[Setting], best, scores) -> List[str]:

@@ -33,8 +33,8 @@ from .core.settings import SeedList, Settings, UsageError, resolve
 from .core.training import samples_per_epoch
 from .report.comparisons import compare_losses
 from .report.metrics import PRIMARY_METRIC
-from .report.query_scores import QUERY_METRICS, load_run_scores
-from .report.reporting import best_epoch_rows, mean_std_text
+from .report.query_scores import QUERY_METRICS
+from .report.reporting import mean_std_text
 from .report.tables import difference_text, verdict
 
 DEFAULT_BATCH_SIZES = "128,1024,4096"
@@ -84,10 +84,7 @@ def write_report(out: Path, settings: Settings, batch_sizes: List[int], losses: 
     best, scores, labels = {}, {}, {}
     for size in batch_sizes:
         folder = out / f"batch{size}"
-        rows_by_run, run_folders = OutFolder(folder).finished_runs(settings.epochs)
-        keys = [key for key in rows_by_run if key[1] in seeds]
-        chosen = best_epoch_rows([row for key in keys for row in rows_by_run[key]])
-        run_scores = load_run_scores({key: run_folders[key] for key in keys})
+        chosen, run_scores = OutFolder(folder).best_epochs(settings.epochs, lambda key: key[1] in seeds)
         for name, label in tuned_labels(folder / "tuning" / "best.toml").items():
             if name in losses and label in chosen:
                 labels[name, size] = label

@@ -12,11 +12,11 @@ import errno
 import fcntl
 import os
 from pathlib import Path
-from typing import Dict, List, Mapping, Sequence
+from typing import Callable, Dict, List, Mapping, Sequence
 
 from ..report.plots import write_plots
 from ..report.query_scores import load_run_scores
-from ..report.reporting import sort_rows, write_results_csv, write_summary
+from ..report.reporting import best_epoch_rows, sort_rows, write_results_csv, write_summary
 from ..report.tables import comparison_table
 from .files import BrokenFile, atomic_write_json, read_json
 from .run_store import RunKey, RunStore
@@ -112,6 +112,14 @@ class OutFolder:
             if stored.status == "finished" and stored.rows:
                 rows[stored.key], run_folders[stored.key] = stored.rows, store.folder
         return rows, run_folders
+
+    def best_epochs(self, epochs: int, keep: Callable[[RunKey], bool] = lambda key: True):
+        """Per loss label of the finished runs whose (label, seed) ``keep`` accepts: each run's
+        row at its best validation epoch, and the runs' test scores by seed."""
+        rows_by_run, run_folders = self.finished_runs(epochs)
+        keys = [key for key in rows_by_run if keep(key)]
+        best = best_epoch_rows([row for key in keys for row in rows_by_run[key]])
+        return best, load_run_scores({key: run_folders[key] for key in keys})
 
     def publish_rows(self, rows_by_run: Dict[RunKey, List[dict]], loss_order: Sequence[str]) -> None:
         """results.csv: every row of every run, failed runs included."""

@@ -1,0 +1,65 @@
+"""python -m benchmarks.compare: two output folders, loss by loss, by the seed-paired test."""
+
+import csv
+
+import pytest
+
+from benchmarks import compare, run
+
+TINY = ["--dataset", "digits", "--epochs", "1", "--limit-per-class", "20", "--m-per-class", "8", "--patience", "-1",
+        "--quiet"]
+
+
+@pytest.fixture(scope="module")
+def folders(tmp_path_factory):
+    root = tmp_path_factory.mktemp("compare")
+    made = {
+        "a": TINY + ["--batch-size", "16", "--losses", "ice,ntxent", "--seeds", "3"],
+        "b": TINY + ["--batch-size", "32", "--losses", "ice:scale=20", "--seeds", "0,1"],
+        "two_ice": TINY + ["--batch-size", "16", "--losses", "ice:scale=10,ice:scale=20", "--seeds", "1"],
+        "other_queries": TINY[:5] + ["10"] + TINY[6:] + ["--batch-size", "16", "--losses", "ice", "--seeds", "1"],
+    }
+    for name, argv in made.items():
+        assert run.main(argv + ["--out", str(root / name)]) == 0
+    return root
+
+
+def best_test_map(folder, seeds):
+    """Per seed, the test MAP@R (%) of the ice run at its best validation epoch, from results.csv."""
+    with open(folder / "results.csv", newline="") as f:
+        rows = [r for r in csv.DictReader(f) if r["loss"].startswith("ice")]
+    best = {}
+    for seed in seeds:
+        runs = [r for r in rows if int(r["seed"]) == seed]
+        top = max(runs, key=lambda r: (float(r["val_mean_average_precision_at_r"]), -int(r["epoch"])))
+        best[seed] = 100 * float(top["mean_average_precision_at_r"])
+    return best
+
+
+def test_the_losses_both_folders_hold_are_compared_over_their_common_seeds(folders, tmp_path, capsys):
+    out = tmp_path / "report.md"
+    assert compare.main([str(folders / "a"), str(folders / "b"), "--out", str(out)]) == 0
+    report = out.read_text()
+    assert report in capsys.readouterr().out
+    assert "batch_size 16 / 32" in report and "cache_chunk" not in report
+    rows = [line for line in report.splitlines() if line.startswith("| ice |")]
+    assert len(rows) == 1 and "ntxent" not in report  # ntxent is in A only
+    cells = rows[0].strip("| ").split(" | ")
+    assert cells[1:4] == ["`ice`", "`ice:scale=20`", "2"]
+    a, b = best_test_map(folders / "a", [0, 1]), best_test_map(folders / "b", [0, 1])
+    delta = float(cells[6].split()[0])
+    assert delta == pytest.approx(sum(a[s] - b[s] for s in (0, 1)) / 2, abs=0.051)
+    assert any(line.startswith("- ") and "ice in A" in line and "ice in B" in line for line in report.splitlines())
+    assert compare.main([str(folders / "b"), str(folders / "a")]) == 0
+    swapped = [line for line in capsys.readouterr().out.splitlines() if line.startswith("| ice |")][0]
+    assert float(swapped.strip("| ").split(" | ")[6].split()[0]) == pytest.approx(-delta, abs=0.051)
+
+
+@pytest.mark.parametrize("first, second, message", [
+    ("a", "missing", "has no config.json"),
+    ("two_ice", "a", "holds two settings of ice"),
+    ("a", "other_queries", "were tested on different queries"),
+])
+def test_folders_that_cannot_be_compared_are_refused(folders, capsys, first, second, message):
+    assert compare.main([str(folders / first), str(folders / second)]) == 2
+    assert message in capsys.readouterr().err
