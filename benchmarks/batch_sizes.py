@@ -32,7 +32,7 @@ from .core.out_folder import OutFolder
 from .core.settings import SeedList, Settings, UsageError, resolve
 from .core.training import samples_per_epoch
 from .report.comparisons import compare_losses
-from .report.metrics import PRIMARY_METRIC
+from .report.metrics import PRIMARY_METRIC, SHORT_NAMES
 from .report.query_scores import QUERY_METRICS
 from .report.reporting import mean_std_text
 from .report.tables import difference_text, verdict
@@ -90,7 +90,7 @@ def write_report(out: Path, settings: Settings, batch_sizes: List[int], losses: 
                 labels[name, size] = label
                 best[name, size], scores[f"{name} @ {size}"] = chosen[label], run_scores[label]
     header = ["loss", "batch", "steps per epoch", "tuned setting", "seeds", "test MAP@R", "test P@1",
-              *(f"Δ{'MAP@R' if m == PRIMARY_METRIC else 'P@1'} vs batch {batch_sizes[0]} [95 % CI], p"
+              *(f"Δ{SHORT_NAMES[m]} vs batch {batch_sizes[0]} [95 % CI], p"
                 for m in QUERY_METRICS)]
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     sentences = []

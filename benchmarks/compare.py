@@ -19,7 +19,7 @@ from .core.files import BrokenFile, atomic_write_text, read_json
 from .core.out_folder import OutFolder
 from .core.settings import UsageError
 from .report.comparisons import compare_losses
-from .report.metrics import PRIMARY_METRIC
+from .report.metrics import PRIMARY_METRIC, SHORT_NAMES
 from .report.query_scores import QUERY_METRICS
 from .report.reporting import mean_std_text
 from .report.tables import difference_text, verdict
@@ -64,7 +64,7 @@ def report(a: Folder, b: Folder, command: str) -> str:
     if not names:
         raise UsageError(f"{a.path} and {b.path} have no loss with finished runs in common")
     header = ["loss", "setting in A", "setting in B", "seeds", "A: test MAP@R", "B: test MAP@R",
-              *(f"Δ{'MAP@R' if m == PRIMARY_METRIC else 'P@1'} A - B [95 % CI], p" for m in QUERY_METRICS)]
+              *(f"Δ{SHORT_NAMES[m]} A - B [95 % CI], p" for m in QUERY_METRICS)]
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     sentences = []
     for name in names:
@@ -82,7 +82,7 @@ def report(a: Folder, b: Folder, command: str) -> str:
             name, f"`{label_a}`", f"`{label_b}`", str(len(seeds)), mean_std_text(rows_a, PRIMARY_METRIC),
             mean_std_text(rows_b, PRIMARY_METRIC), *(difference_text(comparisons[m]) for m in QUERY_METRICS),
         ]) + " |")
-        sentences.append(verdict(f"{name} in A", f"{name} in B", comparisons[PRIMARY_METRIC]))
+        sentences.append(verdict(key_a, key_b, comparisons[PRIMARY_METRIC]))
     differing = differing_settings(a, b)
     parts = [f"# {a.path} (A) against {b.path} (B)", "", f"Command: `{command}`", "",
              f"- settings that differ (A / B): {', '.join(differing) if differing else 'none'}",
