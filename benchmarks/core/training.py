@@ -72,6 +72,8 @@ class BenchmarkTrainer(CachedMetricLossOnly):
         self.amp_dtype = AMP_DTYPES.get(amp)
         self.scaler = scaler
         super().__init__(*args, chunk_size=chunk_size, **kwargs)
+        if self.amp_dtype is not None:
+            keep_parameters_float32(self.loss_funcs["metric_loss"])
 
     def autocast(self):
         return torch.autocast(self.data_device.type, dtype=self.amp_dtype, enabled=self.amp_dtype is not None)
@@ -112,6 +114,17 @@ class BenchmarkTrainer(CachedMetricLossOnly):
                 if p.grad is not None:
                     torch.distributed.all_reduce(p.grad)
                     p.grad /= size * size
+
+
+def keep_parameters_float32(loss: torch.nn.Module) -> None:
+    """Under autocast, keep a loss's own parameters (proxies, class weights) float32, as
+    PyTorch's AMP recipe expects. PML's losses cast them to the embeddings' dtype in
+    ``cast_types`` unless ``torch.is_autocast_enabled()``, which sees CUDA's autocast only:
+    under CPU autocast they would turn bf16 or fp16 for good. Here ``cast_types`` moves them
+    to the embeddings' device only, as under CUDA autocast; autocast picks each op's dtype."""
+    for module in loss.modules():
+        if hasattr(type(module), "cast_types"):
+            module.cast_types = lambda dtype, device, module=module: type(module).cast_types(module, None, device)
 
 
 def seed_everything(seed: int, rank: int = 0) -> None:

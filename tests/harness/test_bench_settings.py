@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from benchmarks import run
-from benchmarks.core import launch, loss_registry, settings, training
+from benchmarks.core import launch, loss_registry, loss_specs, settings, training
 from benchmarks.data import registry
 from benchmarks.data.registry import DATASETS
 
@@ -102,6 +102,46 @@ def test_amp_autocasts_training_on_the_cpu(tmp_path, monkeypatch, amp, dtype):
     assert f'"amp": "{amp}"' in (tmp_path / "o" / "config.json").read_text()
     checkpoint = torch.load(tmp_path / "o" / "runs" / "ice" / "seed0" / "checkpoint.pth", weights_only=True)
     assert (checkpoint["scaler"] is not None) == (amp == "fp16")  # the GradScaler's state resumes with the run
+
+
+def amp_step(loss_name, amp, chunk_size):
+    """One optimizer step of BenchmarkTrainer under ``amp`` (fp16 with its GradScaler)."""
+    torch.manual_seed(0)
+    x, y = torch.randn(32, 1, 8, 8), torch.arange(8).repeat_interleave(4)
+    trunk, embedder = torch.nn.Flatten(), torch.nn.Linear(64, 16)
+    loss, _ = loss_specs.make_loss_spec(loss_name, {}).build(num_classes=8, embedding_size=16)
+    optimizers = {"embedder_optimizer": torch.optim.Adam(embedder.parameters()),
+                  "metric_loss_optimizer": torch.optim.Adam(loss.parameters())}
+    trainer = training.BenchmarkTrainer(
+        models={"trunk": trunk, "embedder": embedder}, optimizers=optimizers, batch_size=32,
+        loss_funcs={"metric_loss": loss}, mining_funcs={}, dataset=torch.utils.data.TensorDataset(x, y),
+        data_device=torch.device("cpu"), amp=amp, chunk_size=chunk_size,
+        scaler=torch.amp.GradScaler("cpu") if amp == "fp16" else None)
+    trainer.epoch = trainer.iteration = 1
+    trainer.calculate_loss((x, y))
+    trainer.loss_tracker.update(trainer.loss_weights)
+    trainer.backward()
+    trainer.step_optimizers()
+    return loss
+
+
+@pytest.mark.parametrize("amp", ["fp16", "bf16"])
+@pytest.mark.parametrize("chunk_size", [None, 8])
+@pytest.mark.parametrize("loss_name", ["proxyanchor", "arcface", "normsoftmax"])
+def test_a_loss_s_own_parameters_stay_float32_under_amp(loss_name, amp, chunk_size):
+    """PyTorch's AMP recipe: parameters stay float32, autocast picks each op's dtype (fp16
+    gradients would stop the GradScaler: "Attempting to unscale FP16 gradients")."""
+    loss = amp_step(loss_name, amp, chunk_size)
+    for parameter in loss.parameters():
+        assert parameter.dtype == parameter.grad.dtype == torch.float32
+        assert torch.isfinite(parameter).all()
+
+
+def test_fp16_trains_a_loss_with_proxies(tmp_path):
+    out = tmp_path / "o"
+    assert run.main(TINY + ["--amp", "fp16", "--cache-chunk", "8", "--losses", "proxyanchor", "--out", str(out)]) == 0
+    checkpoint = torch.load(out / "runs" / "proxyanchor" / "seed0" / "checkpoint.pth", weights_only=True)
+    assert checkpoint["epoch"] == 1 and checkpoint["loss"]["proxies"].dtype == torch.float32
 
 
 def test_default_losses_come_from_the_dataset_tuned_file(tmp_path, monkeypatch):
