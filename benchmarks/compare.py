@@ -15,7 +15,7 @@ import sys
 from pathlib import Path
 from typing import Dict, List
 
-from .core.files import BrokenFile, atomic_write_text, read_json
+from .core.files import BrokenFile, atomic_write_text
 from .core.out_folder import OutFolder
 from .core.settings import UsageError
 from .report.comparisons import compare_losses
@@ -40,7 +40,7 @@ class Folder:
 
     def __init__(self, path: Path):
         self.path = path
-        self.settings = read_json(path / "config.json")
+        self.settings = OutFolder(path).stored_settings()
         if not isinstance(self.settings, dict) or "epochs" not in self.settings:
             raise UsageError(f"{path} has no config.json with the settings of its runs; "
                              "pass --out folders of benchmarks.run")
@@ -52,6 +52,16 @@ class Folder:
                 raise UsageError(f"{path} holds two settings of {name} ({self.labels[name]} and {label}); "
                                  "this command compares folders with one setting per loss")
             self.labels[name] = label
+
+
+def check_report_file(out: Path, folders: List[Path]) -> None:
+    """Refuse a report file that is a folder or lies in a compared folder (they are only read)."""
+    if out.is_dir():
+        raise UsageError(f"--out {out} is a folder; give a file name, such as {out / 'compare.md'}")
+    for folder in folders:
+        if folder.resolve() in out.resolve().parents:
+            raise UsageError(f"--out {out} is inside {folder}, which this command only reads; write the report "
+                             "outside the compared folders")
 
 
 def differing_settings(a: Folder, b: Folder) -> List[str]:
@@ -98,6 +108,8 @@ def main(argv=None) -> int:
     command = "python -m benchmarks.compare " + " ".join(shlex.quote(a) for a in argv)
     args = build_parser().parse_args(argv)
     try:
+        if args.out:
+            check_report_file(args.out, [args.a, args.b])
         text = report(Folder(args.a), Folder(args.b), command)
     except (UsageError, BrokenFile) as error:
         print(f"python -m benchmarks.compare: error: {error}", file=sys.stderr)

@@ -12,7 +12,7 @@ import errno
 import fcntl
 import os
 from pathlib import Path
-from typing import Callable, Dict, List, Mapping, Sequence
+from typing import Callable, Dict, List, Mapping, Optional, Sequence
 
 from ..report.plots import write_plots
 from ..report.query_scores import load_run_scores
@@ -68,18 +68,30 @@ class OutFolder:
             finally:
                 fcntl.flock(handle, fcntl.LOCK_UN)
 
-    def check_identity(self, identity: dict) -> None:
-        """Refuse a folder whose config.json names other settings (more epochs extend its runs);
-        name a broken config.json. Settings an older config.json lacks are not compared."""
+    def stored_settings(self) -> Optional[dict]:
+        """The settings in config.json, None without one; ``BrokenFile`` naming the file when it
+        cannot be read, holds no settings or holds an ``epochs`` that is not a count."""
         try:
             stored = read_json(self.config)
         except BrokenFile as error:
             raise BrokenFile(f"{error}. Restore it, or delete it if the runs under {self.path} were made "
                              "with this command's settings (it is then written again)") from error
         if stored is None:
-            return
+            return None
         if not isinstance(stored, dict):
             raise BrokenFile(f"{self.config} does not hold the settings of {self.path}; restore or delete it")
+        epochs = stored.get("epochs", 0)
+        if not (isinstance(epochs, int) and not isinstance(epochs, bool) and epochs >= 0):
+            raise BrokenFile(f"{self.config}: 'epochs' must be a count of epochs (an integer >= 0), got {epochs!r}; "
+                             "restore the file")
+        return stored
+
+    def check_identity(self, identity: dict) -> None:
+        """Refuse a folder whose config.json names other settings (more epochs extend its runs);
+        name a broken config.json. Settings an older config.json lacks are not compared."""
+        stored = self.stored_settings()
+        if stored is None:
+            return
         stored = stored_identity(stored)
         differing = [k for k in identity if k in stored and stored[k] != identity[k]
                      and not (k == "epochs" and stored[k] < identity[k])]

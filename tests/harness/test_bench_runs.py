@@ -303,13 +303,17 @@ def test_broken_feature_cache_is_computed_again(tmp_path, capsys):
     assert (out / "results.csv").read_text() == expected
 
 
-def test_broken_config_json_names_the_file_and_what_to_do(tmp_path, capsys):
+@pytest.mark.parametrize("content, message", [
+    ('{"dataset": "dig', "config.json cannot be read"),
+    ('{"epochs": "two"}', "config.json: 'epochs' must be a count of epochs"),
+])
+def test_broken_config_json_names_the_file_and_what_to_do(tmp_path, capsys, content, message):
     out = tmp_path / "out"
     out.mkdir()
-    (out / "config.json").write_text('{"dataset": "dig')
+    (out / "config.json").write_text(content)
     assert run.main(TINY_ONE_EPOCH + ["--losses", "ice", "--out", str(out)]) == 2
     error = capsys.readouterr().err
-    assert f"{out / 'config.json'} cannot be read" in error and "delete it" in error
+    assert f"{out}/{message}" in error and ("delete it" in error or "restore the file" in error)
     assert "Traceback" not in error
 
 

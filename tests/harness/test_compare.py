@@ -1,6 +1,7 @@
 """python -m benchmarks.compare: two output folders, loss by loss, by the seed-paired test."""
 
 import csv
+import shutil
 
 import pytest
 
@@ -63,3 +64,36 @@ def test_the_losses_both_folders_hold_are_compared_over_their_common_seeds(folde
 def test_folders_that_cannot_be_compared_are_refused(folders, capsys, first, second, message):
     assert compare.main([str(folders / first), str(folders / second)]) == 2
     assert message in capsys.readouterr().err
+
+
+def folder_bytes(folder):
+    return {path: path.read_bytes() for path in sorted(folder.rglob("*")) if path.is_file()}
+
+
+@pytest.mark.parametrize("target, message", [
+    ("a/config.json", "is inside"),
+    ("b/new/report.md", "is inside"),
+    ("a", "is a folder; give a file name"),
+])
+def test_the_report_is_never_written_into_a_compared_folder(folders, capsys, target, message):
+    """The compared folders are only read: `--out A/config.json` once replaced A's settings."""
+    before = folder_bytes(folders)
+    assert compare.main([str(folders / "a"), str(folders / "b"), "--out", str(folders / target)]) == 2
+    error = capsys.readouterr().err
+    assert message in error and "Traceback" not in error
+    assert folder_bytes(folders) == before
+
+
+def test_a_report_path_that_is_another_folder_is_refused(folders, tmp_path, capsys):
+    assert compare.main([str(folders / "a"), str(folders / "b"), "--out", str(tmp_path)]) == 2
+    assert f"--out {tmp_path} is a folder; give a file name" in capsys.readouterr().err
+
+
+def test_a_config_json_with_epochs_that_are_not_a_count_is_named(folders, tmp_path, capsys):
+    copy = tmp_path / "a"
+    shutil.copytree(folders / "a", copy)
+    config = copy / "config.json"
+    config.write_text(config.read_text().replace('"epochs": 1', '"epochs": "two"'))
+    assert compare.main([str(copy), str(folders / "b")]) == 2
+    error = capsys.readouterr().err
+    assert f"{config}: 'epochs' must be a count of epochs" in error and "'two'" in error
