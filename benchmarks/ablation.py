@@ -76,7 +76,8 @@ def all_settings(groups: Dict[str, List[Setting]]) -> List[Setting]:
 
 
 def collect(folder: OutFolder, settings: Sequence[Setting], seeds: int, epochs: int):
-    """Best-validation-epoch rows and per-query test scores of each finished setting."""
+    """Best-validation-epoch rows and per-query test scores of each finished setting, and notes
+    on the runs left out (``OutFolder.best_epochs``)."""
     wanted = {(setting.spec.label, seed) for setting in settings for seed in range(seeds)}
     return folder.best_epochs(epochs, wanted.__contains__)
 
@@ -143,7 +144,7 @@ def write_plot(path: Path, groups: Dict[str, List[Setting]], best) -> None:
 
 def write_report(out: Path, settings: Settings, centre: Setting, seeds: int, command: str) -> str:
     groups = grid(centre)
-    best, scores = collect(OutFolder(out), all_settings(groups), seeds, settings.epochs)
+    best, scores, left_out = collect(OutFolder(out), all_settings(groups), seeds, settings.epochs)
     parts = ["# ICE ablation: the reweighting (lam, normalize) and the scale", "", f"Command: `{command}`", "",
              f"- dataset {settings.dataset}, model {settings.model}, {settings.epochs} epochs, batch "
              f"{settings.batch_size} ({settings.m_per_class} per class), lr {settings.lr}; seeds 0..{seeds - 1}",
@@ -153,6 +154,7 @@ def write_report(out: Path, settings: Settings, centre: Setting, seeds: int, com
              "- Δ vs lam = 0: the same scale with lam = 0 (no reweighting: every weight is 1, so "
              "the normalizations agree and lam = 0 is trained once), paired by seed; "
              "95 % interval and p of the seed-paired test (training runs and test queries), no multiplicity correction",
+             *(f"- left out: {note}" for note in left_out),
              "", "## lam and normalize, at the tuned scale", "", *group_table("lam", groups["lam"], best, scores),
              "", f"## scale, at lam {centre.lam:g} and normalize {centre.normalize}", "",
              *group_table("scale", groups["scale"], best, scores), "", "![ablation](ablation.png)", ""]

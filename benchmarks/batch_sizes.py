@@ -81,10 +81,11 @@ def tuned_labels(best_toml: Path) -> Dict[str, str]:
 
 def write_report(out: Path, settings: Settings, batch_sizes: List[int], losses: List[str], seeds, command: str,
                  cache_chunk: int, train_size: int) -> str:
-    best, scores, labels = {}, {}, {}
+    best, scores, labels, left_out = {}, {}, {}, []
     for size in batch_sizes:
         folder = out / f"batch{size}"
-        chosen, run_scores = OutFolder(folder).best_epochs(settings.epochs, lambda key: key[1] in seeds)
+        chosen, run_scores, notes = OutFolder(folder).best_epochs(settings.epochs, lambda key: key[1] in seeds)
+        left_out += notes
         for name, label in tuned_labels(folder / "tuning" / "best.toml").items():
             if name in losses and label in chosen:
                 labels[name, size] = label
@@ -126,7 +127,7 @@ def write_report(out: Path, settings: Settings, batch_sizes: List[int], losses: 
              "test metrics at each run's best validation epoch, in %, mean ± std over seeds",
              "- Δ: the seed-paired test (training runs and test queries; a seed fixes the initial weights, the "
              "batches differ between batch sizes), no multiplicity correction", "", *lines, "",
-             *(f"- {sentence}" for sentence in sentences), ""]
+             *(f"- {sentence}" for sentence in sentences), *(f"- left out: {note}" for note in left_out), ""]
     text = "\n".join(parts)
     atomic_write_text(out / "batch_sizes.md", text)
     return text

@@ -36,7 +36,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 class Folder:
     """The settings (config.json) of an output folder and, per loss name, its one tuned label,
-    the best-validation-epoch rows of its finished runs and their test scores."""
+    the best-validation-epoch rows of its finished runs and their test scores; notes on the
+    runs left out (unreadable files, failed or unfinished runs)."""
 
     def __init__(self, path: Path):
         self.path = path
@@ -44,7 +45,7 @@ class Folder:
         if not isinstance(self.settings, dict) or "epochs" not in self.settings:
             raise UsageError(f"{path} has no config.json with the settings of its runs; "
                              "pass --out folders of benchmarks.run")
-        self.best, self.scores = OutFolder(path).best_epochs(self.settings["epochs"])
+        self.best, self.scores, self.left_out = OutFolder(path).best_epochs(self.settings["epochs"])
         self.labels: Dict[str, str] = {}
         for label in self.best:
             name = label.partition(":")[0]
@@ -99,7 +100,9 @@ def report(a: Folder, b: Folder, command: str) -> str:
              "- test metrics at each run's best validation epoch, in %, mean ± std over the seeds both folders "
              "finished; Δ: A - B by the seed-paired test (training runs and test queries; "
              "a seed fixes the initial weights, the batches differ where the batch size does), "
-             "no multiplicity correction", "", *lines, "", *(f"- {sentence}" for sentence in sentences), ""]
+             "no multiplicity correction", "", *lines, "", *(f"- {sentence}" for sentence in sentences),
+             *(f"- left out of {name}: {note}" for name, folder in (("A", a), ("B", b)) for note in folder.left_out),
+             ""]
     return "\n".join(parts)
 
 

@@ -26,7 +26,7 @@ METRIC_COLUMNS = (("MAP@R", PRIMARY_METRIC), ("P@1", "precision_at_1"))
 
 def ice_table(out) -> str:
     """Markdown table of every loss in ``out`` against its ICE run (the first loss named ``ice``)."""
-    rows_by_run, run_folders = OutFolder(out).finished_runs(epochs=0)  # the command was run to its end
+    rows_by_run, run_folders, left_out = OutFolder(out).finished_runs(epochs=0)  # the command was run to its end
     if not rows_by_run:
         raise ValueError(f"{out} holds no finished run")
     registry_order = list(LOSSES)  # ICE first, then PML's losses in the harness's order
@@ -37,7 +37,7 @@ def ice_table(out) -> str:
         raise ValueError(f"{out} holds no ICE run to compare with")
     all_rows = [r for rows in rows_by_run.values() for r in rows]
     best = best_epoch_rows(all_rows)
-    scores = load_run_scores(run_folders)
+    scores, without_scores = load_run_scores(run_folders)
     header = (["loss", "seeds"] + [name for name, _ in METRIC_COLUMNS]
               + [f"Δ{name} vs ICE [95 % CI], p" for name, _ in METRIC_COLUMNS] + ["detectable ΔMAP@R"])
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
@@ -63,7 +63,8 @@ def ice_table(out) -> str:
                f"{', '.join(verdicts['same']) or 'none'}.")
     if verdicts["untested"]:
         summary += f" Not tested (fewer than 2 seeds in common with ICE): {', '.join(verdicts['untested'])}."
-    return "\n".join(lines + ["", summary])
+    notes = [note for _, note in left_out] + list(without_scores.values())
+    return "\n".join(lines + ["", summary] + [f"- left out: {note}" for note in notes])
 
 
 def main(argv=None) -> int:

@@ -69,6 +69,7 @@ class Experiment:
         self.rows_by_run = {key: stored.rows for key, stored in self.stored.items()}
         self.failures = {key: stored.error for key, stored in self.stored.items() if stored.error}
         self.labels = [spec.label for spec in settings.losses]
+        self.left_out: List[str] = []  # notes on earlier runs whose files cannot be read
         if rank == 0:
             self._add_earlier_runs(folder.other_run_stores(list(self.stores.values())))
 
@@ -78,6 +79,7 @@ class Experiment:
             stored = store.load(self.settings.epochs, restart_broken=False)
             if stored.note:
                 self.console.say(f"earlier run: {stored.note}")
+                self.left_out.append(stored.note)
             if not stored.rows:
                 continue
             key = stored.key
@@ -149,8 +151,8 @@ class Experiment:
     def _summarize(self, seconds: float) -> None:
         header = settings_lines(self.settings, self.data, self.processes, self.labels)
         header.append(f"- wall time of this invocation: {seconds:.0f} s")
-        table, comparison, plots = self.folder.publish_summary(self.rows_by_run, self.labels, header, self.failures,
-                                                               self.run_folders)
+        table, comparison, plots, left_out = self.folder.publish_summary(
+            self.rows_by_run, self.labels, header, self.failures, self.run_folders, self.left_out)
         self.console.result("\nTest metrics (%) at each run's best validation epoch, mean ± std over seeds:\n")
         self.console.result(table)
         if comparison:
@@ -158,6 +160,9 @@ class Experiment:
         if self.failures:
             self.console.say("\nFailed runs (left out of the table and plots):\n" + "\n".join(
                 f"  {label} seed {seed}: {error}" for (label, seed), error in self.failures.items()))
+        if left_out:
+            self.console.result("\nLeft out (files that cannot be read):\n"
+                                + "\n".join(f"  {note}" for note in left_out))
         if self.folder.read_only:
             self.console.say(f"\n{self.folder.path} cannot be written: nothing was updated there")
         else:

@@ -117,21 +117,34 @@ class OutFolder:
 
     def finished_runs(self, epochs: int):
         """Rows and folder of every run on disk that trained ``epochs`` epochs or stopped early
-        (``epochs=0``: every run with a checkpoint), keyed by (loss label, seed); failed runs left out."""
-        rows, run_folders = {}, {}
+        (``epochs=0``: every run with a checkpoint), keyed by (loss label, seed); and a note on
+        each run left out (failed, unfinished, or with a file that cannot be read) with its key
+        (None when its files do not say)."""
+        rows, run_folders, left_out = {}, {}, []
         for store in self.other_run_stores([]):
             stored = store.load(epochs, restart_broken=False)
             if stored.status == "finished" and stored.rows:
                 rows[stored.key], run_folders[stored.key] = stored.rows, store.folder
-        return rows, run_folders
+            elif stored.note:
+                left_out.append((None, stored.note))
+            elif stored.status == "failed":
+                left_out.append((stored.key, f"{store.folder} failed ({stored.error}); left out"))
+            elif stored.status == "partial":
+                trained = stored.checkpoint["epoch"]
+                state = "is not tested yet" if trained >= epochs else f"has trained {trained} of {epochs} epochs"
+                left_out.append((stored.key, f"{store.folder} {state}; left out until a command finishes it"))
+        return rows, run_folders, left_out
 
     def best_epochs(self, epochs: int, keep: Callable[[RunKey], bool] = lambda key: True):
         """Per loss label of the finished runs whose (label, seed) ``keep`` accepts: each run's
-        row at its best validation epoch, and the runs' test scores by seed."""
-        rows_by_run, run_folders = self.finished_runs(epochs)
+        row at its best validation epoch, and the runs' test scores by seed; then the notes on
+        the runs left out (``finished_runs``, and runs whose test scores cannot be read)."""
+        rows_by_run, run_folders, left_out = self.finished_runs(epochs)
         keys = [key for key in rows_by_run if keep(key)]
         best = best_epoch_rows([row for key in keys for row in rows_by_run[key]])
-        return best, load_run_scores({key: run_folders[key] for key in keys})
+        scores, without_scores = load_run_scores({key: run_folders[key] for key in keys})
+        notes = [note for key, note in left_out if key is None or keep(key)]
+        return best, scores, notes + list(without_scores.values())
 
     def publish_rows(self, rows_by_run: Dict[RunKey, List[dict]], loss_order: Sequence[str]) -> None:
         """results.csv: every row of every run, failed runs included."""
@@ -139,18 +152,22 @@ class OutFolder:
             write_results_csv(self.results_csv, sort_rows([r for rows in rows_by_run.values() for r in rows], loss_order))
 
     def publish_summary(self, rows_by_run, loss_order, header: List[str], failures: Dict[RunKey, str],
-                        run_folders: Mapping[RunKey, Path]):
+                        run_folders: Mapping[RunKey, Path], left_out: Sequence[str] = ()):
         """results.csv, summary.md and the plots; failed runs stay out of the table, plots and
-        paired comparisons (``run_folders``: the folder of each run in ``rows_by_run``).
-        Returns the table, the comparisons and the plot paths (none written in a read-only folder)."""
+        paired comparisons (``run_folders``: the folder of each run in ``rows_by_run``), runs
+        without readable test scores out of the comparisons; ``left_out``: notes on runs left
+        out before (files that cannot be read). Returns the table, the comparisons, the plot
+        paths (none written in a read-only folder) and the notes on every run left out."""
         self.publish_rows(rows_by_run, loss_order)
         kept_runs = sorted((key for key in rows_by_run if key not in failures),
                            key=lambda key: (loss_order.index(key[0]), key[1]))
         kept = sort_rows([r for key in kept_runs for r in rows_by_run[key]], loss_order)
         # significance: each loss against ICE and against the best loss, paired by seed
-        scores = load_run_scores({key: run_folders[key] for key in kept_runs})
+        scores, without_scores = load_run_scores({key: run_folders[key] for key in kept_runs})
+        left_out = [*left_out, *without_scores.values()]
         ice_label = next((label for label in scores if label.partition(":")[0] == "ice"), None)
         comparison = comparison_table(scores, ice_label)
-        table = write_summary(None if self.read_only else self.summary, kept, loss_order, header, failures, comparison)
+        table = write_summary(None if self.read_only else self.summary, kept, loss_order, header, failures, comparison,
+                              left_out)
         plots = write_plots(self.path / "plots", kept, loss_order) if kept and not self.read_only else []
-        return table, comparison, plots
+        return table, comparison, plots, left_out

@@ -10,6 +10,7 @@ A finished run keeps, for its best validation epoch, the score of every test que
 """
 
 import io
+import zipfile
 from pathlib import Path
 from typing import Dict, Mapping, Tuple
 
@@ -23,7 +24,7 @@ from pytorch_metric_learning.utils.accuracy_calculator import (
     get_relevance_mask,
 )
 
-from ..core.files import atomic_write_bytes
+from ..core.files import BrokenFile, atomic_write_bytes
 
 SCORES_FILE = "test_scores.npz"
 QUERY_METRICS = ("mean_average_precision_at_r", "precision_at_1")
@@ -89,12 +90,38 @@ def save_test_scores(run_dir, tester, epoch: int) -> None:
     atomic_write_bytes(Path(run_dir) / SCORES_FILE, buffer.getvalue())
 
 
-def load_run_scores(run_dirs: Mapping[Tuple[str, int], Path]) -> Dict[str, Dict[int, QueryScores]]:
-    """``{loss label: {seed: scores}}`` of every (label, seed) -> run folder holding scores."""
+def read_scores(path) -> QueryScores:
+    """The scores stored in ``path`` by ``save_test_scores``, read without pickle; ``BrokenFile``
+    naming the file when it cannot be read or lacks equal-length numeric labels and scores."""
+    try:
+        stored = np.load(path, allow_pickle=False)
+        if not isinstance(stored, np.lib.npyio.NpzFile):
+            raise ValueError("not an .npz archive")
+        with stored:
+            scores = {name: stored[name] for name in stored.files}
+    except (OSError, EOFError, KeyError, ValueError, zipfile.BadZipFile) as error:
+        raise BrokenFile(f"{path} cannot be read ({type(error).__name__}: {error})") from error
+    arrays = [scores.get(name) for name in ("labels", *QUERY_METRICS)]
+    if (any(a is None or a.ndim != 1 or a.dtype.kind not in "iuf" for a in arrays)
+            or len({len(a) for a in arrays}) != 1):
+        raise BrokenFile(f"{path} does not hold the labels and per-query scores of a test split")
+    return scores
+
+
+def load_run_scores(run_dirs: Mapping[Tuple[str, int], Path]
+                    ) -> Tuple[Dict[str, Dict[int, QueryScores]], Dict[Tuple[str, int], str]]:
+    """``{loss label: {seed: scores}}`` of every (label, seed) -> run folder, and for each run
+    whose scores are missing or cannot be read, a note naming the file: that run is left out."""
     found: Dict[str, Dict[int, QueryScores]] = {}
+    left_out: Dict[Tuple[str, int], str] = {}
     for (label, seed), run_dir in run_dirs.items():
         path = Path(run_dir) / SCORES_FILE
-        if path.is_file():
-            with np.load(path) as stored:
-                found.setdefault(label, {})[seed] = {name: stored[name] for name in stored.files}
-    return found
+        try:
+            if not path.is_file():
+                raise BrokenFile(f"{path} is missing")
+            found.setdefault(label, {})[seed] = read_scores(path)
+        except BrokenFile as error:
+            left_out[label, seed] = (f"{error}: `{label}` seed {seed} is left out of the paired comparisons "
+                                     f"(restore the file, or delete {run_dir} and run the command again to "
+                                     "train that run again)")
+    return found, left_out

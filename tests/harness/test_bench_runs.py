@@ -286,6 +286,7 @@ def test_broken_run_file_restarts_that_run_and_the_others_carry_on(tmp_path, cap
     broken.write_bytes(content)
     assert run.main(TINY_ONE_EPOCH + ["--losses", "triplet", "--out", str(out)]) == 0
     assert f"earlier run: {broken} cannot be read" in capsys.readouterr().out
+    assert f"{broken} cannot be read" in (out / "summary.md").read_text()
     assert broken.read_bytes() == content
 
 

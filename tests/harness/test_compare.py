@@ -3,6 +3,7 @@
 import csv
 import shutil
 
+import numpy as np
 import pytest
 
 from benchmarks import compare, run
@@ -97,3 +98,27 @@ def test_a_config_json_with_epochs_that_are_not_a_count_is_named(folders, tmp_pa
     assert compare.main([str(copy), str(folders / "b")]) == 2
     error = capsys.readouterr().err
     assert f"{config}: 'epochs' must be a count of epochs" in error and "'two'" in error
+
+
+@pytest.mark.parametrize("name, damage, note", [
+    ("run.json", b'{"loss": ', "run.json cannot be read"),
+    ("checkpoint.pth", b"PK\x03\x04trunc", "checkpoint.pth cannot be read"),
+    ("test_scores.npz", b"PK\x03\x04trunc", "test_scores.npz cannot be read"),
+    ("test_scores.npz", "object array", "test_scores.npz cannot be read"),
+    ("failed.json", b'{"error": "loss is nan", "rows": []}', " failed (loss is nan); left out"),
+])
+def test_a_run_left_out_is_named_in_the_report(folders, tmp_path, capsys, name, damage, note):
+    """Before, compare said only "fewer than 2 seeds in common" (or crashed on the scores)."""
+    copy = tmp_path / "a"
+    shutil.copytree(folders / "a", copy)
+    broken = copy / "runs" / "ice" / "seed1" / name
+    if damage == "object array":
+        np.savez(broken, labels=np.array([0, "a"], dtype=object), mean_average_precision_at_r=np.ones(2),
+                 precision_at_1=np.ones(2))
+    else:
+        broken.write_bytes(damage)
+    before = folder_bytes(copy)
+    assert compare.main([str(copy), str(folders / "b")]) == 0
+    notes = [line for line in capsys.readouterr().out.splitlines() if line.startswith("- left out of A: ")]
+    assert len(notes) == 1 and f"{broken.parent}{'' if note.startswith(' ') else '/'}{note}" in notes[0]
+    assert folder_bytes(copy) == before  # only read

@@ -35,7 +35,7 @@ def test_ablation_runs_the_grid_and_compares_each_lam_with_lam_zero(tmp_path, mo
     assert (out / "ablation.png").read_bytes()[:4] == b"\x89PNG"
     settings = [ablation.Setting(16, 0, "batch"), ablation.Setting(16, 2, "batch"), ablation.Setting(16, 2, "anchor"),
                 ablation.Setting(4, 1, "anchor"), ablation.Setting(16, 1, "anchor")]
-    best, scores = ablation.collect(OutFolder(out), settings, seeds=2, epochs=1)
+    best, scores, _ = ablation.collect(OutFolder(out), settings, seeds=2, epochs=1)
     assert set(best) == {s.spec.label for s in settings} and all(len(rows) == 2 for rows in best.values())
     difference = comparisons.compare_losses(scores, settings[2].spec.label, settings[0].spec.label)
     d = difference["mean_average_precision_at_r"].seeds
@@ -63,8 +63,8 @@ def test_the_ice_table_reads_means_and_paired_differences_from_the_runs(tmp_path
     lines = table.splitlines()
     assert lines[2].startswith("| untrained model | 2 |") and lines[3].startswith("| `ice` | 2 |")
     assert lines[4].startswith(f"| `ntxent` | 2 | {ntxent_map:.1f} ± ")
-    _, run_folders = OutFolder(out).finished_runs(epochs=1)
-    found = comparisons.compare_losses(query_scores.load_run_scores(run_folders), "ntxent", "ice")
+    _, run_folders, _ = OutFolder(out).finished_runs(epochs=1)
+    found = comparisons.compare_losses(query_scores.load_run_scores(run_folders)[0], "ntxent", "ice")
     d, headline = found["precision_at_1"].seeds, found["mean_average_precision_at_r"].seeds
     assert lines[4].endswith(f"{100 * d.mean:+.1f} [{100 * d.ci_low:+.1f}, {100 * d.ci_high:+.1f}], "
                              f"p {tables.p_text(d.p_value)} | {100 * headline.detectable:.1f} |")

@@ -10,6 +10,7 @@ import torch
 from pytorch_metric_learning.utils.accuracy_calculator import AccuracyCalculator
 
 from benchmarks import run
+from benchmarks.core.files import BrokenFile
 from benchmarks.report import paired_tests, query_scores, tables
 from benchmarks.report.comparisons import Comparison
 from benchmarks.report.seed_paired import seed_paired_difference
@@ -146,3 +147,56 @@ def test_benchmark_run_keeps_scores_and_writes_the_comparison(tmp_path, capsys):
     assert "## Paired comparisons" in summary
     assert "| `contrastive` | `ice` (ICE) | 2 | 150 |" in summary
     assert "Against `ice` (ICE), on test MAP@R: " in summary
+
+
+def write_object_array_scores(path):
+    np.savez(path, epoch=1, labels=np.array([0, "a"], dtype=object), mean_average_precision_at_r=np.ones(2),
+             precision_at_1=np.ones(2))
+
+
+@pytest.mark.parametrize("damage", ["truncated", "object array", "no labels", "not a zip"])
+def test_test_scores_that_cannot_be_read_are_named(tmp_path, damage):
+    path = tmp_path / query_scores.SCORES_FILE
+    if damage == "object array":
+        write_object_array_scores(path)
+    elif damage == "no labels":
+        np.savez(path, epoch=1, mean_average_precision_at_r=np.ones(2), precision_at_1=np.ones(2))
+    else:
+        tester = SimpleNamespace(last_embeddings_and_labels={"test": (torch.randn(4, 3), torch.tensor([0, 0, 1, 1]))})
+        query_scores.save_test_scores(tmp_path, tester, 3)
+        path.write_bytes(path.read_bytes()[:100] if damage == "truncated" else b"\x80\x04K\x01.")
+    with pytest.raises(BrokenFile, match=str(path)):
+        query_scores.read_scores(path)
+    scores, left_out = query_scores.load_run_scores({("ice", 0): tmp_path})
+    assert scores == {} and str(path) in left_out["ice", 0] and "left out of the paired comparisons" in left_out["ice", 0]
+
+
+def test_a_run_without_readable_test_scores_is_named_and_left_out_of_the_comparisons(tmp_path, capsys):
+    """A deleted, truncated or object-array test_scores.npz: the rerun says which run its
+    comparisons leave out (before: silently one seed fewer, or a crash on every rerun)."""
+    out = tmp_path / "out"
+    argv = ["--dataset", "digits", "--epochs", "1", "--seeds", "2", "--limit-per-class", "20", "--batch-size", "16",
+            "--m-per-class", "4", "--patience", "-1", "--losses", "ice,ntxent", "--quiet", "--out", str(out)]
+    assert run.main(argv) == 0
+    assert "Left out" not in (out / "summary.md").read_text()
+    path = out / "runs" / "ntxent" / "seed1" / query_scores.SCORES_FILE
+    intact = path.read_bytes()
+    for damage in ("deleted", "truncated", "object array"):
+        if damage == "deleted":
+            path.unlink()
+        elif damage == "truncated":
+            path.write_bytes(intact[:200])
+        else:
+            write_object_array_scores(path)
+        damaged = path.read_bytes() if path.exists() else None
+        capsys.readouterr()
+        assert run.main(argv) == 0
+        printed, summary = capsys.readouterr().out, (out / "summary.md").read_text()
+        note = f"{path} {'is missing' if damage == 'deleted' else 'cannot be read'}"
+        assert note in printed and note in summary, damage
+        assert "`ntxent` seed 1 is left out of the paired comparisons" in summary
+        assert "| `ntxent` | `ice` (ICE) | 1 |" in summary  # one seed compared; the table keeps both
+        assert "| `ntxent` | 2 |" in summary
+        assert (path.read_bytes() if path.exists() else None) == damaged  # the file is left as it was
+    path.write_bytes(intact)
+    assert run.main(argv) == 0 and "Left out" not in (out / "summary.md").read_text()
