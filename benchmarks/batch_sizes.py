@@ -13,7 +13,8 @@ larger batch fewer optimizer steps. Rerunning resumes. Then it writes
 each loss at each batch size against itself at the smallest, and the first loss against the
 others at each batch size, by the seed-paired test (a seed fixes the initial weights; the
 batches differ between batch sizes). Every other option is an option of ``benchmarks.run``
-(dataset, ``--epochs``, ``--m-per-class``, ...).
+(dataset, ``--epochs``, ``--m-per-class``, ...), written in full; not ``--config``, as the
+final runs read ``best.toml`` as theirs.
 """
 
 import argparse
@@ -29,7 +30,7 @@ from .core.files import atomic_write_text
 from .core.launch import USER_ERRORS, check_batches, prepare_data
 from .core.loss_registry import LOSSES
 from .core.out_folder import OutFolder
-from .core.settings import SeedList, Settings, UsageError, resolve
+from .core.settings import SeedList, Settings, UsageError, build_parser as build_run_parser, flag, resolve
 from .core.training import samples_per_epoch
 from .report.comparisons import compare_losses
 from .report.metrics import PRIMARY_METRIC, SHORT_NAMES
@@ -39,7 +40,8 @@ from .report.tables import difference_text, verdict
 
 DEFAULT_BATCH_SIZES = "128,1024,4096"
 DEFAULT_LOSSES = "ice,unweighted_ice"
-FIXED_OPTIONS = ("--batch-size", "--cache-chunk", "--losses", "--seeds", "--out", "--quiet")
+# benchmarks.run's settings this command sets itself (--config: its final runs read best.toml as theirs)
+FIXED_SETTINGS = ("batch_size", "cache_chunk", "losses", "seeds", "out", "quiet", "config")
 
 
 def positive_integers(text: str) -> List[int]:
@@ -67,6 +69,23 @@ def build_parser() -> argparse.ArgumentParser:
         help="samples per chunk of gradient caching for larger batches (default 128)")
     add("--out", metavar="DIR", help="output folder (default: results/batch-sizes-<dataset>)")
     return parser
+
+
+def check_run_options(run_argv: List[str]) -> None:
+    """Refuse in ``run_argv`` what benchmarks.run's parser does not read without abbreviations
+    (``--cache 8`` would be --cache-chunk under another name) and the options of ``FIXED_SETTINGS``."""
+    parser = build_run_parser()
+    parser.allow_abbrev = False
+    given, unknown = parser.parse_known_args(run_argv)
+    if unknown:
+        options = [option for action in parser._actions for option in action.option_strings]
+        meant = [f"{text} for {' or '.join(found)}?" for text in unknown
+                 if (found := [o for o in options if o.startswith(text.partition("=")[0])])]
+        raise UsageError(f"unrecognized arguments: {' '.join(unknown)}; write the options of benchmarks.run in full"
+                         + (f" ({', '.join(meant)})" if meant else ""))
+    fixed = [flag(name) for name in FIXED_SETTINGS if getattr(given, name) is not None]
+    if fixed:
+        raise UsageError(f"{', '.join(fixed)}: set by this command (see --help)")
 
 
 def batch_argv(run_argv: List[str], batch_size: int, cache_chunk: int) -> List[str]:
@@ -138,9 +157,7 @@ def main(argv=None) -> int:
     command = "python -m benchmarks.batch_sizes " + " ".join(shlex.quote(a) for a in argv)
     args, run_argv = build_parser().parse_known_args(argv)
     try:
-        fixed = [a for a in run_argv if a.split("=")[0] in FIXED_OPTIONS]
-        if fixed:
-            raise UsageError(f"{', '.join(fixed)}: set by this command (see --help)")
+        check_run_options(run_argv)
         losses = [name.strip() for name in args.losses.split(",") if name.strip()]
         unknown = [name for name in losses if name not in LOSSES]
         if not losses or unknown:

@@ -40,6 +40,10 @@ def test_each_batch_size_is_tuned_trained_and_compared(tmp_path, capsys):
     (["--batch-sizes", "16,64"], "cannot fill a batch of 64"),
     (["--batch-sizes", "16,x"], "distinct positive integers"),
     (["--batch-size", "16"], "--batch-size: set by this command"),
+    (["--batch-size=16", "--quiet"], "--batch-size, --quiet: set by this command"),
+    (["--cache", "8", "--losse", "ntxent"], "unrecognized arguments: --cache 8 --losse ntxent; write the options of "
+     "benchmarks.run in full (--cache for --cache-chunk?, --losse for --losses?)"),
+    (["--config", "run.toml"], "--config: set by this command"),
     (["--losses", "ice,nope"], "unknown loss names ['nope']"),
     (["--seeds", "0"], "--seeds must be a count"),
     (["--trials", "0"], "--trials and --cache-chunk must be at least 1"),
