@@ -71,8 +71,8 @@ def _ice_reducer_class():
 @dataclasses.dataclass(frozen=True)
 class LossEntry:
     """A registered loss: its class, default hyperparameters, optional miner and reducer, the
-    values of its enumerated and positive parameters, its tuning search space and whether the
-    default comparison includes it."""
+    values of its enumerated, positive and count parameters, its tuning search space and whether
+    the default comparison includes it."""
 
     description: str
     loss_class: Callable[[], type]
@@ -85,6 +85,7 @@ class LossEntry:
     compared_by_default: bool = False  # in the default --losses of ``benchmarks.run`` and ``benchmarks.tune``
     choices: Dict[str, Tuple[str, ...]] = dataclasses.field(default_factory=dict)  # values of enumerated parameters
     positive: Tuple[str, ...] = ()  # parameters that must be > 0 (a temperature divides)
+    counts: Tuple[str, ...] = ()  # parameters that are "all" or an integer >= 1 (tuples per anchor)
     fixed: Dict[str, Any] = dataclasses.field(default_factory=dict)  # loss or reducer values no spec may change
 
     def loss_parameters(self):
@@ -172,6 +173,7 @@ LOSSES: Dict[str, LossEntry] = {
                       Parameter("miner_type_of_triplets", choices=("all", "hard", "semihard"))),
         compared_by_default=True,
         choices={"miner_type_of_triplets": TRIPLET_TYPES},
+        counts=("triplets_per_anchor",),
     ),
     "contrastive": LossEntry("PML ContrastiveLoss", _pml("ContrastiveLoss"),
                              search_space=(Parameter("pos_margin", 0.0, 1.0), Parameter("neg_margin", 0.0, 2.0)),

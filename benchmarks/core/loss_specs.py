@@ -152,6 +152,9 @@ def make_loss_spec(name: str, params: Dict[str, Any]) -> LossSpec:
             raise LossSpecError(f"{key} of loss '{name}' must be a finite number; got {value!r}")
         if key in entry.positive and not (number and value > 0):
             raise LossSpecError(f"{key} of loss '{name}' must be a number > 0; got {value!r}")
+        if key in entry.counts and not (value == "all" or (isinstance(value, int) and not isinstance(value, bool)
+                                                          and value >= 1)):
+            raise LossSpecError(f"{key} of loss '{name}' must be 'all' or an integer >= 1; got {value!r}")
     loss_lr = params.get(LOSS_LR)
     if LOSS_LR in params and not (isinstance(loss_lr, (int, float)) and not isinstance(loss_lr, bool) and 0 < loss_lr < math.inf):
         raise LossSpecError(f"loss_lr of loss '{name}' must be a finite number > 0, got {loss_lr!r}")

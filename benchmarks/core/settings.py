@@ -202,7 +202,7 @@ class Settings:
                                "positive)", Integer(2, note=" (a batch needs positive pairs)"), identity=True,
                                per_dataset=True, metavar="M")
     passes_per_epoch: int = setting(None, "passes over the training split between two evaluations (one epoch)",
-                                    Integer(1), identity=True, per_dataset=True, metavar="P")
+                                    Integer(1, maximum=1000), identity=True, per_dataset=True, metavar="P")
     lr: float = setting(None, "Adam learning rate of trunk and embedder", Number(above_zero=True), identity=True,
                         per_dataset=True)
     loss_lr: float = setting(1e-2, "Adam learning rate of a loss's own parameters (proxies, class weights; "
@@ -223,7 +223,7 @@ class Settings:
                                          "chunk by its own statistics; default: no caching)",
                                          Integer(1, optional=True), identity=True, metavar="N")
     eval_batch_size: int = setting(256, "batch size when computing embeddings for evaluation (default 256)",
-                                   Integer(1), metavar="B")
+                                   Integer(1, maximum=2**20), metavar="B")
     device: str = setting("auto", "cpu, cuda, cuda:1, ... (default: cuda when available)", Device())
     num_workers: int = setting(0, "data-loader worker processes (default 0)", Integer(0), identity=True, metavar="N")
     timeout: int = setting(600, "seconds a process of a torchrun launch waits for the others before it stops with "
@@ -323,7 +323,7 @@ def default_losses(dataset: str) -> str:
 
 def config_file_values(path) -> dict:
     """The settings a TOML file sets, checked as the command line would check them."""
-    values = {}
+    values, keys = {}, {}
     for key, value in _read_toml(path).items():
         name = key.replace("-", "_")
         if name == "no_pretrained":
@@ -331,7 +331,9 @@ def config_file_values(path) -> dict:
         if name not in FIELDS:
             raise UsageError(f"unknown key '{key}' in {path}; valid keys: "
                              + ", ".join(sorted(n.replace("_", "-") for n in FIELDS)))
-        values[name] = value
+        if name in values:
+            raise UsageError(f"{path} sets one setting twice, as '{keys[name]}' and as '{key}'; keep one of them")
+        values[name], keys[name] = value, key
     return values
 
 
@@ -359,13 +361,19 @@ def _check_together(settings: Settings) -> None:
                          f"channel(s); use --model {' or '.join(FROM_SCRATCH_MODELS)}")
     if settings.verbose and settings.quiet:
         raise UsageError("--verbose and --quiet exclude each other")
-    if Path(settings.out).exists() and not Path(settings.out).is_dir():
-        raise UsageError(f"--out {settings.out} is a file, not a folder; choose another --out")
-    out = Path(settings.out).resolve()
+    check_out_folder(settings.out)
+
+
+def check_out_folder(out: str) -> None:
+    """Refuse an output folder that is a file, the repository's root or inside a source folder."""
+    if Path(out).exists() and not Path(out).is_dir():
+        raise UsageError(f"--out {out} is a file, not a folder; choose another --out")
+    resolved, elsewhere = Path(out).resolve(), "choose a folder outside the source tree, such as results/<name>"
+    if resolved == REPOSITORY:
+        raise UsageError(f"--out {out} is the repository's root; {elsewhere}")
     for name in SOURCE_FOLDERS:
-        if out == REPOSITORY / name or REPOSITORY / name in out.parents:
-            raise UsageError(f"--out {settings.out} is inside the repository's {name}/ folder; choose a folder "
-                             "outside the source tree, such as results/<name>")
+        if resolved == REPOSITORY / name or REPOSITORY / name in resolved.parents:
+            raise UsageError(f"--out {out} is inside the repository's {name}/ folder; {elsewhere}")
 
 
 def resolve(argv=None) -> Settings:

@@ -1,5 +1,7 @@
 """Command line of the harness: loss specs, bad options and missing datasets fail at once."""
 
+import re
+
 import pytest
 import torch
 from pytorch_metric_learning import losses as pml_losses
@@ -92,6 +94,10 @@ def test_unweighted_ice_is_pml_ntxent_at_temperature_one_over_scale(scale):
         ("triplet:miner_type_of_triplets=foo", "miner_type_of_triplets of loss 'triplet' must be one of all, hard, semihard, easy; got 'foo'"),
         ("ice:normalize=foo", "normalize of loss 'ice' must be one of batch, anchor; got 'foo'"),
         ("triplet:swap=foo", "swap of loss 'triplet' must be true or false; got 'foo'"),
+        ("triplet:triplets_per_anchor=many", "triplets_per_anchor of loss 'triplet' must be 'all' or an integer >= 1; "
+         "got 'many'"),
+        ("triplet:triplets_per_anchor=0", "must be 'all' or an integer >= 1; got 0"),
+        ("triplet:triplets_per_anchor=2.5", "must be 'all' or an integer >= 1; got 2.5"),
         ("ice:lam=-1", "loss 'ice:lam=-1' cannot be built: ICEReweightReducer: lam must be a real number >= 0"),
         ("ice:lam=[1]", "lam of loss 'ice' must be a finite number; got [1]"),
         ("ice:scale=inf", "scale of loss 'ice' must be a finite number; got 'inf'"),
@@ -175,6 +181,14 @@ def test_an_out_inside_the_source_tree_is_refused(inside):
         settings.resolve(["--dataset", "digits", "--out", str(settings.REPOSITORY / inside)])
 
 
+@pytest.mark.parametrize("out", [str(settings.REPOSITORY), str(settings.REPOSITORY / "benchmarks" / ".."), "."])
+def test_an_out_at_the_repository_root_is_refused(out, monkeypatch):
+    monkeypatch.chdir(settings.REPOSITORY)
+    with pytest.raises(settings.UsageError, match=f"--out {re.escape(out)} is the repository's root; choose a folder"):
+        settings.resolve(["--dataset", "digits", "--out", out])
+    settings.resolve(["--dataset", "digits", "--out", "results/x"])  # a folder below it is fine
+
+
 def test_config_file_sets_options_and_command_line_wins(tmp_path):
     config = tmp_path / "bench.toml"
     config.write_text('losses = ["ice:scale=8", "supcon"]\nepochs = 7\nseeds = 2\nbatch-size = 32\n')
@@ -206,6 +220,17 @@ def test_config_file_with_bad_value(tmp_path, line, message):
     with pytest.raises(settings.UsageError) as error:
         settings.resolve(["--config", str(config)])
     assert message in str(error.value)
+
+
+@pytest.mark.parametrize("text, keys", [
+    ("batch-size = 32\nbatch_size = 64", "as 'batch-size' and as 'batch_size'"),
+    ("pretrained = true\nno-pretrained = true", "as 'pretrained' and as 'no-pretrained'"),
+])
+def test_config_file_setting_one_setting_twice(tmp_path, text, keys):
+    config = tmp_path / "bench.toml"
+    config.write_text(text + "\n")
+    with pytest.raises(settings.UsageError, match=f"bench.toml sets one setting twice, {keys}; keep one of them"):
+        settings.resolve(["--config", str(config)])
 
 
 def test_config_file_with_unknown_key(tmp_path):
@@ -248,6 +273,8 @@ def write_config(tmp_path, text):
         (["--device", "foo"], "--device must be cpu, cuda, cuda:N or auto, got 'foo'"),
         (["--verbose", "--quiet"], "--verbose and --quiet exclude each other"),
         (["--model", "resnet18"], "model 'resnet18' takes RGB images, dataset 'digits' has 1 channel(s)"),
+        (["--eval-batch-size", "99999999999999999999"], "--eval-batch-size must be at most 1048576"),
+        (["--passes-per-epoch", "99999999999"], "--passes-per-epoch must be at most 1000"),
     ],
 )
 def test_bad_option_values_are_refused(capsys, tmp_path, argv, message):
