@@ -28,9 +28,9 @@ import optuna
 
 from .core.loss_registry import DEFAULT_LOSSES, LOSSES, TUNABLE_LOSSES
 from .core.launch import USER_ERRORS, quiet_known_warnings
-from .core.settings import UsageError, resolve
+from .core.settings import UsageError, check_out_folder, resolve
 from .core.tuning import (check_reported_studies, counted_trials, load_validation_data, mask_credentials,
-                          open_storage, open_study, parse_loss_names, tune_loss)
+                          open_storage, open_study, parse_loss_names, sqlite_url, tune_loss)
 from .report.tuning_report import write_best_toml, write_report
 
 DEFAULT_TRIALS = 20
@@ -71,8 +71,9 @@ def main(argv=None) -> int:
         losses = parse_loss_names(args.losses)
         settings = resolve(run_argv)
         out = Path(args.out or os.path.join("results", f"tune-{settings.dataset}"))
+        check_out_folder(str(out))
         out.mkdir(parents=True, exist_ok=True)
-        storage = open_storage(args.storage or f"sqlite:///{out.resolve() / 'tuning.db'}")
+        storage = open_storage(args.storage or sqlite_url(out / "tuning.db"))
         quiet_known_warnings()
         data = load_validation_data(settings, out, say)
         optuna.logging.set_verbosity(optuna.logging.WARNING)

@@ -108,6 +108,14 @@ def mask_credentials(text: str) -> str:
 HEARTBEAT_S, STALE_AFTER_S = 60, 600
 
 
+def sqlite_url(path: Path) -> str:
+    """The SQLAlchemy URL of the SQLite database file ``path``, quoted so that a '?', '#' or '%'
+    in a folder name stays part of the path."""
+    from sqlalchemy.engine import URL
+
+    return URL.create("sqlite", database=str(path.resolve())).render_as_string(hide_password=False)
+
+
 def open_storage(url: str):
     """An Optuna RDB storage with trial heartbeats (SQLite waits up to a minute for a lock
     held by another process)."""

@@ -142,6 +142,34 @@ def test_bad_requests_fail_before_training(tmp_path, capsys, argv, message):
     assert message in capsys.readouterr().err
 
 
+def test_an_out_naming_a_file_is_refused_before_anything_is_written(tmp_path, capsys):
+    existing = tmp_path / "notes.txt"
+    existing.write_text("keep me")
+    assert tune.main(TINY + ["--out", str(existing)]) == 2
+    assert f"--out {existing} is a file, not a folder; choose another --out" in capsys.readouterr().err
+    assert existing.read_text() == "keep me" and sorted(tmp_path.iterdir()) == [existing]
+
+
+@pytest.mark.parametrize("name", ["tn?x", "a%41b", "c#d", "e{f}g", "h i"])
+def test_the_default_database_lies_in_its_folder_whatever_the_folder_s_name(tmp_path, name):
+    """The folder name was pasted into the SQLite URL: 'tn?x' put the database in ./tn."""
+    folder = tmp_path / name
+    folder.mkdir()
+    tuning.open_storage(tuning.sqlite_url(folder / "tuning.db")).engine.dispose()
+    assert (folder / "tuning.db").is_file() and sorted(tmp_path.iterdir()) == [folder]
+
+
+def test_two_out_folders_whose_names_differ_after_a_question_mark_keep_their_own_studies(tmp_path, capsys):
+    for name in ("tn?x", "tn?y"):
+        assert tune.main(TINY + ["--trials", "1", "--losses", "ntxent", "--out", str(tmp_path / name)]) == 0
+        assert "tuning ntxent: 0/1 trials finished" in capsys.readouterr().out  # a new study each time
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["tn?x", "tn?y"]
+    for name in ("tn?x", "tn?y"):
+        storage = f"sqlite:///{tmp_path / name / 'tuning.db'}".replace("?", "%3F")
+        study = optuna.load_study(study_name="digits-ntxent", storage=storage)
+        assert len(study.get_trials()) == 1
+
+
 def test_a_damaged_database_is_named_as_damaged(tmp_path, capsys):
     damaged = tmp_path / "tuning.db"
     damaged.write_bytes(b"not a database")
