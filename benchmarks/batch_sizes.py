@@ -30,7 +30,8 @@ from .core.files import atomic_write_text
 from .core.launch import USER_ERRORS, check_batches, prepare_data
 from .core.loss_registry import LOSSES
 from .core.out_folder import OutFolder
-from .core.settings import SeedList, Settings, UsageError, build_parser as build_run_parser, flag, resolve
+from .core.settings import (SeedList, Settings, UsageError, build_parser as build_run_parser, check_out_folder, flag,
+                            resolve)
 from .core.training import samples_per_epoch
 from .report.comparisons import compare_losses
 from .report.metrics import PRIMARY_METRIC, SHORT_NAMES
@@ -170,6 +171,7 @@ def main(argv=None) -> int:
         for size in args.batch_sizes:  # refuse a batch the data cannot fill before anything trains
             check_batches(dataclasses.replace(settings, batch_size=size), data, 1)
         out = Path(args.out or os.path.join("results", f"batch-sizes-{settings.dataset}"))
+        check_out_folder(str(out))
     except USER_ERRORS as error:
         print(f"python -m benchmarks.batch_sizes: error: {error}", file=sys.stderr)
         return 2

@@ -55,3 +55,11 @@ def test_bad_requests_are_refused_before_anything_trains(tmp_path, capsys, extra
     assert message in capsys.readouterr().err
     assert not out.exists()
 
+
+def test_an_out_naming_a_file_is_refused_before_anything_trains(tmp_path, capsys):
+    existing = tmp_path / "notes.txt"
+    existing.write_text("keep me")
+    assert batch_sizes.main(TINY + ["--batch-sizes", "16", "--out", str(existing)]) == 2
+    assert f"--out {existing} is a file, not a folder" in capsys.readouterr().err
+    assert existing.read_text() == "keep me" and sorted(tmp_path.iterdir()) == [existing]
+
