@@ -130,8 +130,9 @@ class OutFolder:
             elif stored.status == "failed":
                 left_out.append((stored.key, f"{store.folder} failed ({stored.error}); left out"))
             elif stored.status == "partial":
-                trained = stored.checkpoint["epoch"]
-                state = "is not tested yet" if trained >= epochs else f"has trained {trained} of {epochs} epochs"
+                trained, stopped = stored.checkpoint["epoch"], stored.checkpoint["stopped_early"]
+                state = ("is not tested yet" if stopped or trained >= epochs
+                         else f"has trained {trained} of {epochs} epochs")
                 left_out.append((stored.key, f"{store.folder} {state}; left out until a command finishes it"))
         return rows, run_folders, left_out
 

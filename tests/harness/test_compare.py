@@ -5,6 +5,7 @@ import shutil
 
 import numpy as np
 import pytest
+import torch
 
 from benchmarks import compare, run
 
@@ -122,3 +123,13 @@ def test_a_run_left_out_is_named_in_the_report(folders, tmp_path, capsys, name, 
     notes = [line for line in capsys.readouterr().out.splitlines() if line.startswith("- left out of A: ")]
     assert len(notes) == 1 and f"{broken.parent}{'' if note.startswith(' ') else '/'}{note}" in notes[0]
     assert folder_bytes(copy) == before  # only read
+
+
+def test_an_unfinished_run_is_named_in_the_report(folders, tmp_path, capsys):
+    copy = tmp_path / "a"
+    shutil.copytree(folders / "a", copy)
+    path = copy / "runs" / "ice" / "seed1" / "checkpoint.pth"
+    checkpoint = torch.load(path, weights_only=True)
+    torch.save(dict(checkpoint, epoch=0), path)
+    assert compare.main([str(copy), str(folders / "b")]) == 0
+    assert f"- left out of A: {path.parent} has trained 0 of 1 epochs" in capsys.readouterr().out
