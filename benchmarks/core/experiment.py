@@ -161,7 +161,7 @@ class Experiment:
             self.console.say("\nFailed runs (left out of the table and plots):\n" + "\n".join(
                 f"  {label} seed {seed}: {error}" for (label, seed), error in self.failures.items()))
         if left_out:
-            self.console.result("\nLeft out (files that cannot be read):\n"
+            self.console.result("\nLeft out (files missing or unreadable):\n"
                                 + "\n".join(f"  {note}" for note in left_out))
         if self.folder.read_only:
             self.console.say(f"\n{self.folder.path} cannot be written: nothing was updated there")

@@ -90,7 +90,7 @@ def write_summary(path, rows, loss_order, header_lines: Sequence[str], failures:
     """Write summary.md atomically (unless ``path`` is None) and return the table of ``rows``; ``failures`` maps
     (loss, seed) of each failed run, whose rows the caller leaves out, to its error;
     ``comparison`` is the markdown of ``tables.comparison_table``; ``left_out``: notes on the
-    runs left out of the table or the comparisons (files that cannot be read)."""
+    runs left out of the table or the comparisons (files missing or unreadable)."""
     table = summary_table(rows, loss_order)
     parts = ["# Benchmark summary", "", *header_lines, "",
              "Test metrics (%) at each run's best validation epoch (validation MAP@R), "
@@ -101,7 +101,7 @@ def write_summary(path, rows, loss_order, header_lines: Sequence[str], failures:
         parts += ["## Failed runs (left out of the table)", ""]
         parts += [f"- `{loss}` seed {seed}: {error}" for (loss, seed), error in sorted(failures.items())] + [""]
     if left_out:
-        parts += ["## Left out (files that cannot be read)", "", *(f"- {note}" for note in left_out), ""]
+        parts += ["## Left out (files missing or unreadable)", "", *(f"- {note}" for note in left_out), ""]
     if path is not None:
         atomic_write_text(path, "\n".join(parts))
     return table
