@@ -24,6 +24,7 @@ from typing import Dict, List, Sequence, Tuple
 
 from pml_ice.reducers.ice_reweight_reducer import NORMALIZATIONS
 
+from .core.convergence import capped_runs, convergence_lines
 from .core.files import atomic_write_text
 from .core.launch import quiet_known_warnings, run_experiment
 from .core.loss_specs import LossSpec, make_loss_spec
@@ -144,11 +145,18 @@ def write_plot(path: Path, groups: Dict[str, List[Setting]], best) -> None:
 
 def write_report(out: Path, settings: Settings, centre: Setting, seeds: int, command: str) -> str:
     groups = grid(centre)
-    best, scores, left_out = collect(OutFolder(out), all_settings(groups), seeds, settings.epochs)
+    folder = OutFolder(out)
+    best, scores, left_out = collect(folder, all_settings(groups), seeds, settings.epochs)
+    wanted = {(setting.spec.label, seed) for setting in all_settings(groups) for seed in range(seeds)}
+    rows_by_run = {key: rows for key, rows in folder.finished_runs(settings.epochs)[0].items() if key in wanted}
+    convergence = convergence_lines(capped_runs(rows_by_run, settings.epochs, settings.patience), settings.epochs,
+                                    settings.patience)
     parts = ["# ICE ablation: the reweighting (lam, normalize) and the scale", "", f"Command: `{command}`", "",
-             f"- dataset {settings.dataset}, model {settings.model}, {settings.epochs} epochs, batch "
+             f"- dataset {settings.dataset}, model {settings.model}, up to {settings.epochs} epochs (patience "
+             f"{settings.patience}), batch "
              f"{settings.batch_size} ({settings.m_per_class} per class), lr {settings.lr}; seeds 0..{seeds - 1}",
              f"- centre (the tuned ICE): scale {centre.scale:g}, lam {centre.lam:g}, normalize {centre.normalize}",
+             *(f"- {line}" for line in convergence),
              "- metrics at each run's best validation epoch, in %, mean ± std over seeds; `*` marks the setting "
              "with the best validation MAP@R in its group (the one validation selects)",
              "- Δ vs lam = 0: the same scale with lam = 0 (no reweighting: every weight is 1, so "

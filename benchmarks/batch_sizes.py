@@ -1,7 +1,7 @@
 """Does a bigger batch help? ``python -m benchmarks.batch_sizes [options]``.
 
 For each batch size of ``--batch-sizes`` (default 128,1024,4096), at one budget in epochs
-(the dataset's, or ``--epochs``): tune each loss of ``--losses`` (default ice,unweighted_ice) on
+(the dataset's, or ``--epochs``): tune each loss of ``--losses`` (default ice,ntxent) on
 validation with ``--trials`` trials (the same for every loss and batch size), with
 ``python -m benchmarks.tune`` into ``<out>/batch<B>/tuning``; then train each loss's best
 setting with ``--seeds`` seeds, with ``python -m benchmarks.run --config best.toml`` into
@@ -26,6 +26,7 @@ from pathlib import Path
 from typing import Dict, List
 
 from . import run, tune
+from .core.convergence import capped_runs, convergence_lines
 from .core.files import atomic_write_text
 from .core.launch import USER_ERRORS, check_batches, prepare_data
 from .core.loss_registry import LOSSES
@@ -40,7 +41,7 @@ from .report.reporting import mean_std_text
 from .report.tables import difference_text, verdict
 
 DEFAULT_BATCH_SIZES = "128,1024,4096"
-DEFAULT_LOSSES = "ice,unweighted_ice"
+DEFAULT_LOSSES = "ice,ntxent"
 # benchmarks.run's settings this command sets itself (--config: its final runs read best.toml as theirs)
 FIXED_SETTINGS = ("batch_size", "cache_chunk", "losses", "seeds", "out", "quiet", "config")
 
@@ -62,8 +63,7 @@ def build_parser() -> argparse.ArgumentParser:
     add = parser.add_argument
     add("--batch-sizes", type=positive_integers, default=positive_integers(DEFAULT_BATCH_SIZES), metavar="B,B",
         help=f"global batch sizes (default {DEFAULT_BATCH_SIZES})")
-    add("--losses", default=DEFAULT_LOSSES, metavar="NAMES", help=f"losses to tune and train (default {DEFAULT_LOSSES}; "
-        "unweighted_ice is NTXent's loss, which PML's NTXentLoss cannot hold in memory at these batches)")
+    add("--losses", default=DEFAULT_LOSSES, metavar="NAMES", help=f"losses to tune and train (default {DEFAULT_LOSSES})")
     add("--trials", type=int, default=8, metavar="N", help="tuning trials per loss and batch size (default 8)")
     add("--seeds", default="5", metavar="K|S,S", help="final seeds: a count or seeds, as for benchmarks.run (default 5)")
     add("--cache-chunk", type=int, default=128, metavar="N",
@@ -101,11 +101,15 @@ def tuned_labels(best_toml: Path) -> Dict[str, str]:
 
 def write_report(out: Path, settings: Settings, batch_sizes: List[int], losses: List[str], seeds, command: str,
                  cache_chunk: int, train_size: int) -> str:
-    best, scores, labels, left_out = {}, {}, {}, []
+    best, scores, labels, left_out, convergence = {}, {}, {}, [], []
     for size in batch_sizes:
         folder = out / f"batch{size}"
         chosen, run_scores, notes = OutFolder(folder).best_epochs(settings.epochs, lambda key: key[1] in seeds)
         left_out += notes
+        rows_by_run = {key: rows for key, rows in OutFolder(folder).finished_runs(settings.epochs)[0].items()
+                       if key[1] in seeds}
+        convergence += [f"batch {size}: {line}" for line in convergence_lines(
+            capped_runs(rows_by_run, settings.epochs, settings.patience), settings.epochs, settings.patience)]
         for name, label in tuned_labels(folder / "tuning" / "best.toml").items():
             if name in losses and label in chosen:
                 labels[name, size] = label
@@ -138,11 +142,14 @@ def write_report(out: Path, settings: Settings, batch_sizes: List[int], losses: 
             a, b = f"{other} @ {size}", f"{first} @ {size}"
             if a in scores and b in scores:
                 sentences.append(f"At batch {size}: " + verdict(other, first, compare_losses(scores, a, b)[PRIMARY_METRIC]))
+    if settings.patience is None:
+        sentences = ["Not trained to convergence (a fixed budget): no verdict is drawn from these differences."]
     parts = [f"# Batch size: {', '.join(losses)}", "", f"Command: `{command}`", "",
              f"- dataset {settings.dataset}, model {settings.model}, epochs {settings.epochs}, each "
              f"{settings.passes_per_epoch} pass(es) over {train_size} training images, {settings.m_per_class} "
              f"per class, lr {settings.lr}; "
              f"batches above {cache_chunk} through gradient caching in chunks of {cache_chunk}",
+             *(f"- {line}" for line in convergence),
              "- each loss tuned at each batch size on validation MAP@R with the same number of trials; "
              "test metrics at each run's best validation epoch, in %, mean ± std over seeds",
              "- Δ: the seed-paired test (training runs and test queries; a seed fixes the initial weights, the "

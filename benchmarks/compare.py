@@ -1,6 +1,6 @@
 """Two output folders compared loss by loss: ``python -m benchmarks.compare A B [--out FILE]``.
 
-For every loss (by name: ``ice``, ``unweighted_ice``, ...; its settings may differ between
+For every loss (by name: ``ice``, ``ntxent``, ...; its settings may differ between
 the folders) with finished runs in both: test MAP@R and P@1 at each run's best validation
 epoch, and A minus B by the seed-paired test that gives every verdict of the harness. It is
 made for one experiment at two settings (batch size, epochs, model, ...): the runs of both
@@ -15,6 +15,7 @@ import sys
 from pathlib import Path
 from typing import Dict, List
 
+from .core.convergence import cap_note, capped_runs, convergence_lines
 from .core.files import BrokenFile, atomic_write_text
 from .core.out_folder import OutFolder
 from .core.settings import UsageError
@@ -41,11 +42,11 @@ class Folder:
 
     def __init__(self, path: Path):
         self.path = path
-        self.settings = OutFolder(path).stored_settings()
-        if not isinstance(self.settings, dict) or "epochs" not in self.settings:
-            raise UsageError(f"{path} has no config.json with the settings of its runs; "
-                             "pass --out folders of benchmarks.run")
-        self.best, self.scores, self.left_out = OutFolder(path).best_epochs(self.settings["epochs"])
+        folder = OutFolder(path)
+        self.settings = folder.settings_of_runs()
+        self.best, self.scores, self.left_out = folder.best_epochs(self.settings["epochs"])
+        self.capped = capped_runs(folder.finished_runs(self.settings["epochs"])[0], self.settings["epochs"],
+                                  self.settings["patience"])
         self.labels: Dict[str, str] = {}
         for label in self.best:
             name = label.partition(":")[0]
@@ -63,6 +64,11 @@ def check_report_file(out: Path, folders: List[Path]) -> None:
         if folder.resolve() in out.resolve().parents:
             raise UsageError(f"--out {out} is inside {folder}, which this command only reads; write the report "
                              "outside the compared folders")
+
+
+def converged(folder: Folder) -> bool:
+    """Whether the folder's runs stopped early on validation (not a fixed budget)."""
+    return folder.settings["patience"] is not None
 
 
 def differing_settings(a: Folder, b: Folder) -> List[str]:
@@ -93,10 +99,17 @@ def report(a: Folder, b: Folder, command: str) -> str:
             name, f"`{label_a}`", f"`{label_b}`", str(len(seeds)), mean_std_text(rows_a, PRIMARY_METRIC),
             mean_std_text(rows_b, PRIMARY_METRIC), *(difference_text(comparisons[m]) for m in QUERY_METRICS),
         ]) + " |")
-        sentences.append(verdict(key_a, key_b, comparisons[PRIMARY_METRIC]))
+        sentence = verdict(key_a, key_b, comparisons[PRIMARY_METRIC])
+        if not (converged(a) and converged(b)):
+            sentence = f"{name}: not trained to convergence (a fixed budget), no verdict"
+        sentences.append(sentence + cap_note(label_a, a.capped).replace(f"`{label_a}`", f"`{label_a}` in A")
+                         + cap_note(label_b, b.capped).replace(f"`{label_b}`", f"`{label_b}` in B"))
     differing = differing_settings(a, b)
+    capped = [f"{folder.path}: {line}" for folder in (a, b)
+              for line in convergence_lines(folder.capped, folder.settings["epochs"], folder.settings["patience"])]
     parts = [f"# {a.path} (A) against {b.path} (B)", "", f"Command: `{command}`", "",
              f"- settings that differ (A / B): {', '.join(differing) if differing else 'none'}",
+             *(f"- {line}" for line in capped),
              "- test metrics at each run's best validation epoch, in %, mean ± std over the seeds both folders "
              "finished; Δ: A - B by the seed-paired test (training runs and test queries; "
              "a seed fixes the initial weights, the batches differ where the batch size does), "

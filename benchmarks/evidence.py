@@ -13,6 +13,7 @@ import sys
 from pathlib import Path
 from typing import Dict, List
 
+from .core.convergence import cap_note, capped_runs, convergence_lines
 from .core.loss_registry import LOSSES
 from .core.out_folder import OutFolder
 from .report.metrics import PRIMARY_METRIC
@@ -26,9 +27,12 @@ METRIC_COLUMNS = (("MAP@R", PRIMARY_METRIC), ("P@1", "precision_at_1"))
 
 def ice_table(out) -> str:
     """Markdown table of every loss in ``out`` against its ICE run (the first loss named ``ice``)."""
-    rows_by_run, run_folders, left_out = OutFolder(out).finished_runs(epochs=0)  # the command was run to its end
+    folder = OutFolder(out)
+    rows_by_run, run_folders, left_out = folder.finished_runs(epochs=0)  # the command was run to its end
     if not rows_by_run:
         raise ValueError(f"{out} holds no finished run")
+    stored = folder.settings_of_runs()
+    capped = capped_runs(rows_by_run, stored["epochs"], stored["patience"])
     registry_order = list(LOSSES)  # ICE first, then PML's losses in the harness's order
     labels = sorted({label for label, _ in rows_by_run},
                     key=lambda label: (registry_order.index(label.partition(":")[0]), label))
@@ -56,15 +60,20 @@ def ice_table(out) -> str:
             cells.append(f"{100 * headline.detectable:.1f}" if headline else "")
             kind = "untested" if headline is None else (
                 "same" if not headline.significant else ("better" if headline.mean > 0 else "worse"))
-            verdicts[kind].append(label.partition(":")[0])
+            verdicts[kind].append(label.partition(":")[0] + cap_note(label, capped))
         lines.append("| " + " | ".join(cells) + " |")
     summary = (f"On test MAP@R (seed-paired test), better than ICE: {', '.join(verdicts['better']) or 'none'}; "
                f"worse than ICE: {', '.join(verdicts['worse']) or 'none'}; no detectable difference: "
                f"{', '.join(verdicts['same']) or 'none'}.")
     if verdicts["untested"]:
         summary += f" Not tested (fewer than 2 seeds in common with ICE): {', '.join(verdicts['untested'])}."
+    if stored["patience"] is None:
+        summary = "Not trained to convergence (a fixed budget): no verdict about which loss is better."
+    elif capped.get(ice, (0, 0))[0]:
+        summary += f" ICE{cap_note(ice, capped)}."
     notes = [note for _, note in left_out] + list(without_scores.values())
-    return "\n".join(lines + ["", summary] + [f"- left out: {note}" for note in notes])
+    return "\n".join(lines + ["", *convergence_lines(capped, stored["epochs"], stored["patience"]), "", summary]
+                     + [f"- left out: {note}" for note in notes])
 
 
 def main(argv=None) -> int:

@@ -33,7 +33,7 @@ from .core.tuning import (check_reported_studies, counted_trials, load_validatio
                           open_storage, open_study, parse_loss_names, sqlite_url, tune_loss)
 from .report.tuning_report import write_best_toml, write_report
 
-DEFAULT_TRIALS = 20
+DEFAULT_TRIALS = 30
 
 
 def build_parser() -> argparse.ArgumentParser:

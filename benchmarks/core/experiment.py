@@ -152,7 +152,8 @@ class Experiment:
         header = settings_lines(self.settings, self.data, self.processes, self.labels)
         header.append(f"- wall time of this invocation: {seconds:.0f} s")
         table, comparison, plots, left_out = self.folder.publish_summary(
-            self.rows_by_run, self.labels, header, self.failures, self.run_folders, self.left_out)
+            self.rows_by_run, self.labels, header, self.failures, self.run_folders, self.settings.epochs,
+            self.settings.patience, self.left_out)
         self.console.result("\nTest metrics (%) at each run's best validation epoch, mean ± std over seeds:\n")
         self.console.result(table)
         if comparison:

@@ -68,6 +68,12 @@ def _ice_reducer_class():
     return ice_reducers.ICEReweightReducer
 
 
+def _ntxent_class():
+    from .ntxent_as_ice import NTXentAsICE
+
+    return NTXentAsICE
+
+
 @dataclasses.dataclass(frozen=True)
 class LossEntry:
     """A registered loss: its class, default hyperparameters, optional miner and reducer, the
@@ -86,7 +92,6 @@ class LossEntry:
     choices: Dict[str, Tuple[str, ...]] = dataclasses.field(default_factory=dict)  # values of enumerated parameters
     positive: Tuple[str, ...] = ()  # parameters that must be > 0 (a temperature divides)
     counts: Tuple[str, ...] = ()  # parameters that are "all" or an integer >= 1 (tuples per anchor)
-    fixed: Dict[str, Any] = dataclasses.field(default_factory=dict)  # loss or reducer values no spec may change
 
     def loss_parameters(self):
         return _hyperparameters(self.loss_class())
@@ -102,7 +107,7 @@ class LossEntry:
         values = dict(self.loss_parameters())
         values.update({"miner_" + n: v for n, v in self.miner_parameters().items()})
         values.update(self.reducer_parameters())
-        return {name: value for name, value in values.items() if name not in self.fixed}
+        return values
 
     def valid_parameters(self):
         return list(self.parameter_defaults()) + [LOSS_LR] * self.own_parameters
@@ -137,23 +142,19 @@ LOSSES: Dict[str, LossEntry] = {
         "Instance Cross Entropy (pml_ice.losses.ICELoss) with ICEReweightReducer",
         _ice_loss_class,
         reducer_class=_ice_reducer_class,
-        search_space=(Parameter("scale", 4, 128, log=True), Parameter("lam", 0.0, 4.0),
+        search_space=(Parameter("scale", 1, 1e4, log=True), Parameter("lam", 0.0, 4.0),
                       Parameter("normalize", choices=NORMALIZATIONS)),
         compared_by_default=True,
         choices={"normalize": NORMALIZATIONS},
     ),
-    "ntxent": LossEntry("PML NTXentLoss", _pml("NTXentLoss"), positive=("temperature",),
-                        search_space=(Parameter("temperature", 0.01, 1.0, log=True),), compared_by_default=True),
-    "unweighted_ice": LossEntry(
-        "ICELoss with lam = 0 and batch normalisation: NTXent's loss on labels at scale = 1 / temperature, "
-        "without PML NTXentLoss's positive-by-negative-pair matrices (which outgrow memory from batch ~1024)",
-        _ice_loss_class,
-        reducer_class=_ice_reducer_class,
-        fixed={"lam": 0, "normalize": "batch"},
-        search_space=(Parameter("scale", 1, 100, log=True),),  # NTXent's temperature range, inverted
-    ),
+    "ntxent": LossEntry(
+        "NTXent: PML NTXentLoss's value and gradient on labels, computed as ICELoss at scale 1 / temperature "
+        "with lam 0 and batch normalisation (benchmarks/core/ntxent_as_ice.py; PML's own class builds a "
+        "positive-pair by negative-pair matrix)",
+        _ntxent_class, positive=("temperature",),
+        search_space=(Parameter("temperature", 1e-4, 1.0, log=True),), compared_by_default=True),
     "supcon": LossEntry("PML SupConLoss", _pml("SupConLoss"), positive=("temperature",),
-                        search_space=(Parameter("temperature", 0.01, 1.0, log=True),), compared_by_default=True),
+                        search_space=(Parameter("temperature", 1e-4, 1.0, log=True),), compared_by_default=True),
     "multisimilarity": LossEntry(
         "PML MultiSimilarityLoss with MultiSimilarityMiner",
         _pml("MultiSimilarityLoss"),

@@ -56,8 +56,6 @@ class LossSpec:
                 reducer_kw[key] = value
             else:
                 loss_kw[key] = value
-        for key, value in self.entry.fixed.items():
-            (reducer_kw if key in reducer_names else loss_kw)[key] = value
         return loss_kw, miner_kw, reducer_kw
 
     @property

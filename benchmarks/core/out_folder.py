@@ -18,6 +18,7 @@ from ..report.plots import write_plots
 from ..report.query_scores import load_run_scores
 from ..report.reporting import best_epoch_rows, sort_rows, write_results_csv, write_summary
 from ..report.tables import comparison_table
+from .convergence import capped_runs, convergence_lines
 from .files import BrokenFile, atomic_write_json, read_json
 from .run_store import RunKey, RunStore
 from .settings import UsageError, stored_identity
@@ -99,6 +100,15 @@ class OutFolder:
             details = ", ".join(f"{k}: {stored.get(k)!r} there, {identity[k]!r} now" for k in differing)
             raise IdentityMismatch(f"{self.path} holds runs made with other settings ({details}); choose another --out")
 
+    def settings_of_runs(self) -> dict:
+        """config.json's settings, completed with the values of fields an older one lacks (a
+        folder without ``patience`` counts as a fixed budget); ``UsageError`` when it has none."""
+        stored = self.stored_settings()
+        if stored is None or "epochs" not in stored:
+            raise UsageError(f"{self.path} has no config.json with the settings of its runs; "
+                             "pass --out folders of benchmarks.run")
+        return {"patience": None, **stored_identity(stored)}
+
     def write_identity(self, identity: dict) -> None:
         """config.json: ``identity``, keeping the settings an existing one has but this harness does not know."""
         stored = read_json(self.config) or {}
@@ -153,21 +163,25 @@ class OutFolder:
             write_results_csv(self.results_csv, sort_rows([r for rows in rows_by_run.values() for r in rows], loss_order))
 
     def publish_summary(self, rows_by_run, loss_order, header: List[str], failures: Dict[RunKey, str],
-                        run_folders: Mapping[RunKey, Path], left_out: Sequence[str] = ()):
+                        run_folders: Mapping[RunKey, Path], epochs: int, patience: Optional[int],
+                        left_out: Sequence[str] = ()):
         """results.csv, summary.md and the plots; failed runs stay out of the table, plots and
         paired comparisons (``run_folders``: the folder of each run in ``rows_by_run``), runs
         without readable test scores out of the comparisons; ``left_out``: notes on runs left
-        out before (files that cannot be read). Returns the table, the comparisons, the plot
+        out before (files that cannot be read). The summary counts the runs that the cap of
+        ``epochs`` stopped before ``patience`` did. Returns the table, the comparisons, the plot
         paths (none written in a read-only folder) and the notes on every run left out."""
         self.publish_rows(rows_by_run, loss_order)
         kept_runs = sorted((key for key in rows_by_run if key not in failures),
                            key=lambda key: (loss_order.index(key[0]), key[1]))
         kept = sort_rows([r for key in kept_runs for r in rows_by_run[key]], loss_order)
+        capped = capped_runs({key: rows_by_run[key] for key in kept_runs}, epochs, patience)
         # significance: each loss against ICE and against the best loss, paired by seed
         scores, without_scores = load_run_scores({key: run_folders[key] for key in kept_runs})
         left_out = [*left_out, *without_scores.values()]
         ice_label = next((label for label in scores if label.partition(":")[0] == "ice"), None)
-        comparison = comparison_table(scores, ice_label)
+        comparison = comparison_table(scores, ice_label, capped, converged=patience is not None)
+        header = header + [line for text in convergence_lines(capped, epochs, patience) for line in ("", text)]
         table = write_summary(None if self.read_only else self.summary, kept, loss_order, header, failures, comparison,
                               left_out)
         plots = write_plots(self.path / "plots", kept, loss_order) if kept and not self.read_only else []

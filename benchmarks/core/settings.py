@@ -68,6 +68,22 @@ class Number:
 
 
 @dataclasses.dataclass(frozen=True)
+class Fraction:
+    """A number strictly between 0 and 1 (None allowed when ``optional``)."""
+
+    optional: bool = False
+    cli_type = float
+
+    def __call__(self, name, value):
+        if self.optional and value is None:
+            return None
+        is_number = isinstance(value, (int, float)) and not isinstance(value, bool)
+        if not (is_number and 0 < value < 1):
+            raise UsageError(f"{flag(name)} must be a number between 0 and 1 (exclusive), got {value!r}")
+        return value
+
+
+@dataclasses.dataclass(frozen=True)
 class Boolean:
     """``cli``: 'on' (--name), 'off' (--no-name) or 'both' (--name / --no-name)."""
 
@@ -182,9 +198,10 @@ class Settings:
         metavar="SPECS")
     epochs: int = setting(None, "maximum training epochs per run (epoch 0 = untrained model is always evaluated)",
                           Integer(0), identity=True, per_dataset=True, metavar="N")
-    patience: Optional[int] = setting(5, "stop a run when validation MAP@R has not improved for N epochs "
-                                      "(default 5; -1 = never)", Integer(-1, note=" (-1 = never stop early)"),
-                                      identity=True, metavar="N")
+    patience: Optional[int] = setting(None, "stop a run once validation MAP@R has not improved for more than N "
+                                      "evaluations (one per epoch; -1 = never: a fixed budget of --epochs)",
+                                      Integer(-1, note=" (-1 = never stop early)"), identity=True, per_dataset=True,
+                                      metavar="N")
     seeds: Tuple[int, ...] = setting(5, "seeds per loss: a count K for seeds 0..K-1, or seeds such as 3,4 to add "
                                      "to an --out folder (default 5)", SeedList(), metavar="K|S,S")
     out: str = setting(None, "output folder (default: results/<dataset>)", PathText(), metavar="DIR")
@@ -205,6 +222,12 @@ class Settings:
                                     Integer(1, maximum=1000), identity=True, per_dataset=True, metavar="P")
     lr: float = setting(None, "Adam learning rate of trunk and embedder", Number(above_zero=True), identity=True,
                         per_dataset=True)
+    lr_decay: Optional[float] = setting(None, "multiply every learning rate by F once validation MAP@R has not improved "
+                                        "for more than --lr-patience evaluations (PyTorch's ReduceLROnPlateau; "
+                                        "default: per dataset)", Fraction(optional=True), identity=True,
+                                        per_dataset=True, metavar="F")
+    lr_patience: int = setting(None, "evaluations without improvement that --lr-decay tolerates before it decays "
+                               "the learning rates", Integer(0), identity=True, per_dataset=True, metavar="N")
     loss_lr: float = setting(1e-2, "Adam learning rate of a loss's own parameters (proxies, class weights; "
                              "default 0.01)", Number(above_zero=True), identity=True)
     weight_decay: float = setting(0.0, "Adam weight decay of trunk and embedder (default 0)",
@@ -237,7 +260,7 @@ class Settings:
 
 
 # Identity fields added after folders were made, with the value those folders were made with.
-VALUES_BEFORE_FIELD = {"passes_per_epoch": 1, "num_workers": 0, "cache_chunk": None}
+VALUES_BEFORE_FIELD = {"passes_per_epoch": 1, "num_workers": 0, "cache_chunk": None, "lr_decay": None, "lr_patience": 0}
 
 
 def stored_identity(stored: dict) -> dict:

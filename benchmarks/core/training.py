@@ -194,6 +194,19 @@ def build_optimizers(trunk, embedder, loss, settings: Settings, loss_lr: Optiona
     return optimizers
 
 
+def build_lr_schedulers(optimizers: Dict[str, torch.optim.Optimizer], settings: Settings) -> dict:
+    """With ``--lr-decay F``: every optimizer's learning rate times F once validation MAP@R has not
+    improved for more than ``--lr-patience`` evaluations (stepped by ``Run`` after each validation,
+    on every process)."""
+    if settings.lr_decay is None:
+        return {}
+    return {
+        name: torch.optim.lr_scheduler.ReduceLROnPlateau(
+            optimizer, mode="max", factor=settings.lr_decay, patience=settings.lr_patience)
+        for name, optimizer in optimizers.items()
+    }
+
+
 def build_tester(hooks, settings: Settings, device: torch.device):
     """PML's GlobalEmbeddingSpaceTester with the faiss AccuracyCalculator extended by Recall@K,
     keeping the embeddings of its last test (significance: per-query test scores)."""
@@ -262,6 +275,7 @@ class Run:
                                       collect_stats=True)
         self.trunk, self.embedder, self.loss = trunk.to(self.device), embedder.to(self.device), loss.to(self.device)
         self.optimizers = build_optimizers(self.trunk, self.embedder, self.loss, settings, spec.loss_lr)
+        self.lr_schedulers = build_lr_schedulers(self.optimizers, settings)
         labels = np.asarray(data.train.labels)
         self.per_rank_batch = settings.batch_size // self.world
         self.sampler = samplers.MPerClassSampler(
@@ -289,6 +303,8 @@ class Run:
         self.loss.load_state_dict(self.checkpoint["loss"])
         for name, optimizer in self.optimizers.items():
             optimizer.load_state_dict(self.checkpoint["optimizers"][name])
+        for name, scheduler in self.lr_schedulers.items():
+            scheduler.load_state_dict(self.checkpoint["lr_schedulers"][name])
         if self.scaler is not None:
             self.scaler.load_state_dict(self.checkpoint["scaler"])
         _set_rng_state(self.checkpoint["rng"][self.rank], self.sampler)
@@ -314,6 +330,7 @@ class Run:
                 "best": self.best,
                 "tested": self.tested,
                 "optimizers": {k: v.state_dict() for k, v in self.optimizers.items()},
+                "lr_schedulers": {k: v.state_dict() for k, v in self.lr_schedulers.items()},
                 "loss": self.loss.state_dict(),
                 "rng": rng_states,
                 "scaler": self.scaler.state_dict() if self.scaler is not None else None,
@@ -368,15 +385,18 @@ class Run:
         ) if self.rank == 0 else None
 
         def end_of_epoch(trainer):
-            keep_going = [None]
+            outcome = [None, None]  # continue training?, validation MAP@R
             if self.rank == 0:
                 with random_state_kept():
-                    keep_going[0] = pml_hook(trainer) is not False
+                    outcome[0] = pml_hook(trainer) is not False
                 self.record(trainer.epoch)
+                outcome[1] = self.rows[-1]["val_" + PRIMARY_METRIC]
             if self.world > 1:
-                torch.distributed.broadcast_object_list(keep_going, src=0)
-            self.save(trainer.epoch, stopped_early=not keep_going[0])
-            return keep_going[0]
+                torch.distributed.broadcast_object_list(outcome, src=0)
+            for scheduler in self.lr_schedulers.values():
+                scheduler.step(outcome[1])
+            self.save(trainer.epoch, stopped_early=not outcome[0])
+            return outcome[0]
 
         return end_of_epoch
 

@@ -1,9 +1,14 @@
-"""Tuning each loss on validation MAP@R with Optuna's TPE sampler: search spaces, studies, trials.
+"""Tuning each loss on validation MAP@R with Optuna's TPE sampler and successive halving:
+search spaces, studies, trials.
 
-A trial trains one run per seed with the harness and scores it by the best validation
-MAP@R over its trained epochs, averaged over seeds. The test split is dropped when the data
-is loaded: tuning never embeds it. A trial whose loss became NaN or infinite is recorded
-as pruned (TPE ranks it below every completed trial); it counts toward the budget.
+A trial trains one run per seed with the harness (to convergence: early stopping on
+validation MAP@R, the epoch cap a safety net) and scores it by the best validation MAP@R
+over its trained epochs, averaged over seeds. After each epoch of its first seed, the best
+validation MAP@R so far is reported to Optuna's ``SuccessiveHalvingPruner``, which stops
+the trial once it is not in the best third of the trials that reached the same epoch
+(``PRUNER``): every loss gets the same sampler, pruner and number of trials. The test split
+is dropped when the data is loaded: tuning never embeds it. A trial whose loss became NaN
+or infinite is recorded as pruned, with the error, as "diverged"; it counts toward the budget.
 Only distinct settings count: a trial proposing a setting already tried fails without training,
 and a trial left running by a dead process (on this host: at once; elsewhere: once its heartbeat
 stops) is marked failed and its setting retried.
@@ -19,7 +24,7 @@ import tempfile
 import time
 import warnings
 from pathlib import Path
-from typing import Dict, List
+from typing import Callable, Dict, List
 
 import numpy as np
 import optuna
@@ -54,22 +59,35 @@ def load_validation_data(settings: Settings, out: Path, log) -> BenchmarkData:
     return cached_features(settings, data, out, 0, 1, log) if settings.freeze_trunk else data
 
 
-def validation_map_at_r(settings: Settings, data: BenchmarkData, spec: loss_specs.LossSpec, seed: int,
-                        run_dir: Path) -> float:
-    """Train one new run of ``spec`` (``training.Run``, evaluating the validation split only as
-    ``data`` has no test split) in ``run_dir`` and return its best validation MAP@R over the
-    trained epochs (epoch 0 when ``epochs`` is 0). Raises ``NonFiniteLossError`` when the loss diverges."""
-    feature_size = data.train.images.shape[1] if settings.freeze_trunk else None
-    trunk, embedder = fresh_models(settings, feature_size, seed)
-    result = Run(data, trunk, embedder, spec, seed, settings, RunStore(run_dir), StoredRun("new", []),
-                 on_rows=lambda rows: None).execute()
-    if result.error:
-        raise NonFiniteLossError(result.error)
-    trained = [r["val_" + PRIMARY_METRIC] for r in result.rows if r["epoch"] > 0] or [result.rows[0]["val_" + PRIMARY_METRIC]]
+def best_validation_map_at_r(rows) -> float:
+    """The best validation MAP@R over a run's trained epochs (epoch 0 when none was trained)."""
+    trained = [r["val_" + PRIMARY_METRIC] for r in rows if r["epoch"] > 0] or [rows[0]["val_" + PRIMARY_METRIC]]
     if not np.isfinite(trained).any():
         raise UsageError("validation MAP@R is undefined (no validation image has another of its class); "
                          "change --val or --limit-per-class")
     return float(np.nanmax(trained))
+
+
+def validation_map_at_r(settings: Settings, data: BenchmarkData, spec: loss_specs.LossSpec, seed: int,
+                        run_dir: Path, on_epoch: Callable[[int, float], None] = lambda epoch, value: None) -> float:
+    """Train one new run of ``spec`` (``training.Run``, evaluating the validation split only as
+    ``data`` has no test split) in ``run_dir`` and return its best validation MAP@R over the
+    trained epochs. After each trained epoch ``on_epoch(epoch, best so far)`` is called (it may
+    raise to stop the run). Raises ``NonFiniteLossError`` when the loss diverges."""
+    feature_size = data.train.images.shape[1] if settings.freeze_trunk else None
+    trunk, embedder = fresh_models(settings, feature_size, seed)
+    reported = [0]
+
+    def report(rows):
+        if rows[-1]["epoch"] > reported[0]:
+            reported[0] = rows[-1]["epoch"]
+            on_epoch(reported[0], best_validation_map_at_r(rows))
+
+    result = Run(data, trunk, embedder, spec, seed, settings, RunStore(run_dir), StoredRun("new", []),
+                 on_rows=report).execute()
+    if result.error:
+        raise NonFiniteLossError(result.error)
+    return best_validation_map_at_r(result.rows)
 
 # ---- end of the harness adapter ----
 
@@ -144,6 +162,17 @@ def open_storage(url: str):
                      "postgresql://user:password@host/database") from failure
 
 
+# Successive halving (asynchronous): a trial goes on past epoch 3, 9, 27, ... only while its best
+# validation MAP@R so far is in the best third of those the study's trials had at that epoch.
+PRUNER_MIN_EPOCHS, PRUNER_REDUCTION = 3, 3
+PRUNER = (f"Optuna SuccessiveHalvingPruner(min_resource={PRUNER_MIN_EPOCHS}, reduction_factor={PRUNER_REDUCTION}) "
+          "on the best validation MAP@R so far, after every epoch")
+
+
+def make_pruner() -> optuna.pruners.BasePruner:
+    return optuna.pruners.SuccessiveHalvingPruner(min_resource=PRUNER_MIN_EPOCHS, reduction_factor=PRUNER_REDUCTION)
+
+
 def budget(settings: Settings) -> Dict[str, object]:
     """The run options that define a trial's training (what best.toml repeats)."""
     values = {key: getattr(settings, key) for key in BUDGET_KEYS}
@@ -192,9 +221,10 @@ def open_study(storage, settings: Settings, loss: str, sampler_seed: int, seeds:
     """Create or load the study ``<dataset>-<loss>``; refuse one made with another budget."""
     study = optuna.create_study(
         study_name=f"{settings.dataset}-{loss}", storage=storage, direction="maximize", load_if_exists=True,
-        sampler=TrialSeededTPE(sampler_seed),
+        sampler=TrialSeededTPE(sampler_seed), pruner=make_pruner(),
     )
-    identity = {**budget(settings), "seeds_per_trial": seeds, "search_space": [p.describe() for p in LOSSES[loss].search_space]}
+    identity = {**budget(settings), "seeds_per_trial": seeds, "pruner": PRUNER,
+                "search_space": [p.describe() for p in LOSSES[loss].search_space]}
     identity = json.loads(json.dumps(identity))
     stored = study.user_attrs.get("settings")
     if stored is None:
@@ -275,10 +305,17 @@ def tune_loss(storage, study, loss: str, settings: Settings, data: BenchmarkData
         if same:
             trial.set_user_attr("error", f"same setting as trial {same[0]}")
             raise DuplicateSetting(f"same setting as trial {same[0]}")
+        def prune_early(epoch, best_so_far):
+            trial.report(best_so_far, step=epoch)
+            if trial.should_prune():
+                raise optuna.TrialPruned(f"pruned after epoch {epoch}")
+
         try:
             with tempfile.TemporaryDirectory(prefix=f"{loss}-{trial.number}-", dir=out / "trials") as run_dir:
-                return float(np.mean([validation_map_at_r(settings, data, spec, s, Path(run_dir) / f"seed{s}")
-                                      for s in range(seeds)]))
+                return float(np.mean([
+                    validation_map_at_r(settings, data, spec, s, Path(run_dir) / f"seed{s}",
+                                        prune_early if s == 0 else lambda epoch, value: None)
+                    for s in range(seeds)]))
         except NonFiniteLossError as error:
             trial.set_user_attr("error", str(error))
             raise optuna.TrialPruned(str(error)) from error
@@ -287,7 +324,12 @@ def tune_loss(storage, study, loss: str, settings: Settings, data: BenchmarkData
         if trial.state == optuna.trial.TrialState.FAIL:
             log(f"  {loss} trial {trial.number}: not trained, {trial.user_attrs.get('error')}")
             return
-        value = "pruned (diverged)" if trial.value is None else f"val MAP@R {100 * trial.value:.2f}"
+        if trial.value is not None:
+            value = f"val MAP@R {100 * trial.value:.2f}"
+        elif trial.user_attrs.get("error"):
+            value = "diverged"
+        else:
+            value = f"pruned after epoch {trial.last_step}"
         log(f"  {loss} trial {trial.number}: {value}  {trial.user_attrs.get('loss')}")
         if len(counted_trials(study, trials)) >= trials:
             study.stop()

@@ -38,9 +38,11 @@ class DatasetEntry:
         return self.loader(**{k: v for k, v in offered.items() if k in accepted})
 
 
-def _training(epochs, batch_size, m_per_class, embedding_size, lr, freeze_trunk=False, passes_per_epoch=1):
+def _training(epochs, batch_size, m_per_class, embedding_size, lr, freeze_trunk=False, passes_per_epoch=1,
+              patience=5, lr_decay=None, lr_patience=0):
     return dict(epochs=epochs, batch_size=batch_size, m_per_class=m_per_class, embedding_size=embedding_size,
-                lr=lr, freeze_trunk=freeze_trunk, passes_per_epoch=passes_per_epoch)
+                lr=lr, freeze_trunk=freeze_trunk, passes_per_epoch=passes_per_epoch, patience=patience,
+                lr_decay=lr_decay, lr_patience=lr_patience)
 
 
 _PML_INSTALL = "PML's `datasets` module: `--data-root DIR`, add `--download` to fetch"

@@ -4,7 +4,9 @@ Every verdict comes from the seed-paired test (``seed_paired``); the query-level
 is shown beside it as a statement about these particular trained models.
 """
 
-from typing import Mapping, Optional
+from typing import Mapping, Optional, Tuple
+
+from ..core.convergence import cap_note
 
 from .comparisons import Comparison, compare_losses, pooled_mean
 from .metrics import PRIMARY_METRIC, SHORT_NAMES
@@ -55,12 +57,14 @@ def verdict(a: str, b: str, comparison: Comparison, metric: str = PRIMARY_METRIC
     return f"{better} is better than {worse} ({details})"
 
 
-def comparison_table(scores: Mapping[str, Mapping[int, QueryScores]], ice_label: Optional[str]) -> str:
+def comparison_table(scores: Mapping[str, Mapping[int, QueryScores]], ice_label: Optional[str],
+                     capped: Mapping[str, Tuple[int, int]] = {}, converged: bool = True) -> str:
     """Markdown: each loss against ICE (``ice_label``) and against the best loss (highest
     pooled test MAP@R): per metric the seed-paired difference in points, its 95 % CI and p,
     for MAP@R the smallest detectable difference and the query-level interval, then one
-    sentence per baseline with the verdict on MAP@R. Empty text when fewer than two losses
-    have scores."""
+    sentence per baseline with the verdict on MAP@R, naming the losses whose runs the epoch
+    cap stopped (``capped``: label -> (runs stopped by the cap, runs)). Without ``converged``
+    (a fixed budget) no verdict is drawn. Empty text when fewer than two losses have scores."""
     labels = list(scores)
     if len(labels) < 2:
         return ""
@@ -90,8 +94,13 @@ def comparison_table(scores: Mapping[str, Mapping[int, QueryScores]], ice_label:
                     cells += [f"{100 * by_seed.detectable:.1f}" if by_seed else "",
                               interval_text(comparisons[metric].queries)]
             lines.append("| " + " | ".join(cells) + " |")
-            verdicts.append(verdict(f"`{label}`", f"`{baseline}`", comparisons[PRIMARY_METRIC]))
-        sentences.append(f"Against `{baseline}` ({role}), on test MAP@R: " + "; ".join(verdicts) + ".")
+            verdicts.append(verdict(f"`{label}`", f"`{baseline}`", comparisons[PRIMARY_METRIC])
+                            + cap_note(label, capped))
+        sentences.append(f"Against `{baseline}` ({role}), on test MAP@R: " + "; ".join(verdicts)
+                         + cap_note(baseline, capped) + ".")
+    if not converged:
+        sentences = ["Not trained to convergence (a fixed budget): no verdict about which loss is better is "
+                     "drawn from these differences."]
     notes = ("Δ = loss minus the loss it is compared with, in points of %, from runs paired by seed (same "
              "initial weights, batches and test queries): the mean over seeds of each seed's difference, "
              "with a 95 % Student-t interval whose standard error sees both the seed-to-seed spread and the "

@@ -2,7 +2,7 @@
 
 import json
 from pathlib import Path
-from typing import Dict, Optional, Sequence
+from typing import Dict, List, Optional, Sequence
 
 import numpy as np
 import optuna
@@ -10,7 +10,7 @@ import optuna
 from ..core.files import atomic_write_text
 from ..core.settings import Settings
 from ..core.loss_registry import LOSSES
-from ..core.tuning import FINAL_SEEDS, best_trial, budget, counted_trials
+from ..core.tuning import FINAL_SEEDS, PRUNER, best_trial, budget, counted_trials
 from ..data.splits import BenchmarkData
 from .plots import save_figure
 
@@ -39,28 +39,55 @@ def write_report(out: Path, settings: Settings, data: BenchmarkData, studies: Di
              f"- dataset: {settings.dataset} (train {len(data.train)} images, validation {len(data.val)} images; "
              "test split not loaded)",
              f"- budget per trial: {seeds} seed(s), " + ", ".join(f"{k}={v}" for k, v in budget(settings).items()),
-             f"- Optuna TPE, {trials} trials per loss; value = best validation MAP@R over the trained epochs, mean over seeds",
-             ""]
+             f"- Optuna TPE (the same seed for every loss), {PRUNER}; value = best validation MAP@R over the "
+             "trained epochs, mean over seeds; a pruned trial's value is the best validation MAP@R it had reached",
+             "", f"trials per loss: {trials}", "", *trial_counts_table(studies, trials), ""]
     for loss, study in studies.items():
         counted = {t.number for t in counted_trials(study, trials)}
         best = best_trial(study, trials)
         parts += [f"## {loss}", "", "Search space: " + "; ".join(p.describe() for p in LOSSES[loss].search_space) + ".", "",
                   f"Best: `{best.user_attrs['loss']}`, val MAP@R {100 * best.value:.2f}" if best else "Best: none yet", "",
-                  "| trial | state | val MAP@R | settings | seconds | process |", "|---|---|---|---|---|---|"]
+                  "| trial | state | val MAP@R | epochs | settings | seconds | process |", "|---|---|---|---|---|---|---|"]
         for t in study.get_trials(deepcopy=False):
-            state = t.state.name.lower()
-            if t.state == optuna.trial.TrialState.PRUNED:
-                state = "diverged"
-            elif t.state in (optuna.trial.TrialState.RUNNING, optuna.trial.TrialState.FAIL):
+            state = trial_outcome(t)
+            if t.state in (optuna.trial.TrialState.RUNNING, optuna.trial.TrialState.FAIL):
                 state += " (not counted)"
             elif t.number not in counted:
                 state += " (beyond the budget, not counted)"
-            value = f"{100 * t.value:.2f}" if t.value is not None else "-"
+            value = trial_value(t)
+            shown = f"{100 * value:.2f}" if value is not None else "-"
             seconds = f"{t.duration.total_seconds():.0f}" if t.duration else "-"
-            parts.append(f"| {t.number} | {state} | {value} | `{t.user_attrs.get('loss', '?')}` | {seconds} | {t.user_attrs.get('process', '-')} |")
+            epochs = "-" if t.last_step is None else str(t.last_step)
+            parts.append(f"| {t.number} | {state} | {shown} | {epochs} | `{t.user_attrs.get('loss', '?')}` | {seconds} "
+                         f"| {t.user_attrs.get('process', '-')} |")
         parts.append("")
         write_plot(out / "plots" / f"{loss}.png", loss, counted_trials(study, trials))
     atomic_write_text(out / "tuning.md", "\n".join(parts))
+
+
+def trial_outcome(trial) -> str:
+    """complete, pruned (by successive halving), diverged (a non-finite loss), running or fail."""
+    if trial.state == optuna.trial.TrialState.PRUNED:
+        return "diverged" if trial.user_attrs.get("error") else "pruned"
+    return trial.state.name.lower()
+
+
+def trial_value(trial) -> Optional[float]:
+    """A completed trial's value; a pruned one's best validation MAP@R reached (its last report)."""
+    if trial.value is not None or trial.last_step is None:
+        return trial.value
+    return trial.intermediate_values[trial.last_step]
+
+
+def trial_counts_table(studies: Dict[str, object], trials: int) -> List[str]:
+    """Per loss: the counted trials that completed, were pruned or diverged, and the best value."""
+    lines = ["| loss | completed | pruned | diverged | best val MAP@R |", "|---|---|---|---|---|"]
+    for loss, study in studies.items():
+        outcomes = [trial_outcome(t) for t in counted_trials(study, trials)]
+        best = best_trial(study, trials)
+        lines.append(f"| {loss} | {outcomes.count('complete')} | {outcomes.count('pruned')} | "
+                     f"{outcomes.count('diverged')} | {'-' if best is None else f'{100 * best.value:.2f}'} |")
+    return lines
 
 
 def write_plot(path: Path, loss: str, trials: Sequence) -> None:
@@ -71,22 +98,26 @@ def write_plot(path: Path, loss: str, trials: Sequence) -> None:
     import matplotlib.pyplot as plt
 
     complete = [t for t in trials if t.value is not None]
+    pruned = [t for t in trials if trial_outcome(t) == "pruned"]
     main = LOSSES[loss].search_space[0]
     fig, (by_trial, by_param) = plt.subplots(1, 2, figsize=(10, 4))
     numbers, values = [t.number for t in complete], [100 * t.value for t in complete]
-    by_trial.plot(numbers, values, "o", label="trial")
-    by_trial.step(numbers, np.maximum.accumulate(values) if values else [], where="post", label="best so far")
+    pruned_values = [100 * trial_value(t) for t in pruned]
+    by_trial.plot(numbers, values, "o", label="completed")
+    by_trial.plot([t.number for t in pruned], pruned_values, "x", color="grey", label="pruned (value reached)")
+    by_trial.step(numbers, np.maximum.accumulate(values) if values else [], where="post", label="best completed so far")
     by_trial.set_xlabel("trial")
     by_trial.xaxis.set_major_locator(matplotlib.ticker.MaxNLocator(integer=True))
     by_trial.legend(fontsize=8)
     by_param.plot([t.params[main.name] for t in complete], values, "o")
+    by_param.plot([t.params[main.name] for t in pruned], pruned_values, "x", color="grey")
     if main.log:
         by_param.set_xscale("log")
     by_param.set_xlabel(main.name)
     for ax in (by_trial, by_param):
         ax.set_ylabel("validation MAP@R (%)")
         ax.grid(alpha=0.3)
-    fig.suptitle(f"{loss}: {len(complete)} completed trials")
+    fig.suptitle(f"{loss}: {len(complete)} completed and {len(pruned)} pruned trials")
     fig.tight_layout()
     save_figure(fig, path)
     plt.close(fig)

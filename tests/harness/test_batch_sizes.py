@@ -7,7 +7,7 @@ import pytest
 
 from benchmarks import batch_sizes
 
-TINY = ["--dataset", "digits", "--epochs", "1", "--limit-per-class", "20", "--m-per-class", "8", "--patience", "-1",
+TINY = ["--dataset", "digits", "--epochs", "1", "--limit-per-class", "20", "--m-per-class", "8", "--patience", "1",
         "--losses", "ice,ntxent", "--trials", "1", "--seeds", "2", "--cache-chunk", "16"]
 
 
@@ -17,6 +17,7 @@ def test_each_batch_size_is_tuned_trained_and_compared(tmp_path, capsys):
     assert batch_sizes.main(argv) == 0
     report = (out / "batch_sizes.md").read_text()
     assert report in capsys.readouterr().out
+    assert "- batch 16: runs stopped by the epoch cap: 4 of 4" in report
     rows = [line for line in report.splitlines() if line.startswith(("| ice |", "| ntxent |"))]
     cells = [[cell.strip("| ") for cell in line.split(" | ")] for line in rows]
     # loss, batch, steps per epoch (80 training images), seeds
@@ -63,3 +64,10 @@ def test_an_out_naming_a_file_is_refused_before_anything_trains(tmp_path, capsys
     assert f"--out {existing} is a file, not a folder" in capsys.readouterr().err
     assert existing.read_text() == "keep me" and sorted(tmp_path.iterdir()) == [existing]
 
+
+def test_a_fixed_budget_draws_no_verdict(tmp_path):
+    out = tmp_path / "out"
+    assert batch_sizes.main(TINY + ["--patience", "-1", "--batch-sizes", "16", "--seeds", "2", "--out", str(out)]) == 0
+    report = (out / "batch_sizes.md").read_text()
+    assert "- Not trained to convergence (a fixed budget): no verdict is drawn from these differences." in report
+    assert "better than" not in report and "no detectable difference" not in report

@@ -66,14 +66,14 @@ def test_a_loss_with_own_parameters_takes_its_own_learning_rate():
     assert chosen.param_groups[0]["lr"] == 0.003 and default.param_groups[0]["lr"] == settings.loss_lr
 
 
-@pytest.mark.parametrize("scale", [2, 8, 32])
-def test_unweighted_ice_is_pml_ntxent_at_temperature_one_over_scale(scale):
-    loss, _ = loss_specs.parse_loss_spec(f"unweighted_ice:scale={scale}").build(num_classes=8, embedding_size=16)
-    torch.manual_seed(scale)
+@pytest.mark.parametrize("temperature", [0.5, 0.125, 0.03])
+def test_the_harness_ntxent_is_pml_ntxent(temperature):
+    loss, _ = loss_specs.parse_loss_spec(f"ntxent:temperature={temperature}").build(num_classes=8, embedding_size=16)
+    torch.manual_seed(0)
     embeddings = torch.randn(32, 16, dtype=torch.float64, requires_grad=True)
     labels = torch.randint(0, 6, (32,))
     ours = loss(embeddings, labels)
-    ntxent = pml_losses.NTXentLoss(temperature=1 / scale)(embeddings, labels)
+    ntxent = pml_losses.NTXentLoss(temperature=temperature)(embeddings, labels)
     ours_grad, ntxent_grad = torch.autograd.grad(ours, embeddings)[0], torch.autograd.grad(ntxent, embeddings)[0]
     assert ours.item() == pytest.approx(ntxent.item(), rel=1e-12)
     torch.testing.assert_close(ours_grad, ntxent_grad, rtol=1e-10, atol=1e-12)
@@ -102,8 +102,7 @@ def test_unweighted_ice_is_pml_ntxent_at_temperature_one_over_scale(scale):
         ("ice:lam=[1]", "lam of loss 'ice' must be a finite number; got [1]"),
         ("ice:scale=inf", "scale of loss 'ice' must be a finite number; got 'inf'"),
         ("ntxent:temperature=0", "temperature of loss 'ntxent' must be a number > 0; got 0"),
-        ("unweighted_ice:lam=1", "unknown parameter 'lam' for loss 'unweighted_ice'; valid parameters: scale"),
-        ("unweighted_ice:normalize='anchor'", "unknown parameter 'normalize' for loss 'unweighted_ice'"),
+        ("ntxent:lam=1", "unknown parameter 'lam' for loss 'ntxent'; valid parameters: temperature"),
     ],
 )
 def test_bad_loss_specs(text, message):

@@ -144,21 +144,21 @@ def test_more_epochs_extend_finished_runs(tmp_path, monkeypatch):
 
 def test_non_finite_loss_stops_only_that_run(tmp_path, capsys):
     out = tmp_path / "out"
-    assert run.main(TINY + ["--losses", "ntxent:temperature=1e-45,ice", "--out", str(out)]) == 0
+    assert run.main(TINY + ["--losses", "ntxent:temperature=1e-38,ice", "--out", str(out)]) == 0
     printed = capsys.readouterr().out
-    assert "loss 'ntxent:temperature=1e-45' is nan at epoch 1, iteration 0" in printed
+    assert "loss 'ntxent:temperature=1e-38' is inf at epoch 1, iteration 0" in printed
     summary = (out / "summary.md").read_text()
-    assert "loss 'ntxent:temperature=1e-45' is nan at epoch 1, iteration 0" in summary
+    assert "loss 'ntxent:temperature=1e-38' is inf at epoch 1, iteration 0" in summary
     # Its epoch-0 row is no result: the table and plots leave the failed run out.
-    assert "| `ice` | 1 |" in summary and "| `ntxent:temperature=1e-45`" not in summary
-    assert "| `ntxent:temperature=1e-45`" not in printed
+    assert "| `ice` | 1 |" in summary and "| `ntxent:temperature=1e-38`" not in summary
+    assert "| `ntxent:temperature=1e-38`" not in printed
     rows = read_rows(out / "results.csv")
     assert [(r["loss"], r["epoch"]) for r in rows] == [
-        ("ntxent:temperature=1e-45", "0"), ("ice", "0"), ("ice", "1"), ("ice", "2")
+        ("ntxent:temperature=1e-38", "0"), ("ice", "0"), ("ice", "1"), ("ice", "2")
     ]
     # The failure is remembered: a rerun does not retry it.
-    assert run.main(TINY + ["--losses", "ntxent:temperature=1e-45,ice", "--out", str(out)]) == 0
-    assert "failed before: ntxent:temperature=1e-45 seed 0" in capsys.readouterr().out
+    assert run.main(TINY + ["--losses", "ntxent:temperature=1e-38,ice", "--out", str(out)]) == 0
+    assert "failed before: ntxent:temperature=1e-38 seed 0" in capsys.readouterr().out
 
 
 def test_same_seed_reproduces_the_run(tmp_path):

@@ -31,7 +31,7 @@ def test_settings_are_frozen():
 def test_config_json_holds_exactly_the_identifying_settings():
     assert list(settings.resolve([]).identity()) == [
         "dataset", "data_root", "epochs", "patience", "model", "pretrained", "freeze_trunk", "embedding_size", "batch_size",
-        "m_per_class", "passes_per_epoch", "lr", "loss_lr", "weight_decay", "image_size", "limit_per_class", "val", "amp",
+        "m_per_class", "passes_per_epoch", "lr", "lr_decay", "lr_patience", "loss_lr", "weight_decay", "image_size", "limit_per_class", "val", "amp",
         "cache_chunk", "num_workers"]
 
 

@@ -9,7 +9,7 @@ import torch
 
 from benchmarks import compare, run
 
-TINY = ["--dataset", "digits", "--epochs", "1", "--limit-per-class", "20", "--m-per-class", "8", "--patience", "-1",
+TINY = ["--dataset", "digits", "--epochs", "1", "--limit-per-class", "20", "--m-per-class", "8", "--patience", "1",
         "--quiet"]
 
 
@@ -21,6 +21,7 @@ def folders(tmp_path_factory):
         "b": TINY + ["--batch-size", "32", "--losses", "ice:scale=20", "--seeds", "0,1"],
         "two_ice": TINY + ["--batch-size", "16", "--losses", "ice:scale=10,ice:scale=20", "--seeds", "1"],
         "other_queries": TINY[:5] + ["10"] + TINY[6:] + ["--batch-size", "16", "--losses", "ice", "--seeds", "1"],
+        "fixed_budget": TINY + ["--patience", "-1", "--batch-size", "16", "--losses", "ice", "--seeds", "2"],
     }
     for name, argv in made.items():
         assert run.main(argv + ["--out", str(root / name)]) == 0
@@ -53,6 +54,9 @@ def test_the_losses_both_folders_hold_are_compared_over_their_common_seeds(folde
     delta = float(cells[6].split()[0])
     assert delta == pytest.approx(sum(a[s] - b[s] for s in (0, 1)) / 2, abs=0.051)
     assert any(line.startswith("- ") and "ice in A" in line and "ice in B" in line for line in report.splitlines())
+    # one epoch, patience 1: every run reached the cap with validation MAP@R still counted as improving
+    assert f"- {folders / 'a'}: runs stopped by the epoch cap: 6 of 6" in report
+    assert "(`ice` in A: 3 of 3 runs stopped by the epoch cap) (`ice:scale=20` in B: 2 of 2 runs" in report
     assert compare.main([str(folders / "b"), str(folders / "a")]) == 0
     swapped = [line for line in capsys.readouterr().out.splitlines() if line.startswith("| ice |")][0]
     assert float(swapped.strip("| ").split(" | ")[6].split()[0]) == pytest.approx(-delta, abs=0.051)
@@ -133,3 +137,11 @@ def test_an_unfinished_run_is_named_in_the_report(folders, tmp_path, capsys):
     torch.save(dict(checkpoint, epoch=0), path)
     assert compare.main([str(copy), str(folders / "b")]) == 0
     assert f"- left out of A: {path.parent} has trained 0 of 1 epochs" in capsys.readouterr().out
+
+
+def test_a_fixed_budget_gets_no_verdict(folders, capsys):
+    assert compare.main([str(folders / "fixed_budget"), str(folders / "b")]) == 0
+    report = capsys.readouterr().out
+    assert "models were not trained to convergence, and no verdict" in report
+    assert "- ice: not trained to convergence (a fixed budget), no verdict" in report
+    assert "better than" not in report and "no detectable difference" not in report

@@ -54,7 +54,7 @@ def test_ablation_needs_an_ice_spec(tmp_path, capsys):
 
 def test_the_ice_table_reads_means_and_paired_differences_from_the_runs(tmp_path):
     out = tmp_path / "runs"
-    assert run.main(TINY + ["--losses", "ice,ntxent", "--seeds", "2", "--out", str(out)]) == 0
+    assert run.main(TINY + ["--patience", "1", "--losses", "ice,ntxent", "--seeds", "2", "--out", str(out)]) == 0
     table = evidence.ice_table(out)
     with open(out / "results.csv", newline="") as f:
         rows = [{k: (v if k == "loss" else float(v or "nan")) for k, v in r.items()} for r in csv.DictReader(f)]
@@ -68,7 +68,17 @@ def test_the_ice_table_reads_means_and_paired_differences_from_the_runs(tmp_path
     d, headline = found["precision_at_1"].seeds, found["mean_average_precision_at_r"].seeds
     assert lines[4].endswith(f"{100 * d.mean:+.1f} [{100 * d.ci_low:+.1f}, {100 * d.ci_high:+.1f}], "
                              f"p {tables.p_text(d.p_value)} | {100 * headline.detectable:.1f} |")
-    assert "ntxent" in table.splitlines()[-1]
+    assert "ntxent (`ntxent`: 2 of 2 runs stopped by the epoch cap)" in table.splitlines()[-1]
+    assert table.splitlines()[-1].endswith("ICE (`ice`: 2 of 2 runs stopped by the epoch cap).")
+    assert "runs stopped by the epoch cap: 4 of 4" in table.splitlines()
+
+
+def test_the_ice_table_of_a_fixed_budget_draws_no_verdict(tmp_path):
+    out = tmp_path / "fixed"
+    assert run.main(TINY + ["--losses", "ice,ntxent", "--seeds", "2", "--out", str(out)]) == 0
+    lines = evidence.ice_table(out).splitlines()
+    assert "runs stopped by the epoch cap: 4 of 4" in lines
+    assert lines[-1] == "Not trained to convergence (a fixed budget): no verdict about which loss is better."
 
 
 def test_the_ice_table_needs_runs_and_an_ice_run(tmp_path, capsys):

@@ -123,7 +123,7 @@ def test_test_scores_are_those_of_the_evaluation_just_made(tmp_path):
 def test_benchmark_run_keeps_scores_and_writes_the_comparison(tmp_path, capsys):
     out = tmp_path / "out"
     argv = ["--dataset", "digits", "--epochs", "2", "--seeds", "2", "--limit-per-class", "30", "--batch-size", "32", "--m-per-class", "8",
-            "--patience", "-1", "--out", str(out)]
+            "--patience", "1", "--out", str(out)]
     assert run.main(argv + ["--losses", "ice"]) == 0
     assert "## Paired comparisons" not in (out / "summary.md").read_text()  # one loss: nothing to compare
     capsys.readouterr()

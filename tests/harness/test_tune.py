@@ -189,7 +189,7 @@ def test_a_study_tuned_with_another_budget_is_refused(tmp_path, capsys):
 def test_diverged_trials_are_pruned_and_count_toward_the_budget(tmp_path, monkeypatch):
     values = iter([None, 0.25, 0.5])
 
-    def scripted(opts, data, spec, seed, run_dir):
+    def scripted(opts, data, spec, seed, run_dir, on_epoch):
         value = next(values)
         if value is None:
             raise tuning.NonFiniteLossError(f"loss '{spec.label}' is nan at epoch 1, iteration 2")
@@ -202,6 +202,28 @@ def test_diverged_trials_are_pruned_and_count_toward_the_budget(tmp_path, monkey
     assert "is nan at epoch 1" in trials[0].user_attrs["error"]
     assert "| 0 | diverged | - |" in (tmp_path / "tuning.md").read_text()
     assert f'losses = "{trials[2].user_attrs["loss"]}"' in (tmp_path / "best.toml").read_text()
+
+
+def test_successive_halving_prunes_a_trial_behind_the_others_and_the_report_counts_it(tmp_path, monkeypatch):
+    curves = iter([[0.5] * 9, [0.6] * 9, [0.1] * 9])  # best validation MAP@R so far after epochs 1..9
+    epochs_trained = []
+
+    def scripted(opts, data, spec, seed, run_dir, on_epoch):
+        curve = next(curves)
+        for epoch, value in enumerate(curve, start=1):
+            epochs_trained.append(epoch)
+            on_epoch(epoch, value)
+        return curve[-1]
+
+    monkeypatch.setattr(tuning, "validation_map_at_r", scripted)
+    assert tune.main(TINY + ["--trials", "3", "--losses", "ntxent", "--out", str(tmp_path)]) == 0
+    trials = trials_of(tmp_path, "ntxent")
+    # at epoch 3 (the first rung) the third trial is not in the best third of the three: pruned there
+    assert [t.state.name for t in trials] == ["COMPLETE", "COMPLETE", "PRUNED"]
+    assert trials[2].last_step == 3 and epochs_trained.count(4) == 2
+    report = (tmp_path / "tuning.md").read_text()
+    assert "trials per loss: 3\n" in report and "| ntxent | 2 | 1 | 0 | 60.00 |" in report
+    assert "| 2 | pruned | 10.00 | 3 |" in report and "SuccessiveHalvingPruner(min_resource=3" in report
 
 
 def test_proxyanchor_learning_rate_is_part_of_its_spec(tmp_path):
@@ -266,7 +288,7 @@ def scripted_values(monkeypatch):
     """Replace training by a value of the setting, recording every setting trained."""
     trained = []
 
-    def fake(opts, data, spec, seed, run_dir):
+    def fake(opts, data, spec, seed, run_dir, on_epoch):
         trained.append(spec.label)
         return 0.5
     monkeypatch.setattr(tuning, "validation_map_at_r", fake)
