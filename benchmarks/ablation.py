@@ -26,7 +26,8 @@ from pml_ice.reducers.ice_reweight_reducer import NORMALIZATIONS
 
 from .core.convergence import capped_runs, convergence_lines
 from .core.files import atomic_write_text
-from .core.launch import quiet_known_warnings, run_experiment
+from .core.console import quiet_known_warnings
+from .core.launch import run_experiment
 from .core.loss_specs import LossSpec, make_loss_spec
 from .core.out_folder import OutFolder
 from .core.settings import Settings, UsageError, resolve

@@ -17,7 +17,8 @@ from pathlib import Path
 
 from .core.defaults import candidates, choose, read_tuned_dataset, shortfalls, validation_values
 from .core.files import atomic_write_text
-from .core.launch import USER_ERRORS, quiet_known_warnings
+from .core.console import quiet_known_warnings
+from .core.launch import USER_ERRORS
 
 PROG = "python -m benchmarks.defaults"
 

@@ -16,7 +16,8 @@ import torch
 
 from .core.epoch_profile import PHASES, profile_epochs
 from .core.files import atomic_write_text
-from .core.launch import USER_ERRORS, quiet_known_warnings
+from .core.console import quiet_known_warnings
+from .core.launch import USER_ERRORS
 from .core.settings import UsageError, resolve
 from .core.tuning import load_validation_data
 

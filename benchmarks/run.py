@@ -9,8 +9,8 @@ it trains with DistributedDataParallel and PML's DistributedLossWrapper.
 
 import sys
 
-from .core.console import Console
-from .core.launch import quiet_known_warnings, refuse, run_experiment
+from .core.console import Console, quiet_known_warnings
+from .core.launch import refuse, run_experiment
 from .core.settings import UsageError, resolve
 
 PROG = "python -m benchmarks.run"

@@ -40,7 +40,7 @@ from .core import loss_specs
 from .report.speed_report import GIB, add_ratios, header_lines, table_lines, write_report
 
 FLOOR = "floor"
-DEFAULT_CANDIDATES = "floor,ice,supcon,multisimilarity,ntxent"
+DEFAULT_CANDIDATES = "floor,ice,supcon,multisimilarity,pml_ntxent"
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 # Fraction of the free memory a single step may be estimated to need before it is skipped.
 MEMORY_SAFETY_FRACTION = 0.7
@@ -143,7 +143,7 @@ def estimate_step_bytes(candidate, batch, ref_size, dim, per_class, dtype, devic
         else:
             logits = min(batch, plan.chunk_rows) * ref
         return vectors + logits * (9 + 2 * elem) + 64 * batch * per_class
-    if candidate.name == "ntxent":
+    if candidate.name == "pml_ntxent":
         positives = batch * per_class if ref_size else batch * (per_class - 1)
         negatives = pairs - positives - (0 if ref_size else batch)
         return vectors + pairs * 40 + positives * negatives * (4 * elem + 2)

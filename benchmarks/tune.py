@@ -27,7 +27,8 @@ from pathlib import Path
 import optuna
 
 from .core.loss_registry import DEFAULT_LOSSES, LOSSES, TUNABLE_LOSSES
-from .core.launch import USER_ERRORS, quiet_known_warnings
+from .core.console import quiet_known_warnings
+from .core.launch import USER_ERRORS
 from .core.settings import UsageError, check_out_folder, resolve
 from .core.tuning import (check_reported_studies, counted_trials, load_validation_data, mask_credentials,
                           open_storage, open_study, parse_loss_names, sqlite_url, tune_loss)

@@ -5,8 +5,10 @@ PML's own per-iteration bars (trainer and tester) are turned off.
 """
 
 import functools
+import logging
 import sys
 import types
+import warnings
 
 import tqdm
 from pytorch_metric_learning.testers import base_tester
@@ -21,6 +23,23 @@ def silence_pml_progress_bars() -> None:
     silent = types.SimpleNamespace(tqdm=functools.partial(tqdm.tqdm, disable=True))
     base_trainer.tqdm = silent
     base_tester.tqdm = silent
+
+
+class _DropFrozenTrunkWarning(logging.Filter):
+    """A frozen (cached-feature) trunk has no optimizer by design; PML warns about it."""
+
+    def filter(self, record):
+        return 'missing "trunk_optimizer"' not in record.getMessage()
+
+
+def quiet_known_warnings() -> None:
+    # PML's progress bar formats the loss tensor itself; DDP's buffers are kept rank-local on purpose.
+    warnings.filterwarnings("ignore", message="Converting a tensor with requires_grad=True to a scalar")
+    warnings.filterwarnings("ignore", message=".*broadcast_buffers.*is deprecated")
+    pml_logger = logging.getLogger("PML")
+    if not any(isinstance(f, _DropFrozenTrunkWarning) for f in pml_logger.filters):
+        pml_logger.addFilter(_DropFrozenTrunkWarning())
+    silence_pml_progress_bars()
 
 
 def _percent(row, key) -> str:

@@ -26,8 +26,8 @@ from pathlib import Path
 from typing import Dict, List
 
 from ..data.splits import BenchmarkData
-from .experiment import fresh_models
 from .loss_specs import LossSpec
+from .models import fresh_models
 from .run_store import RunStore, StoredRun
 from .settings import Settings
 from .training import Run

@@ -8,16 +8,15 @@ at the start and kept in every publication.
 import time
 from typing import Dict, List, Optional
 
-from ..data.registry import DATASETS
 from ..data.splits import BenchmarkData, split_sizes
 from . import loss_specs
 from .console import Console
-from .features import FrozenFeatures
-from .models import FROM_SCRATCH_MODELS, build_embedder, build_trunk
+from .models import FROM_SCRATCH_MODELS, fresh_models
 from .out_folder import OutFolder
+from .parallel_runs import ParallelRuns
 from .run_store import RunKey, RunStore, StoredRun
 from .settings import Settings
-from .training import Run, seed_everything
+from .training import Run, RunResult
 
 
 def settings_lines(settings: Settings, data: BenchmarkData, processes: int, labels: List[str]) -> List[str]:
@@ -42,17 +41,6 @@ def _loss_values(label: str) -> str:
     except loss_specs.LossSpecError:
         return "(no longer a registered loss)"
     return ", ".join(f"{k}={v!r}" for k, v in spec.describe_values().items())
-
-
-def fresh_models(settings: Settings, feature_size: Optional[int], seed: int, rank: int = 0):
-    """The seeded trunk and embedder a run starts from; the trunk passes cached features
-    through when ``feature_size`` is given (frozen trunk)."""
-    seed_everything(seed, rank)
-    if feature_size is not None:
-        trunk = FrozenFeatures(feature_size)
-    else:
-        trunk = build_trunk(settings.model, DATASETS[settings.dataset].channels, settings.pretrained)
-    return trunk, build_embedder(trunk.output_size, settings.embedding_size)
 
 
 class Experiment:
@@ -113,21 +101,20 @@ class Experiment:
             self.console.epoch(row)
             self.console.advance()
 
-    def run_one(self, spec, seed: int) -> None:
-        key = (spec.label, seed)
-        stored = self.stored[key]
+    def to_train(self, spec, seed: int) -> bool:
+        """Whether the run still trains; says so when it is failed, done or restarted."""
+        stored = self.stored[(spec.label, seed)]
         if stored.note:
             self.console.say(f"{spec.label} seed {seed}: {stored.note}")
         if stored.status == "failed":
             self.console.say(f"failed before: {spec.label} seed {seed}: {stored.error}")
-            return
-        if stored.status == "finished":
+        elif stored.status == "finished":
             self.console.run_done(spec.label, seed, stored.rows, None, " (already done)")
-            return
-        started = time.time()
-        trunk, embedder = fresh_models(self.settings, self.feature_size, seed, self.rank)
-        result = Run(self.data, trunk, embedder, spec, seed, self.settings, self.stores[key], stored,
-                     on_rows=lambda rows: self.publish(key, rows)).execute()
+        return stored.status in ("new", "partial")
+
+    def finish(self, spec, seed: int, result: RunResult, seconds: float) -> None:
+        """A run's result: its rows, failure and line; the progress bar skips the epochs it did not need."""
+        key, stored = (spec.label, seed), self.stored[(spec.label, seed)]
         self.rows_by_run[key] = result.rows
         evaluated = len(result.rows) - len(stored.rows)
         remaining = (self.settings.epochs + 1 if stored.status == "new" else self.settings.epochs - stored.checkpoint["epoch"])
@@ -136,14 +123,38 @@ class Experiment:
             self.failures[key] = result.error
             self.console.say(f"{spec.label} seed {seed}: run failed: {result.error}")
         else:
-            self.console.run_done(spec.label, seed, result.rows, time.time() - started)
+            self.console.run_done(spec.label, seed, result.rows, seconds)
+
+    def run_one(self, spec, seed: int) -> None:
+        key = (spec.label, seed)
+        started = time.time()
+        trunk, embedder = fresh_models(self.settings, self.feature_size, seed, self.rank)
+        result = Run(self.data, trunk, embedder, spec, seed, self.settings, self.stores[key], self.stored[key],
+                     on_rows=lambda rows: self.publish(key, rows)).execute()
+        self.finish(spec, seed, result, time.time() - started)
+
+    def run_in_parallel(self, runs) -> None:
+        """``settings.jobs`` runs at a time, each in a process of its own (``parallel_runs``); the rows
+        they send after each evaluation are published here."""
+        with ParallelRuns(self.settings, self.data, self.feature_size) as pool:
+            for spec, seed in runs:
+                pool.submit(spec, seed, self.stores[(spec.label, seed)].folder)
+            for message in pool.messages():
+                if message.rows is not None:
+                    self.publish((message.spec.label, message.seed), message.rows)
+                else:
+                    self.finish(message.spec, message.seed, message.result, message.seconds)
 
     def run(self) -> None:
-        """Every run in turn, then the summary (rank 0)."""
+        """Every run (in turn, or ``--jobs`` at a time), then the summary (rank 0)."""
         started = time.time()
         self.console.start(self.epochs_to_evaluate())
-        for spec, seed in self.runs:
-            self.run_one(spec, seed)
+        runs = [(spec, seed) for spec, seed in self.runs if self.to_train(spec, seed)]
+        if self.settings.jobs > 1 and self.processes == 1:
+            self.run_in_parallel(runs)
+        else:
+            for spec, seed in runs:
+                self.run_one(spec, seed)
         self.console.stop()
         if self.rank == 0:
             self._summarize(time.time() - started)

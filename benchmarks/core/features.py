@@ -11,17 +11,8 @@ from ..data.registry import DATASETS
 from ..data.splits import BenchmarkData, TensorImageDataset
 from ..data.transforms import RandomAffineImages
 from .files import BrokenFile, atomic_torch_save, read_torch
-from .models import build_trunk
+from .models import build_trunk, seed_everything
 from .settings import Settings
-from .training import seed_everything
-
-
-class FrozenFeatures(torch.nn.Identity):
-    """Trunk stand-in when features are cached: passes them through."""
-
-    def __init__(self, output_size: int):
-        super().__init__()
-        self.output_size = output_size
 
 
 def _splits(data: BenchmarkData) -> list:

@@ -8,10 +8,8 @@ out_folder and report (results). ``run_experiment`` is shared by the commands th
 import contextlib
 import datetime
 import errno
-import logging
 import os
 import sys
-import warnings
 from typing import Optional, Tuple
 
 import numpy as np
@@ -19,12 +17,13 @@ import torch
 
 from ..data.registry import DATASETS, load_dataset
 from ..data.splits import BenchmarkData, DatasetNotInstalled
-from .console import Console, silence_pml_progress_bars
+from .console import Console
 from .experiment import Experiment, settings_lines
 from .features import cached_features
 from .files import BrokenFile
 from .models import WeightsUnavailable, build_trunk
 from .out_folder import IdentityMismatch, OutFolder
+from .parallel_runs import threads_per_run
 from .settings import Settings, UsageError
 
 USER_ERRORS = (DatasetNotInstalled, WeightsUnavailable, UsageError, IdentityMismatch, BrokenFile, ValueError)
@@ -57,6 +56,8 @@ def check_batches(settings: Settings, data: BenchmarkData, processes: int) -> No
 
 def prepare_data(settings: Settings, processes: int) -> BenchmarkData:
     """Load the data and check that the batches and the model can be built, before writing anything."""
+    if processes > 1 and settings.jobs > 1:
+        raise UsageError("--jobs trains runs side by side in processes of its own; under torchrun leave it at 1")
     data = load_dataset(settings.dataset, settings.data_root, settings.download, settings.image_size,
                         settings.val, settings.limit_per_class)
     check_batches(settings, data, processes)
@@ -65,28 +66,11 @@ def prepare_data(settings: Settings, processes: int) -> BenchmarkData:
     return data
 
 
-class _DropFrozenTrunkWarning(logging.Filter):
-    """A frozen (cached-feature) trunk has no optimizer by design; PML warns about it."""
-
-    def filter(self, record):
-        return 'missing "trunk_optimizer"' not in record.getMessage()
-
-
-def quiet_known_warnings() -> None:
-    # PML's progress bar formats the loss tensor itself; DDP's buffers are kept rank-local on purpose.
-    warnings.filterwarnings("ignore", message="Converting a tensor with requires_grad=True to a scalar")
-    warnings.filterwarnings("ignore", message=".*broadcast_buffers.*is deprecated")
-    pml_logger = logging.getLogger("PML")
-    if not any(isinstance(f, _DropFrozenTrunkWarning) for f in pml_logger.filters):
-        pml_logger.addFilter(_DropFrozenTrunkWarning())
-    silence_pml_progress_bars()
-
-
 def open_folder(settings: Settings, folder: OutFolder, data: BenchmarkData, console: Console, rank: int,
                 processes: int) -> Tuple[BenchmarkData, Optional[int]]:
     """Check and claim the --out folder; return the data to train on and, for a frozen trunk,
     its feature size (the data are then the trunk's cached features)."""
-    identity = dict(settings.identity(), processes=processes, torch_threads=torch.get_num_threads())
+    identity = dict(settings.identity(), processes=processes, torch_threads=threads_per_run(settings.jobs))
     folder.check_identity(identity)
     if rank == 0:
         folder.write_identity(identity)

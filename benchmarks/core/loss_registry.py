@@ -153,6 +153,8 @@ LOSSES: Dict[str, LossEntry] = {
         "positive-pair by negative-pair matrix)",
         _ntxent_class, positive=("temperature",),
         search_space=(Parameter("temperature", 1e-4, 1.0, log=True),), compared_by_default=True),
+    "pml_ntxent": LossEntry("PML NTXentLoss itself, for speed and memory measurements (the harness's ntxent is "
+                            "the same loss on labels)", _pml("NTXentLoss"), positive=("temperature",)),
     "supcon": LossEntry("PML SupConLoss", _pml("SupConLoss"), positive=("temperature",),
                         search_space=(Parameter("temperature", 1e-4, 1.0, log=True),), compared_by_default=True),
     "multisimilarity": LossEntry(

@@ -248,6 +248,8 @@ class Settings:
     eval_batch_size: int = setting(256, "batch size when computing embeddings for evaluation (default 256)",
                                    Integer(1, maximum=2**20), metavar="B")
     device: str = setting("auto", "cpu, cuda, cuda:1, ... (default: cuda when available)", Device())
+    jobs: int = setting(1, "runs trained at a time, each in a process of its own with torch's threads shared out "
+                        "among them (default 1)", Integer(1, maximum=64), metavar="N")
     num_workers: int = setting(0, "data-loader worker processes (default 0)", Integer(0), identity=True, metavar="N")
     timeout: int = setting(600, "seconds a process of a torchrun launch waits for the others before it stops with "
                            "an error (default 600)", Integer(1), metavar="SECONDS")

@@ -127,13 +127,6 @@ def keep_parameters_float32(loss: torch.nn.Module) -> None:
             module.cast_types = lambda dtype, device, module=module: type(module).cast_types(module, None, device)
 
 
-def seed_everything(seed: int, rank: int = 0) -> None:
-    """Seed Python, NumPy (per rank, for the sampler) and torch (shared, for the weights)."""
-    random.seed(seed)
-    np.random.seed(seed * 1000 + rank)
-    torch.manual_seed(seed)
-
-
 @contextlib.contextmanager
 def random_state_kept():
     """Run the block (an evaluation) without changing the Python, NumPy and torch random

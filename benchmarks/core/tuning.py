@@ -32,10 +32,10 @@ import optuna
 from ..data.splits import BenchmarkData
 from ..report.metrics import PRIMARY_METRIC
 from . import loss_specs
-from .experiment import fresh_models
 from .features import cached_features
 from .launch import prepare_data
 from .loss_registry import LOSSES, TUNABLE_LOSSES
+from .models import fresh_models
 from .run_store import RunStore, StoredRun
 from .settings import FIELDS, Settings, UsageError, stored_identity
 from .training import NonFiniteLossError, Run

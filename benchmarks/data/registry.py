@@ -59,7 +59,7 @@ DATASETS: Dict[str, DatasetEntry] = {
     ),
     "glyphs": DatasetEntry(
         loader=glyphs.load_glyphs, channels=1, default_model="cnn4", image_size=None,
-        training=_training(2, 128, 4, 64, 1e-3),
+        training=_training(60, 128, 4, 64, 3e-3, patience=3, lr_decay=0.1, lr_patience=1),
         size="35,645 32x32 images, 2,958 classes (one character in 8 to 16 fonts)",
         split="1,184 training classes (14,253 images), 295 validation classes (3,566), 493 test classes (5,923: every third test class)",
         install="nothing: rendered once from the fonts matplotlib ships, cached under `--data-root` "

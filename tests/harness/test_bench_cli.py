@@ -73,7 +73,9 @@ def test_the_harness_ntxent_is_pml_ntxent(temperature):
     embeddings = torch.randn(32, 16, dtype=torch.float64, requires_grad=True)
     labels = torch.randint(0, 6, (32,))
     ours = loss(embeddings, labels)
-    ntxent = pml_losses.NTXentLoss(temperature=temperature)(embeddings, labels)
+    pml_ntxent, _ = loss_specs.parse_loss_spec(f"pml_ntxent:temperature={temperature}").build(8, 16)
+    assert type(pml_ntxent) is pml_losses.NTXentLoss
+    ntxent = pml_ntxent(embeddings, labels)
     ours_grad, ntxent_grad = torch.autograd.grad(ours, embeddings)[0], torch.autograd.grad(ntxent, embeddings)[0]
     assert ours.item() == pytest.approx(ntxent.item(), rel=1e-12)
     torch.testing.assert_close(ours_grad, ntxent_grad, rtol=1e-10, atol=1e-12)

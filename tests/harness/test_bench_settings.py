@@ -178,7 +178,7 @@ def test_passes_per_epoch_sets_the_iterations_between_evaluations(tmp_path):
 
 
 def training_models(resolved, data):
-    from benchmarks.core.experiment import fresh_models
+    from benchmarks.core.models import fresh_models
 
     return fresh_models(resolved, None, 0)
 

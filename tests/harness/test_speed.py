@@ -36,7 +36,7 @@ def test_memory_only_measures_a_fresh_process(tmp_path):
 
 
 def test_a_candidate_over_the_memory_budget_is_skipped(tmp_path):
-    rows, _ = run_speed(tmp_path, "--time-only", "--max-memory", "0.000001", "--losses", "floor,ntxent")
+    rows, _ = run_speed(tmp_path, "--time-only", "--max-memory", "0.000001", "--losses", "floor,pml_ntxent")
     assert all(row["skipped"].startswith("skipped (needs") for row in rows)
 
 

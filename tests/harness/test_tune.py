@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from benchmarks import run, tune
-from benchmarks.core import features, launch, loss_specs, training, tuning
+from benchmarks.core import features, launch, loss_specs, models, training, tuning
 from benchmarks.core.files import read_torch
 from benchmarks.core.models import build_trunk
 from benchmarks.core.settings import resolve
@@ -259,7 +259,7 @@ def test_a_frozen_trunk_sees_the_training_images_unaugmented(tmp_path):
     images = data.train.images
     augmented = dataclasses.replace(data, train=RandomAffineImages(images, data.train.labels, degrees=30))
     cached = features.cached_features(settings, augmented, tmp_path, 0, 1, lambda text: None)
-    training.seed_everything(0)
+    models.seed_everything(0)
     trunk = build_trunk("cnn", data.train.images.shape[1]).eval()
     with torch.no_grad():
         assert torch.allclose(cached.train.images, trunk(images), atol=1e-5)
