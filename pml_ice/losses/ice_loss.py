@@ -4,7 +4,7 @@ import torch
 from pytorch_metric_learning.distances import CosineSimilarity
 from pytorch_metric_learning.losses import BaseMetricLossFunction
 
-from ..checks import check_loss_inputs, check_positive_real
+from ..checks import check_loss_inputs, check_positive_integer, check_positive_real
 from ..reducers.ice_reweight_reducer import ICEReweightReducer
 from ._ice.chunked import ICEPairLosses
 from ._ice.dense import ICELabelLosses, label_positives
@@ -61,13 +61,11 @@ class ICELoss(BaseMetricLossFunction):
             raise ValueError(
                 f"ICELoss: memory_efficient must be None, True or False, got {memory_efficient!r}"
             )
-        if chunk_size is not None and (not isinstance(chunk_size, int) or chunk_size < 1):
-            raise ValueError(
-                f"ICELoss: chunk_size must be a positive integer or None, got {chunk_size!r}"
-            )
+        if chunk_size is not None:
+            check_positive_integer("ICELoss", "chunk_size", chunk_size)
         self.scale = float(scale)
         self.memory_efficient = memory_efficient
-        self.chunk_size = chunk_size
+        self.chunk_size = None if chunk_size is None else int(chunk_size)
         self.add_to_recordable_attributes(list_of_names=["scale"], is_stat=False)
         self.add_to_recordable_attributes(
             list_of_names=["num_pos_pairs", "num_neg_pairs", "mean_pos_match_prob"],
