@@ -1,6 +1,7 @@
 from pytorch_metric_learning.trainers import MetricLossOnly
 from pytorch_metric_learning.utils import common_functions as c_f
 
+from ..checks import check_positive_integer
 from ..utils.gradient_cache import GradientCache
 
 
@@ -17,7 +18,8 @@ class CachedMetricLossOnly(MetricLossOnly):
     """
 
     def __init__(self, *args, chunk_size=256, freeze_batchnorm=False, **kwargs):
-        self.chunk_size = chunk_size
+        check_positive_integer("CachedMetricLossOnly", "chunk_size", chunk_size)
+        self.chunk_size = int(chunk_size)
         self.freeze_batchnorm = freeze_batchnorm
         self.gradient_cache = None
         super().__init__(*args, **kwargs)
