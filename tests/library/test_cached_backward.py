@@ -158,6 +158,7 @@ def test_cached_metric_loss_only_equals_metric_loss_only():
     variants = [
         (trainers.MetricLossOnly, {}),
         (CachedMetricLossOnly, {"chunk_size": np.int64(CHUNK)}),  # numpy integers accepted
+        (CachedMetricLossOnly, {"chunk_size": None}),  # no caching
     ]
     for trainer_class, extra in variants:
         model = make_model(dtype=torch.float32)
@@ -177,8 +178,9 @@ def test_cached_metric_loss_only_equals_metric_loss_only():
         trainer.train(num_epochs=1)
         results.append([p.detach().clone() for p in model.parameters()])
     initial = list(make_model(dtype=torch.float32).parameters())
-    for uncached, cached, start in zip(*results, initial):
+    for uncached, cached, not_cached, start in zip(*results, initial):
         assert relative_error(start - cached, start - uncached) <= 1e-5
+        assert torch.equal(not_cached, uncached)
 
 
 def test_bad_arguments_are_named():
@@ -190,6 +192,8 @@ def test_bad_arguments_are_named():
         GradientCache(model, [inputs], 4)
     with pytest.raises(ValueError, match="CachedMetricLossOnly: chunk_size must be a positive"):
         CachedMetricLossOnly(chunk_size=0)  # at construction, not at the first step
+    with pytest.raises(ValueError, match="freeze_batchnorm applies to cached steps"):
+        CachedMetricLossOnly(chunk_size=None, freeze_batchnorm=True)
 
 
 def test_numpy_integer_chunk_size_is_accepted():
