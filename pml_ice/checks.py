@@ -1,5 +1,5 @@
-"""Argument and input checks of ICELoss and ICEReweightReducer: clear errors for
-values and tensors they cannot use."""
+"""Argument and input checks of ICELoss, ICEReweightReducer and the wrappers and
+tools around them: clear errors for values and tensors they cannot use."""
 
 import numbers
 
@@ -24,10 +24,25 @@ def check_positive_real(owner, name, value, strictly):
         )
 
 
+def check_positive_integer(owner, name, value):
+    """An integer (numpy's too, not a bool) >= 1."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 1:
+        raise ValueError(f"{owner}: {name} must be a positive integer, got {value!r}")
+
+
 def check_loss_inputs(embeddings, labels, indices_tuple, ref_emb, ref_labels):
     """The inputs of ``ICELoss.forward``."""
+    check_loss_tensors(embeddings, labels, indices_tuple is not None, ref_emb, ref_labels)
+    if indices_tuple is not None:
+        num_refs = len(embeddings) if ref_emb is None else len(ref_emb)
+        check_indices_tuple(indices_tuple, len(embeddings), num_refs)
+
+
+def check_loss_tensors(embeddings, labels, has_indices_tuple, ref_emb, ref_labels):
+    """``ICELoss.forward``'s checks of everything but the values of the indices_tuple
+    (whether one is given: ``has_indices_tuple``)."""
     check_embeddings("embeddings", embeddings)
-    if labels is None and indices_tuple is None:
+    if labels is None and not has_indices_tuple:
         raise ValueError("ICELoss: labels and indices_tuple cannot both be None")
     check_labels("labels", labels, len(embeddings))
     if ref_emb is not None:
@@ -42,16 +57,13 @@ def check_loss_inputs(embeddings, labels, indices_tuple, ref_emb, ref_labels):
                 f"ICELoss: ref_emb dtype {ref_emb.dtype} differs from embeddings dtype "
                 f"{embeddings.dtype}"
             )
-        if indices_tuple is None and ref_labels is None:
+        if not has_indices_tuple and ref_labels is None:
             raise ValueError(
                 "ICELoss: ref_labels are required with ref_emb when pairs come from labels"
             )
         check_labels("ref_labels", ref_labels, len(ref_emb))
     elif ref_labels is not None:
         raise ValueError("ICELoss: ref_labels were given without ref_emb")
-    if indices_tuple is not None:
-        num_refs = len(embeddings) if ref_emb is None else len(ref_emb)
-        check_indices_tuple(indices_tuple, len(embeddings), num_refs)
 
 
 def describe(value):
@@ -60,31 +72,31 @@ def describe(value):
     return repr(type(value))
 
 
-def check_embeddings(name, embeddings):
+def check_embeddings(name, embeddings, owner="ICELoss"):
     if not torch.is_tensor(embeddings):
-        raise TypeError(f"ICELoss: {name} must be a torch.Tensor, got {type(embeddings)}")
+        raise TypeError(f"{owner}: {name} must be a torch.Tensor, got {type(embeddings)}")
     if embeddings.ndim != 2:
         raise ValueError(
-            f"ICELoss: {name} must be 2-D (batch_size, embedding_size), "
+            f"{owner}: {name} must be 2-D (batch_size, embedding_size), "
             f"got shape {tuple(embeddings.shape)}"
         )
     if not embeddings.is_floating_point():
-        raise TypeError(f"ICELoss: {name} must be floating point, got {embeddings.dtype}")
+        raise TypeError(f"{owner}: {name} must be floating point, got {embeddings.dtype}")
 
 
-def check_labels(name, labels, expected_length):
+def check_labels(name, labels, expected_length, owner="ICELoss"):
     if labels is None:
         return
     if not torch.is_tensor(labels):
-        raise TypeError(f"ICELoss: {name} must be a torch.Tensor, got {type(labels)}")
+        raise TypeError(f"{owner}: {name} must be a torch.Tensor, got {type(labels)}")
     if labels.ndim != 1 or len(labels) != expected_length:
         raise ValueError(
-            f"ICELoss: {name} must have shape ({expected_length},), "
+            f"{owner}: {name} must have shape ({expected_length},), "
             f"got {tuple(labels.shape)}"
         )
     if labels.is_floating_point() and bool(torch.isnan(labels).any()):
         raise ValueError(
-            f"ICELoss: {name} contain NaN; NaN is not equal to itself, so it names no "
+            f"{owner}: {name} contain NaN; NaN is not equal to itself, so it names no "
             "class (give every sample a real label)"
         )
 

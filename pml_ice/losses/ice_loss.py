@@ -4,9 +4,9 @@ import torch
 from pytorch_metric_learning.distances import CosineSimilarity
 from pytorch_metric_learning.losses import BaseMetricLossFunction
 
-from ..checks import check_loss_inputs, check_positive_real
+from ..checks import check_loss_inputs, check_positive_integer, check_positive_real
 from ..reducers.ice_reweight_reducer import ICEReweightReducer
-from ._ice.chunked import ICEPairLosses
+from ._ice.chunked import ChunkedICEPairs, ICEPairLosses
 from ._ice.dense import ICELabelLosses, label_positives
 from ._ice.logits import InnerProductLogits, logits_kernel
 from ._ice.pairs import keep_anchors_with_negatives, pairs_from_indices_tuple, pairs_from_labels
@@ -39,7 +39,8 @@ class ICELoss(BaseMetricLossFunction):
       (NTXent counts a repeated pair each time) or ``PairMarginMiner`` (NTXent keeps a
       positive whose anchor has no mined negative as a zero term of its mean).
     - It is twice differentiable: under ``create_graph=True`` backward builds the
-      gradient from ordinary autograd operations (holding the logits whole).
+      gradient from ordinary autograd operations (holding the logits whole); and
+      ``torch.func.grad``, ``vjp`` and ``jacrev`` apply (not ``vmap`` or forward mode).
 
     Args:
         scale: the inverse temperature ``s > 0``. The default, with the default
@@ -61,13 +62,11 @@ class ICELoss(BaseMetricLossFunction):
             raise ValueError(
                 f"ICELoss: memory_efficient must be None, True or False, got {memory_efficient!r}"
             )
-        if chunk_size is not None and (not isinstance(chunk_size, int) or chunk_size < 1):
-            raise ValueError(
-                f"ICELoss: chunk_size must be a positive integer or None, got {chunk_size!r}"
-            )
+        if chunk_size is not None:
+            check_positive_integer("ICELoss", "chunk_size", chunk_size)
         self.scale = float(scale)
         self.memory_efficient = memory_efficient
-        self.chunk_size = chunk_size
+        self.chunk_size = None if chunk_size is None else int(chunk_size)
         self.add_to_recordable_attributes(list_of_names=["scale"], is_stat=False)
         self.add_to_recordable_attributes(
             list_of_names=["num_pos_pairs", "num_neg_pairs", "mean_pos_match_prob"],
@@ -127,7 +126,7 @@ class ICELoss(BaseMetricLossFunction):
         if len(positives[0]) == 0:
             return None, None
         negative_mask = partial(torch.ne, labels[:, None], ref_labels[None, :])
-        losses = ICELabelLosses.apply(queries, refs, kernel, same_label, positives, negative_mask)
+        losses = ICELabelLosses.apply(queries, refs, kernel, same_label, positives, negative_mask)[0]
         return losses, positives
 
     def losses_from_symmetric_tiles(self, queries, kernel, labels, plan):
@@ -141,7 +140,7 @@ class ICELoss(BaseMetricLossFunction):
         if len(positives.anchors) == 0:
             return None, None
         indices = (positives.anchors, positives.refs)
-        losses = ICESymmetricTiles.apply(queries, kernel, labels, indices, plan.tile_rows)
+        losses = ICESymmetricTiles.apply(queries, kernel, labels, indices, plan.tile_rows)[0]
         return losses, indices
 
     def losses_from_pair_lists(
@@ -160,9 +159,10 @@ class ICELoss(BaseMetricLossFunction):
             return None, None
         if len(anchors) < len(queries):
             queries = queries[anchors]
+        chunked_pairs = ChunkedICEPairs(pairs, len(queries), len(refs))
         losses = ICEPairLosses.apply(
-            queries, refs, kernel, pairs, plan.chunk_rows, not plan.memory_efficient
-        )
+            queries, refs, kernel, chunked_pairs, plan.chunk_rows, not plan.memory_efficient
+        )[0]
         return losses, (anchors[pairs.positives.anchors], pairs.positives.refs)
 
     def get_default_reducer(self):

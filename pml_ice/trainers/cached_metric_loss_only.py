@@ -1,6 +1,7 @@
 from pytorch_metric_learning.trainers import MetricLossOnly
 from pytorch_metric_learning.utils import common_functions as c_f
 
+from ..checks import check_positive_integer
 from ..utils.gradient_cache import GradientCache
 
 
@@ -10,19 +11,29 @@ class CachedMetricLossOnly(MetricLossOnly):
     loss the whole batch. Takes MetricLossOnly's arguments, plus:
 
     Args:
-        chunk_size: samples per chunk of the forward and its re-forward.
+        chunk_size: samples per chunk of the forward and its re-forward (a positive
+            integer); ``None`` caches nothing (MetricLossOnly's step).
         freeze_batchnorm: run the models' BatchNorm layers in eval mode during the
-            step, where caching equals the uncached step exactly; otherwise each
-            chunk is normalised by its own statistics.
+            cached step, where caching equals the uncached step exactly; otherwise
+            each chunk is normalised by its own statistics.
     """
 
     def __init__(self, *args, chunk_size=256, freeze_batchnorm=False, **kwargs):
-        self.chunk_size = chunk_size
+        if chunk_size is not None:
+            check_positive_integer("CachedMetricLossOnly", "chunk_size", chunk_size)
+        elif freeze_batchnorm:
+            raise ValueError(
+                "CachedMetricLossOnly: freeze_batchnorm applies to cached steps, but "
+                "chunk_size is None; give a chunk_size, or use PML's freeze_trunk_batchnorm"
+            )
+        self.chunk_size = None if chunk_size is None else int(chunk_size)
         self.freeze_batchnorm = freeze_batchnorm
         self.gradient_cache = None
         super().__init__(*args, **kwargs)
 
     def calculate_loss(self, curr_batch):
+        if self.chunk_size is None:
+            return super().calculate_loss(curr_batch)
         data, labels = curr_batch
         data = c_f.to_device(data, device=self.data_device, dtype=self.dtype)
         self.gradient_cache = GradientCache(
@@ -40,5 +51,6 @@ class CachedMetricLossOnly(MetricLossOnly):
 
     def backward(self):
         super().backward()
-        self.gradient_cache.backward()
-        self.gradient_cache = None
+        if self.gradient_cache is not None:
+            self.gradient_cache.backward()
+            self.gradient_cache = None

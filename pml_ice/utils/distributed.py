@@ -7,6 +7,7 @@ process on the global batch.
 """
 
 import warnings
+from functools import partial
 
 import torch
 import torch.distributed as dist
@@ -16,8 +17,12 @@ from pytorch_metric_learning.utils import common_functions as c_f
 from pytorch_metric_learning.utils import distributed as pml_distributed
 from pytorch_metric_learning.utils import loss_and_miner_utils as lmu
 
+from ..checks import check_indices_tuple, check_loss_tensors
 from ..losses import ICELoss
 from ..reducers import ICEReweightReducer
+from .agreement import agree_on_inputs, error_of, raise_together
+
+LOSS_WRAPPER, MINER_WRAPPER = "DistributedLossWrapper", "DistributedMinerWrapper"
 
 
 class DistributedLossWrapper(pml_distributed.DistributedLossWrapper):
@@ -40,13 +45,21 @@ class DistributedLossWrapper(pml_distributed.DistributedLossWrapper):
 
     Every process returns the value ``L`` whose gradient is that of ``R * S_r / W``
     (or ``R * S_r / A``): DDP averages the parameter gradients over the ``R``
-    processes, so they equal those of ``L`` on the global batch. Miners must come
-    from :class:`DistributedMinerWrapper` with ``efficient=True`` (anchors local,
-    other indices into the global batch); with ``ref_emb`` the reference set is the
-    gathered ``ref_emb``. Batch sizes may differ between processes. Under
-    CrossBatchMemory every process enqueues the whole gathered batch, so the bank is
-    the same everywhere, and computes its own anchors against it; ``indices_tuple``
-    and ``enqueue_mask`` are then not accepted.
+    processes, so they equal those of ``L`` on the global batch. An ``indices_tuple``
+    must come from :class:`DistributedMinerWrapper` with ``efficient=True`` (anchors
+    local, other indices into the global batch), and that wrapper's tuples are refused
+    by ``efficient=False``; with ``ref_emb`` the reference set is the gathered
+    ``ref_emb``. Batch sizes may differ between processes. Under CrossBatchMemory
+    every process enqueues the whole gathered batch, so the bank is the same
+    everywhere, and computes its own anchors against it; ``indices_tuple`` and
+    ``enqueue_mask`` are then not accepted.
+
+    Before any data is gathered, every process checks its inputs (with
+    ``efficient=True`` ICELoss's own checks, the indices against the global batch) and
+    the processes compare widths, dtypes and which optional inputs are given (with
+    ``efficient=False`` also batch sizes): a failure raises the same error in every
+    process. Without a process group the loss of the local batch is returned, with a
+    warning.
     """
 
     def __init__(self, loss, efficient=False):
@@ -64,26 +77,62 @@ class DistributedLossWrapper(pml_distributed.DistributedLossWrapper):
         ref_labels=None,
         enqueue_mask=None,
     ):
-        if not (self.efficient and is_sharded()):
-            return super().forward(
-                embeddings, labels, indices_tuple, ref_emb, ref_labels, enqueue_mask
-            )
+        args = (embeddings, labels, indices_tuple, ref_emb, ref_labels, enqueue_mask)
+        if not is_sharded():
+            return self.local_loss(*args)
+        if not self.efficient:
+            return self.forward_gathered(*args)
         if isinstance(self.loss, pml_losses.CrossBatchMemory):
-            return self.forward_sharded_memory(
-                embeddings, labels, indices_tuple, ref_emb, ref_labels, enqueue_mask
+            return self.forward_sharded_memory(*args)
+        return self.forward_sharded(*args[:5])
+
+    def local_loss(self, embeddings, labels, indices_tuple, ref_emb, ref_labels, enqueue_mask):
+        """One process: the wrapped loss of the local batch (with a warning when
+        torch.distributed is not initialised)."""
+        if not pml_distributed.is_distributed():
+            warnings.warn(
+                f"{LOSS_WRAPPER}: torch.distributed is not initialised; returning the loss "
+                "of this process's batch"
             )
-        return self.forward_sharded(embeddings, labels, indices_tuple, ref_emb, ref_labels)
+        if not isinstance(self.loss, pml_losses.CrossBatchMemory):
+            return self.loss(embeddings, labels, indices_tuple, ref_emb, ref_labels)
+        check_no_ref_emb(ref_emb, ref_labels)
+        return self.loss(embeddings, labels, indices_tuple, enqueue_mask)
+
+    def forward_gathered(
+        self, embeddings, labels, indices_tuple, ref_emb, ref_labels, enqueue_mask
+    ):
+        """``efficient=False``: PML's gathering, once the processes agree on the inputs."""
+        agree_on_inputs(
+            LOSS_WRAPPER, partial(check_tuple_origin, indices_tuple, efficient=False),
+            embeddings, labels, indices_tuple is not None, ref_emb, ref_labels, enqueue_mask,
+            equal_sizes=True,
+        )
+        return super().forward(
+            embeddings, labels, indices_tuple, ref_emb, ref_labels, enqueue_mask
+        )
 
     def forward_sharded(self, embeddings, labels, indices_tuple, ref_emb, ref_labels):
-        check_batch(embeddings, labels, indices_tuple)
+        def check():
+            check_tuple_origin(indices_tuple, efficient=True)
+            check_loss_tensors(embeddings, labels, indices_tuple is not None, ref_emb, ref_labels)
+
+        sizes, ref_sizes = agree_on_inputs(
+            LOSS_WRAPPER, check, embeddings, labels, indices_tuple is not None, ref_emb, ref_labels
+        )
+        shards = Shards(sizes)
+        ref_shards = shards if ref_emb is None else Shards(ref_sizes)
+        if indices_tuple is not None:  # then every process has one and takes part
+            raise_together(
+                error_of(
+                    check_indices_tuple, indices_tuple, len(embeddings), sum(ref_shards.sizes)
+                )
+            )
         labels = None if labels is None else c_f.to_device(labels, embeddings)
-        shards = Shards(embeddings)
         if ref_emb is None:
             refs = shards.gather(embeddings, with_grad=True)
             ref_labels = None if labels is None else shards.gather(labels)
         else:
-            c_f.check_shapes(ref_emb, ref_labels)
-            ref_shards = Shards(ref_emb)
             refs = ref_shards.gather(ref_emb, with_grad=True)
             ref_labels = (
                 None
@@ -102,22 +151,28 @@ class DistributedLossWrapper(pml_distributed.DistributedLossWrapper):
         self, embeddings, labels, indices_tuple, ref_emb, ref_labels, enqueue_mask
     ):
         memory = self.loss
-        if ref_emb is not None or ref_labels is not None:
-            raise ValueError("CrossBatchMemory is not compatible with ref_emb and ref_labels")
-        if indices_tuple is not None or enqueue_mask is not None:
+
+        def check():
+            check_no_ref_emb(ref_emb, ref_labels)
+            if indices_tuple is not None or enqueue_mask is not None:
+                raise ValueError(
+                    f"{LOSS_WRAPPER}(CrossBatchMemory, efficient=True) accepts neither "
+                    "indices_tuple nor enqueue_mask; use efficient=False for them"
+                )
+            memory.check_batch(embeddings, labels)
+
+        sizes, _ = agree_on_inputs(
+            LOSS_WRAPPER, check, embeddings, labels, indices_tuple is not None, ref_emb,
+            ref_labels, enqueue_mask,
+        )
+        if sum(sizes) > memory.memory_size:
             raise ValueError(
-                "DistributedLossWrapper(CrossBatchMemory, efficient=True) accepts neither "
-                "indices_tuple nor enqueue_mask; use efficient=False for them"
-            )
-        check_batch(embeddings, labels, None)
-        labels = c_f.to_device(labels, embeddings)
-        shards = Shards(embeddings)
-        all_emb, all_labels = shards.gather(embeddings.detach()), shards.gather(labels)
-        if len(all_emb) > memory.memory_size:
-            raise ValueError(
-                f"DistributedLossWrapper: the gathered batch ({len(all_emb)}) is larger "
+                f"{LOSS_WRAPPER}: the gathered batch ({sum(sizes)}) is larger "
                 f"than CrossBatchMemory's memory_size ({memory.memory_size})"
             )
+        labels = c_f.to_device(labels, embeddings)
+        shards = Shards(sizes)
+        all_emb, all_labels = shards.gather(embeddings.detach()), shards.gather(labels)
         memory.reset_stats()
         memory.loss.reset_stats()
         memory.embedding_memory = c_f.to_device(
@@ -145,36 +200,90 @@ class DistributedMinerWrapper(pml_distributed.DistributedMinerWrapper):
     With ``efficient=True`` every process runs the miner on the whole gathered batch
     (rank order; ``ref_emb`` gathered likewise), so any deterministic miner finds
     exactly its one-process tuples, at the cost of an ``N x N`` mining step on every
-    process. It returns the tuples whose anchor is local: anchors numbered within the
-    local batch, the other indices pointing into the gathered batch. ``efficient=False``
-    is PML's.
+    process. It returns the tuples whose anchor is local as a
+    :class:`ShardedIndicesTuple`: anchors numbered within the local batch, the other
+    indices pointing into the gathered batch. ``efficient=False`` is PML's. Before
+    anything is gathered the processes agree on their inputs, as in
+    DistributedLossWrapper.
     """
 
     def forward(self, emb, labels, ref_emb=None, ref_labels=None):
-        if not (self.efficient and is_sharded()):
+        if not is_sharded():
+            return super().forward(emb, labels, ref_emb, ref_labels)
+        sizes, ref_sizes = agree_on_inputs(
+            MINER_WRAPPER, partial(check_miner_labels, labels, ref_emb, ref_labels),
+            emb, labels, False, ref_emb, ref_labels, equal_sizes=not self.efficient,
+        )
+        if not self.efficient:
             return super().forward(emb, labels, ref_emb, ref_labels)
         labels = c_f.to_device(labels, emb)
-        shards = Shards(emb)
+        shards = Shards(sizes)
         all_emb, all_labels = shards.gather(emb.detach()), shards.gather(labels)
         if ref_emb is None:
-            return shards.local_tuples(self.miner(all_emb, all_labels))
-        ref_shards = Shards(ref_emb)
-        all_ref_emb = ref_shards.gather(ref_emb.detach())
-        all_ref_labels = ref_shards.gather(c_f.to_device(ref_labels, ref_emb))
-        return shards.local_tuples(self.miner(all_emb, all_labels, all_ref_emb, all_ref_labels))
+            mined = self.miner(all_emb, all_labels)
+        else:
+            ref_shards = Shards(ref_sizes)
+            all_ref_emb = ref_shards.gather(ref_emb.detach())
+            all_ref_labels = ref_shards.gather(c_f.to_device(ref_labels, ref_emb))
+            mined = self.miner(all_emb, all_labels, all_ref_emb, all_ref_labels)
+        return ShardedIndicesTuple(shards.local_tuples(mined))
+
+
+class ShardedIndicesTuple(tuple):
+    """Mined indices in the convention of ``DistributedLossWrapper(efficient=True)``:
+    anchors numbered within the local batch, the other indices pointing into the
+    gathered batch (rank order), as ``DistributedMinerWrapper(efficient=True)``
+    returns them. PML's miner wrapper numbers the gathered batch otherwise (with
+    ``efficient=True`` the local batch first; with ``efficient=False`` every index,
+    anchors too, points into the gathered batch), and so does a miner run on the local
+    batch alone, so the loss wrapper tells the conventions apart by this type."""
+
+
+def check_tuple_origin(indices_tuple, efficient):
+    """Tuples of the loss wrapper's convention: sharded ones for ``efficient=True``,
+    any other for ``efficient=False``."""
+    if indices_tuple is None or efficient == isinstance(indices_tuple, ShardedIndicesTuple):
+        return
+    if efficient:
+        raise ValueError(
+            f"{LOSS_WRAPPER}(efficient=True) needs the indices_tuple of pml_ice's "
+            f"{MINER_WRAPPER}(miner, efficient=True): anchors numbered within the local "
+            "batch, the other indices into the gathered batch in rank order. This one came "
+            f"from elsewhere: PML's {MINER_WRAPPER} numbers the local batch first "
+            "(efficient=True) or indexes the whole gathered batch (efficient=False), and a "
+            "miner run on the local batch indexes only that. Wrap the miner in "
+            f"pml_ice.utils.distributed.{MINER_WRAPPER}(miner, efficient=True)"
+        )
+    raise ValueError(
+        f"{LOSS_WRAPPER}(efficient=False) computes the loss of the whole gathered batch and "
+        f"needs tuples that index it, as {MINER_WRAPPER}(miner, efficient=False) returns "
+        f"them, but these come from {MINER_WRAPPER}(efficient=True) (anchors numbered "
+        "within the local batch); use efficient=True for both wrappers (ICELoss) or "
+        "efficient=False for both"
+    )
+
+
+def check_no_ref_emb(ref_emb, ref_labels):
+    if ref_emb is not None or ref_labels is not None:
+        raise ValueError(f"{LOSS_WRAPPER}: CrossBatchMemory takes neither ref_emb nor ref_labels")
+
+
+def check_miner_labels(labels, ref_emb, ref_labels):
+    if labels is None:
+        raise ValueError(f"{MINER_WRAPPER}: labels are required")
+    if (ref_emb is None) != (ref_labels is None):
+        raise ValueError(f"{MINER_WRAPPER}: give ref_emb and ref_labels together")
 
 
 class Shards:
-    """The sizes of a tensor's shards on all processes; ``offset`` is where this
-    process's shard starts in their concatenation (rank order)."""
+    """The sizes of a tensor's shards on all processes (rank order, as
+    ``agree_on_inputs`` returns them); ``offset`` is where this process's shard starts
+    in their concatenation."""
 
-    def __init__(self, local):
-        size = torch.tensor([len(local)], device=local.device)
-        sizes = [torch.empty_like(size) for _ in range(dist.get_world_size())]
-        dist.all_gather(sizes, size)
-        self.sizes = [int(s) for s in sizes]
-        self.offset = sum(self.sizes[: dist.get_rank()])
-        self.local_size = len(local)
+    def __init__(self, sizes):
+        self.sizes = sizes
+        self.offset = sum(sizes[: dist.get_rank()])
+        self.local_size = sizes[dist.get_rank()]
 
     def gather(self, local, with_grad=False):
         """All shards concatenated in rank order (padded to the largest for the
@@ -248,28 +357,17 @@ def is_sharded():
     return pml_distributed.is_distributed() and dist.get_world_size() > 1
 
 
-def check_batch(embeddings, labels, indices_tuple):
-    if not torch.is_tensor(embeddings) or embeddings.ndim != 2:
-        raise ValueError(
-            "DistributedLossWrapper: embeddings must be a 2-D tensor (batch_size, "
-            f"embedding_size), got {type(embeddings).__name__} "
-            f"{tuple(getattr(embeddings, 'shape', ()))}"
-        )
-    if labels is None and indices_tuple is None:
-        raise ValueError("DistributedLossWrapper: labels and indices_tuple cannot both be None")
-    c_f.check_shapes(embeddings, labels)
-
-
 def why_not_exactly_shardable(loss):
     """Why ``efficient=True`` cannot shard ``loss`` exactly (it needs the global
     normalisers of ICEReweightReducer), or None when it can."""
     inner = loss.loss if isinstance(loss, pml_losses.CrossBatchMemory) else loss
     if not isinstance(inner, ICELoss):
         return f"the loss is {type(inner).__name__}, not ICELoss"
+    if inner.sub_loss_names() != ["loss"]:  # then PML wraps the reducer in MultipleReducers
+        regularizer = type(inner.embedding_regularizer).__name__
+        return f"it has an embedding regularizer ({regularizer})"
     if not isinstance(inner.reducer, ICEReweightReducer):
         return f"its reducer is {type(inner.reducer).__name__}, not ICEReweightReducer"
-    if inner.sub_loss_names() != ["loss"]:
-        return "it has an embedding regularizer"
     return None
 
 

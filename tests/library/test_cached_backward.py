@@ -3,6 +3,7 @@ backward of the whole batch: the loss and every parameter gradient."""
 
 import os
 
+import numpy as np
 import pytest
 import torch
 import torch.distributed as dist
@@ -85,8 +86,9 @@ def max_error(first, second):
 
 @pytest.mark.parametrize("case", sorted(LOSS_CASES))
 def test_cached_equals_whole_batch_with_dropout(case):
-    """Dropout active: the chunks' restored random states reproduce the whole
-    batch's masks, so loss and gradients agree to float64 rounding."""
+    """One dropout layer, active: on the CPU the chunks draw the whole batch's masks in
+    turn, and the re-forward restores each chunk's random state, so loss and gradients
+    agree with the whole batch to float64 rounding."""
     model = make_model(dropout=0.3)
     inputs, labels = make_batch()
     loss_func, miner = LOSS_CASES[case]()
@@ -153,7 +155,11 @@ def test_cached_metric_loss_only_equals_metric_loss_only():
     inputs, labels = make_batch(torch.float32)
     dataset = torch.utils.data.TensorDataset(inputs, labels)
     results = []
-    variants = [(trainers.MetricLossOnly, {}), (CachedMetricLossOnly, {"chunk_size": CHUNK})]
+    variants = [
+        (trainers.MetricLossOnly, {}),
+        (CachedMetricLossOnly, {"chunk_size": np.int64(CHUNK)}),  # numpy integers accepted
+        (CachedMetricLossOnly, {"chunk_size": None}),  # no caching
+    ]
     for trainer_class, extra in variants:
         model = make_model(dtype=torch.float32)
         trainer = trainer_class(
@@ -172,16 +178,27 @@ def test_cached_metric_loss_only_equals_metric_loss_only():
         trainer.train(num_epochs=1)
         results.append([p.detach().clone() for p in model.parameters()])
     initial = list(make_model(dtype=torch.float32).parameters())
-    for uncached, cached, start in zip(*results, initial):
+    for uncached, cached, not_cached, start in zip(*results, initial):
         assert relative_error(start - cached, start - uncached) <= 1e-5
+        assert torch.equal(not_cached, uncached)
 
 
 def test_bad_arguments_are_named():
     model, (inputs, _) = make_model(), make_batch()
-    with pytest.raises(ValueError, match="chunk_size must be a positive integer"):
-        GradientCache(model, inputs, 0)
+    for chunk_size in (0, True, 2.0, np.int64(0)):
+        with pytest.raises(ValueError, match="chunk_size must be a positive integer"):
+            GradientCache(model, inputs, chunk_size)
     with pytest.raises(TypeError, match="inputs must be a torch.Tensor"):
         GradientCache(model, [inputs], 4)
+    with pytest.raises(ValueError, match="CachedMetricLossOnly: chunk_size must be a positive"):
+        CachedMetricLossOnly(chunk_size=0)  # at construction, not at the first step
+    with pytest.raises(ValueError, match="freeze_batchnorm applies to cached steps"):
+        CachedMetricLossOnly(chunk_size=None, freeze_batchnorm=True)
+
+
+def test_numpy_integer_chunk_size_is_accepted():
+    model, (inputs, labels) = make_model(), make_batch()
+    assert len(GradientCache(model, inputs, np.int64(CHUNK)).chunks) == 5
 
 
 def ddp_worker(rank, world_size, port, out_dir):
@@ -207,3 +224,112 @@ def test_cached_with_sharded_loss_under_ddp(tmp_path):
     expected = whole_batch_step(make_model(), inputs, labels, make_ice())
     for rank in range(2):
         assert max_error(torch.load(tmp_path / f"rank{rank}.pt"), expected) <= 1e-12
+
+
+def two_dropout_model():
+    torch.manual_seed(0)
+    return torch.nn.Sequential(
+        torch.nn.Linear(IN_FEATURES, HIDDEN), torch.nn.ReLU(), torch.nn.Dropout(0.3),
+        torch.nn.Linear(HIDDEN, HIDDEN), torch.nn.Dropout(0.3),
+        torch.nn.Linear(HIDDEN, EMBEDDING_SIZE),
+    ).double()
+
+
+def test_two_dropout_layers_give_the_chunks_own_masks():
+    """With two random layers each chunk draws both layers' masks before the next chunk
+    draws any, so the masks differ from the whole batch's under the same seed: caching
+    equals the batch pushed through the model chunk by chunk (the masks the chunks
+    drew), not the whole batch at once."""
+    inputs, labels = make_batch()
+    loss_func = make_ice()
+    cached = cached_step(two_dropout_model(), inputs, labels, loss_func)
+
+    torch.manual_seed(7)
+    chunked_model = two_dropout_model()
+    torch.manual_seed(7)
+    embeddings = torch.cat([chunked_model(chunk) for chunk in inputs.split(CHUNK)])
+    loss = loss_func(embeddings, labels)
+    loss.backward()
+    chunked = (loss.detach(), [p.grad.clone() for p in chunked_model.parameters()])
+    assert max_error(cached, chunked) <= 1e-12
+
+    whole = whole_batch_step(two_dropout_model(), inputs, labels, loss_func)
+    assert max_error(cached, whole) > 1e-2
+
+
+def test_frozen_model_with_a_loss_that_has_parameters():
+    """Every model parameter frozen, ProxyAnchor's proxies training: the proxies get the
+    uncached step's gradient (before: "element 0 of tensors does not require grad")."""
+    inputs, labels = make_batch()
+    results = []
+    for step in (whole_batch_step, cached_step):
+        model = make_model(dropout=0.3)
+        model.requires_grad_(False)
+        torch.manual_seed(3)
+        loss_func = losses.ProxyAnchorLoss(num_classes=4, embedding_size=EMBEDDING_SIZE).double()
+        torch.manual_seed(7)
+        if step is whole_batch_step:
+            loss = loss_func(model(inputs), labels)
+            loss.backward()
+        else:
+            loss = cached_backward(model, inputs, labels, loss_func, CHUNK)
+        assert all(p.grad is None for p in model.parameters())
+        results.append((loss.detach(), [loss_func.proxies.grad.clone()]))
+    assert results[0][0] > 0
+    assert max_error(*results) <= 1e-12
+
+
+class TupleModel(torch.nn.Module):
+    def __init__(self, wrap):
+        super().__init__()
+        self.layer, self.wrap = torch.nn.Linear(IN_FEATURES, EMBEDDING_SIZE).double(), wrap
+
+    def forward(self, inputs):
+        return self.wrap(self.layer(inputs))
+
+
+@pytest.mark.parametrize(
+    "wrap, got",
+    [
+        (lambda e: (e, e.sum()), "a tuple"),
+        (lambda e: {"embeddings": e}, "a dict"),
+        (lambda e: e[0], r"a tensor of shape \(8,\)"),
+    ],
+    ids=["tuple", "dict", "one_row"],
+)
+def test_model_must_return_one_tensor_of_embeddings(wrap, got):
+    inputs, labels = make_batch()
+    with pytest.raises(TypeError, match=rf"one tensor with a row per input \(5 rows .*got {got}"):
+        cached_backward(TupleModel(wrap), inputs, labels, make_ice(), CHUNK)
+
+
+def test_random_state_after_the_step_is_the_uncached_steps():
+    """The loss (or miner) draws random numbers after the forward pass; the generator
+    ends where the uncached step leaves it, so the next step does not draw them again
+    (before: reset to its state after the forward pass)."""
+    inputs, labels = make_batch()
+    ice = make_ice()
+
+    def drawing_loss(embeddings, labels, indices_tuple):
+        draws.append(torch.rand(4))
+        return ice(embeddings, labels, indices_tuple)
+
+    states = []
+    for step in (whole_batch_step, cached_step):
+        draws = []
+        step(make_model(dropout=0.3), inputs, labels, drawing_loss)
+        states.append(torch.get_rng_state())
+        assert not torch.equal(torch.rand(4), draws[0])
+    assert torch.equal(*states)
+
+
+def test_a_second_backward_is_refused():
+    """It would add the gradient to .grad again (before: silently doubled)."""
+    model, (inputs, labels) = make_model(), make_batch()
+    cache = GradientCache(model, inputs, CHUNK)
+    make_ice()(cache.embeddings, labels).backward()
+    cache.backward()
+    grads = [p.grad.clone() for p in model.parameters()]
+    with pytest.raises(RuntimeError, match=r"already called.*new GradientCache"):
+        cache.backward()
+    assert all(torch.equal(p.grad, g) for p, g in zip(model.parameters(), grads))

@@ -120,10 +120,18 @@ def test_bad_lam_is_refused(value):
 def test_numpy_numbers_are_accepted(make_batch):
     embeddings, labels = make_batch()
     loss_func = losses.ICELoss(
-        scale=np.float32(16), reducer=reducers.ICEReweightReducer(lam=np.float64(1))
+        scale=np.float32(16), reducer=reducers.ICEReweightReducer(lam=np.float64(1)),
+        memory_efficient=True, chunk_size=np.int64(3),
     )
     assert loss_func.scale == 16.0 and loss_func.reducer.lam == 1.0
+    assert loss_func.chunk_size == 3 and type(loss_func.chunk_size) is int
     assert torch.isfinite(loss_func(embeddings, labels))
+
+
+@pytest.mark.parametrize("value", [0, -2, True, 2.0, "4"])
+def test_bad_chunk_size_is_refused(value):
+    with pytest.raises(ValueError, match="ICELoss: chunk_size must be a positive integer"):
+        losses.ICELoss(chunk_size=value)
 
 
 @pytest.mark.parametrize(

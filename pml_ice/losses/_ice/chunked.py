@@ -23,7 +23,7 @@ from functools import partial
 import torch
 
 from .logits import accumulation_dtype
-from .pair_terms import save_and_finish
+from .pair_terms import pair_terms, save_pair_terms
 from .twice_differentiable import dense_mask, graph_of_gradient
 
 
@@ -48,6 +48,20 @@ class ChunkedPairs:
         return (self.anchors[lo:hi] - start) * self.num_refs + self.refs[lo:hi]
 
 
+class ChunkedICEPairs:
+    """ICEPairs of ``num_rows`` anchors and ``num_refs`` references as ICEPairLosses
+    reads them, chunk by chunk; ``negative_mask()`` is the dense mask of negatives
+    for a backward under ``create_graph``."""
+
+    def __init__(self, pairs, num_rows, num_refs):
+        self.positives = ChunkedPairs(pairs.positives, num_refs)
+        self.masked = ChunkedPairs(pairs.masked, num_refs)
+        self.masked_are_negatives = pairs.masked_are_negatives
+        self.negative_mask = partial(
+            dense_mask, pairs.masked, num_rows, num_refs, pairs.masked_are_negatives
+        )
+
+
 def restrict_to_negatives(logits, masked, masked_are_negatives, start, end):
     """Set every logit of the chunk that is not a negative to -inf, in place."""
     positions = masked.flat_positions(start, end)
@@ -61,30 +75,37 @@ def restrict_to_negatives(logits, masked, masked_are_negatives, start, end):
 
 
 class ICEPairLosses(torch.autograd.Function):
-    """Per-pair ICE losses ``softplus(LSE_i - Z_ij)`` for the positive pairs of ``pairs``.
+    """Per-pair ICE losses ``softplus(LSE_i - Z_ij)`` for the positive pairs of ``pairs``
+    (a ChunkedICEPairs), and what backward needs: the exponentials (empty unless
+    ``save_exp``), ``LSE``, the row sums and ``1 - p``.
 
-    Every anchor row of ``queries`` must have at least one negative.
+    Every anchor row of ``queries`` must have at least one negative. Forward and
+    setup_context are separate, so torch.func transforms (``torch.func.grad``) apply.
     """
 
     @staticmethod
-    def forward(ctx, queries, refs, kernel, pairs, chunk_rows, save_exp):
+    def forward(queries, refs, kernel, pairs, chunk_rows, save_exp):
         with torch.autocast(queries.device.type, enabled=False):
-            return ICEPairLosses.run_forward(
-                ctx, queries, refs, kernel, pairs, chunk_rows, save_exp
-            )
+            return ICEPairLosses.run_forward(queries, refs, kernel, pairs, chunk_rows, save_exp)
 
     @staticmethod
-    def backward(ctx, grad_losses):
+    def setup_context(ctx, inputs, output):
+        queries, refs, kernel, pairs, chunk_rows, save_exp = inputs
+        ctx.kernel, ctx.pairs, ctx.chunk_rows, ctx.exp_saved = kernel, pairs, chunk_rows, save_exp
+        ctx.refs_are_queries = refs is queries
+        save_pair_terms(ctx, (queries, refs), output)
+
+    @staticmethod
+    def backward(ctx, grad_losses, *_):
         with torch.autocast(grad_losses.device.type, enabled=False):
             return ICEPairLosses.run_backward(ctx, grad_losses)
 
     @staticmethod
-    def run_forward(ctx, queries, refs, kernel, pairs, chunk_rows, save_exp):
+    def run_forward(queries, refs, kernel, pairs, chunk_rows, save_exp):
         """Dtypes are explicit here: autocast is off."""
         acc_dtype = accumulation_dtype(queries.dtype)
         num_rows, num_refs = len(queries), len(refs)
-        positives = ChunkedPairs(pairs.positives, num_refs)
-        masked = ChunkedPairs(pairs.masked, num_refs)
+        positives, masked = pairs.positives, pairs.masked
         pos_logits = queries.new_empty(len(positives.anchors), dtype=acc_dtype)
         row_max = queries.new_empty(num_rows, dtype=acc_dtype)
         row_sum = queries.new_empty(num_rows, dtype=acc_dtype)
@@ -100,26 +121,18 @@ class ICEPairLosses(torch.autograd.Function):
             chunk_max = torch.amax(logits, dim=1)
             row_max[start:end] = chunk_max
             torch.sum(logits.sub_(chunk_max[:, None]).exp_(), dim=1, out=row_sum[start:end])
-        ctx.kernel, ctx.chunk_rows, ctx.refs_are_queries = kernel, chunk_rows, refs is queries
-        ctx.positives, ctx.masked = positives, masked
-        ctx.masked_are_negatives = pairs.masked_are_negatives
-        ctx.negative_mask = partial(
-            dense_mask, pairs.masked, num_rows, num_refs, pairs.masked_are_negatives
-        )
-        return save_and_finish(
-            ctx, positives.anchors, pos_logits, row_max, row_sum,
-            queries, refs, buffer if save_exp else None,
-        )
+        saved_exp = buffer if save_exp else buffer.new_empty(0)
+        return pair_terms(positives.anchors, pos_logits, row_max, row_sum, saved_exp)
 
     @staticmethod
     def run_backward(ctx, grad_losses):
         queries, refs, saved_exp, lse, row_sum, one_minus_p = ctx.saved_tensors
-        positives = ctx.positives
+        positives = ctx.pairs.positives
         if ctx.refs_are_queries:
             refs = queries
         if torch.is_grad_enabled():  # create_graph: a gradient that is itself differentiable
             grads = graph_of_gradient(
-                ctx.kernel, queries, refs, ctx.negative_mask(),
+                ctx.kernel, queries, refs, ctx.pairs.negative_mask(),
                 (positives.anchors, positives.refs), grad_losses, ctx.needs_input_grad[1],
             )
             return grads + (None,) * 4
@@ -132,7 +145,7 @@ class ICEPairLosses(torch.autograd.Function):
             grad_refs = torch.zeros(refs.shape, dtype=lse.dtype, device=refs.device)
         else:
             grad_refs = None
-        if saved_exp is None:
+        if not ctx.exp_saved:
             ICEPairLosses.add_recomputed_grads(
                 ctx, queries, refs, lse, neg_coef, pos_grad, grad_queries, grad_refs
             )
@@ -163,14 +176,14 @@ class ICEPairLosses(torch.autograd.Function):
         """Chunk by chunk: recompute the logits, then
         ``c_i exp(Z - LSE_i) = sign(c_i) exp(Z - (LSE_i - log|c_i|))`` (one sub, one exp;
         the sign pass only when some ``c_i`` is negative, decided once, not per chunk)."""
-        positives, masked = ctx.positives, ctx.masked
+        positives, masked = ctx.pairs.positives, ctx.pairs.masked
         num_rows, num_refs = len(queries), len(refs)
         shift = lse - torch.log(neg_coef.abs())
         row_sign = torch.sign(neg_coef)[:, None] if bool((neg_coef < 0).any()) else None
         buffer = lse.new_empty(min(ctx.chunk_rows, num_rows), num_refs)
         for start, end in chunk_ranges(num_rows, ctx.chunk_rows):
             grad_logits = ctx.kernel.logits(queries[start:end], refs, buffer[: end - start])
-            restrict_to_negatives(grad_logits, masked, ctx.masked_are_negatives, start, end)
+            restrict_to_negatives(grad_logits, masked, ctx.pairs.masked_are_negatives, start, end)
             grad_logits.sub_(shift[start:end, None]).exp_()
             if row_sign is not None:
                 grad_logits.mul_(row_sign[start:end])

@@ -11,7 +11,7 @@ import torch
 
 from .chunked import ICEPairLosses
 from .logits import accumulation_dtype
-from .pair_terms import save_and_finish
+from .pair_terms import pair_terms, save_pair_terms
 
 
 def label_positives(same_label, ref_is_batch):
@@ -31,7 +31,7 @@ class ICELabelLosses(ICEPairLosses):
     so that the mask is not held until backward."""
 
     @staticmethod
-    def forward(ctx, queries, refs, kernel, same_label, positives, negative_mask):
+    def forward(queries, refs, kernel, same_label, positives, negative_mask):
         with torch.autocast(queries.device.type, enabled=False):
             acc_dtype = accumulation_dtype(queries.dtype)
             logits = queries.new_empty(len(queries), len(refs), dtype=acc_dtype)
@@ -42,14 +42,19 @@ class ICELabelLosses(ICEPairLosses):
             row_max = torch.amax(logits, dim=1).nan_to_num_(neginf=0.0)
             exp_logits = logits.sub_(row_max[:, None]).exp_()
             row_sum = exp_logits.sum(dim=1).clamp_min_(torch.finfo(acc_dtype).tiny)
-            ctx.kernel, ctx.refs_are_queries = kernel, refs is queries
-            ctx.positives = SimpleNamespace(anchors=positives[0], refs=positives[1])
-            ctx.negative_mask = negative_mask
-            return save_and_finish(
-                ctx, positives[0], pos_logits, row_max, row_sum, queries, refs, exp_logits
-            )
+            return pair_terms(positives[0], pos_logits, row_max, row_sum, exp_logits)
 
     @staticmethod
-    def backward(ctx, grad_losses):
+    def setup_context(ctx, inputs, output):
+        queries, refs, kernel, _, positives, negative_mask = inputs
+        ctx.kernel, ctx.exp_saved, ctx.refs_are_queries = kernel, True, refs is queries
+        ctx.pairs = SimpleNamespace(
+            positives=SimpleNamespace(anchors=positives[0], refs=positives[1]),
+            negative_mask=negative_mask,
+        )
+        save_pair_terms(ctx, (queries, refs), output)
+
+    @staticmethod
+    def backward(ctx, grad_losses, *_):
         grad_queries, grad_refs = ICEPairLosses.backward(ctx, grad_losses)[:2]
         return grad_queries, grad_refs, None, None, None, None

@@ -20,7 +20,7 @@ import torch
 
 from .chunked import chunk_ranges
 from .logits import accumulation_dtype, add_matmul
-from .pair_terms import save_and_finish
+from .pair_terms import pair_terms, save_pair_terms
 from .twice_differentiable import graph_of_gradient
 
 
@@ -57,7 +57,7 @@ class ICESymmetricTiles(torch.autograd.Function):
     ``InnerProductLogits``."""
 
     @staticmethod
-    def forward(ctx, queries, kernel, labels, positives, side):
+    def forward(queries, kernel, labels, positives, side):
         with torch.autocast(queries.device.type, enabled=False):
             acc_dtype = accumulation_dtype(queries.dtype)
             num_rows = len(queries)
@@ -71,13 +71,16 @@ class ICESymmetricTiles(torch.autograd.Function):
             anchors, refs = positives
             pair_queries = queries.to(acc_dtype)
             pos_logits = kernel.coef * torch.sum(pair_queries[anchors] * pair_queries[refs], dim=1)
-            ctx.kernel, ctx.side = kernel, side
-            return save_and_finish(
-                ctx, anchors, pos_logits, running_max, total, queries, labels, anchors, refs
-            )
+            return pair_terms(anchors, pos_logits, running_max, total)
 
     @staticmethod
-    def backward(ctx, grad_losses):
+    def setup_context(ctx, inputs, output):
+        queries, kernel, labels, (anchors, refs), side = inputs
+        ctx.kernel, ctx.side = kernel, side
+        save_pair_terms(ctx, (queries, labels, anchors, refs), output)
+
+    @staticmethod
+    def backward(ctx, grad_losses, *_):
         with torch.autocast(grad_losses.device.type, enabled=False):
             queries, labels, anchors, refs, lse, _, one_minus_p = ctx.saved_tensors
             kernel, acc_dtype = ctx.kernel, lse.dtype
