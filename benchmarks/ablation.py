@@ -16,7 +16,6 @@ Every other option is an option of ``benchmarks.run`` (dataset, budget, ``--conf
 
 import argparse
 import dataclasses
-import os
 import shlex
 import sys
 from pathlib import Path
@@ -25,17 +24,18 @@ from typing import Dict, List, Sequence, Tuple
 from pml_ice.reducers.ice_reweight_reducer import NORMALIZATIONS
 
 from .core.convergence import capped_runs, convergence_lines
-from .core.files import atomic_write_text
+from .storage.files import atomic_write_text
 from .core.console import quiet_known_warnings
 from .core.launch import run_experiment
 from .core.loss_specs import LossSpec, make_loss_spec
 from .core.out_folder import OutFolder
-from .core.settings import Settings, UsageError, resolve
-from .report.metrics import PRIMARY_METRIC
+from .core.settings import Settings, UsageError, default_out, resolve
+from .core.metrics import PRIMARY_METRIC
 from .report.comparisons import compare_losses
 from .report.plots import save_figure
-from .report.query_scores import QUERY_METRICS
-from .report.reporting import mean_std, mean_std_text
+from .report.summary import publish_summary
+from .core.query_scores import QUERY_METRICS
+from .report.mean_std import mean_std, mean_std_text
 from .report.tables import difference_text
 
 LAMS = (0, 0.5, 1, 2, 4)
@@ -186,13 +186,14 @@ def main(argv=None) -> int:
     try:
         settings = resolve(run_argv)
         centre = tuned_ice(settings)
-        out = Path(args.out or os.path.join("results", f"ablation-{settings.dataset}"))
+        out = Path(args.out or default_out(settings.dataset, "ablation"))
         experiment = resolve(run_argv + ["--seeds", str(args.seeds), "--out", str(out)])
     except UsageError as error:
         print(f"python -m benchmarks.ablation: error: {error}", file=sys.stderr)
         return 2
     specs = tuple(s.spec for s in all_settings(grid(centre)))
-    status = run_experiment(dataclasses.replace(experiment, losses=specs), "python -m benchmarks.ablation")
+    status = run_experiment(dataclasses.replace(experiment, losses=specs), "python -m benchmarks.ablation",
+                            publish_summary)
     if status:
         return status
     print("\n" + write_report(out, settings, centre, args.seeds, command))

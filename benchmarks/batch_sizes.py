@@ -2,10 +2,10 @@
 
 For each batch size of ``--batch-sizes`` (default 128,1024,4096), at one budget in epochs
 (the dataset's, or ``--epochs``): tune each loss of ``--losses`` (default ice,ntxent) on
-validation with ``--trials`` trials (the same for every loss and batch size), with
-``python -m benchmarks.tune`` into ``<out>/batch<B>/tuning``; then train each loss's best
-setting with ``--seeds`` seeds, with ``python -m benchmarks.run --config best.toml`` into
-``<out>/batch<B>``. Batches larger than ``--cache-chunk`` (default 128) train through
+validation with ``--trials`` trials (the same for every loss and batch size), as
+``python -m benchmarks.tune`` does, into ``<out>/batch<B>/tuning``; then train each loss's
+best setting with ``--seeds`` seeds, as ``python -m benchmarks.run --config best.toml``
+does, into ``<out>/batch<B>``. Batches larger than ``--cache-chunk`` (default 128) train through
 gradient caching in chunks of that size, so BatchNorm normalises over as many samples at
 every batch size and only the loss sees the larger batch. A fixed budget in epochs gives a
 larger batch fewer optimizer steps. Rerunning resumes. Then it writes
@@ -19,27 +19,30 @@ final runs read ``best.toml`` as theirs.
 
 import argparse
 import dataclasses
-import os
 import shlex
 import sys
 from pathlib import Path
 from typing import Dict, List
 
-from . import run, tune
+from .core.console import quiet_known_warnings
 from .core.convergence import capped_runs, convergence_lines
-from .core.files import atomic_write_text
-from .core.launch import USER_ERRORS, check_batches, prepare_data
-from .core.loss_registry import LOSSES
+from .core.launch import USER_ERRORS, check_batches, prepare_data, run_experiment
+from .core.loss_specs import LossSpec
+from .core.metrics import PRIMARY_METRIC, SHORT_NAMES
 from .core.out_folder import OutFolder
-from .core.settings import (SeedList, Settings, UsageError, build_parser as build_run_parser, check_out_folder, flag,
-                            resolve)
+from .core.query_scores import QUERY_METRICS
+from .core.settings import (SeedList, Settings, UsageError, build_parser as build_run_parser, check_out_folder,
+                            default_out, flag, resolve)
 from .core.training import samples_per_epoch
+from .core.tuning import parse_loss_names, tune
 from .report.comparisons import compare_losses
-from .report.metrics import PRIMARY_METRIC, SHORT_NAMES
-from .report.query_scores import QUERY_METRICS
-from .report.reporting import mean_std_text
+from .report.mean_std import mean_std_text
+from .report.summary import publish_summary
 from .report.tables import difference_text, verdict
+from .report.tuning_report import write_tuning
+from .storage.files import atomic_write_text
 
+PROG = "python -m benchmarks.batch_sizes"
 DEFAULT_BATCH_SIZES = "128,1024,4096"
 DEFAULT_LOSSES = "ice,ntxent"
 # benchmarks.run's settings this command sets itself (--config: its final runs read best.toml as theirs)
@@ -57,7 +60,7 @@ def positive_integers(text: str) -> List[int]:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="python -m benchmarks.batch_sizes", description=__doc__.split("\n\n", 1)[1],
+    parser = argparse.ArgumentParser(prog=PROG, description=__doc__.split("\n\n", 1)[1],
                                      allow_abbrev=False,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     add = parser.add_argument
@@ -89,18 +92,10 @@ def check_run_options(run_argv: List[str]) -> None:
         raise UsageError(f"{', '.join(fixed)}: set by this command (see --help)")
 
 
-def batch_argv(run_argv: List[str], batch_size: int, cache_chunk: int) -> List[str]:
-    caching = ["--cache-chunk", str(cache_chunk)] if batch_size > cache_chunk else []
-    return run_argv + ["--batch-size", str(batch_size), *caching]
-
-
-def tuned_labels(best_toml: Path) -> Dict[str, str]:
-    """Loss name -> the label of its tuned spec in ``best.toml``."""
-    return {spec.name: spec.label for spec in resolve(["--config", str(best_toml)]).losses}
-
-
-def write_report(out: Path, settings: Settings, batch_sizes: List[int], losses: List[str], seeds, command: str,
-                 cache_chunk: int, train_size: int) -> str:
+def write_report(out: Path, settings: Settings, batch_sizes: List[int], tuned: Dict[int, Dict[str, LossSpec]],
+                 seeds, command: str, cache_chunk: int, train_size: int) -> str:
+    """batch_sizes.md from the finished runs under ``out`` of the specs ``tuned`` at each batch size."""
+    losses = list(tuned[batch_sizes[0]])
     best, scores, labels, left_out, convergence = {}, {}, {}, [], []
     for size in batch_sizes:
         folder = out / f"batch{size}"
@@ -110,8 +105,8 @@ def write_report(out: Path, settings: Settings, batch_sizes: List[int], losses: 
                        if key[1] in seeds}
         convergence += [f"batch {size}: {line}" for line in convergence_lines(
             capped_runs(rows_by_run, settings.epochs, settings.patience), settings.epochs, settings.patience)]
-        for name, label in tuned_labels(folder / "tuning" / "best.toml").items():
-            if name in losses and label in chosen:
+        for name, label in ((name, spec.label) for name, spec in tuned[size].items()):
+            if label in chosen:
                 labels[name, size] = label
                 best[name, size], scores[f"{name} @ {size}"] = chosen[label], run_scores[label]
     header = ["loss", "batch", "steps per epoch", "tuned setting", "seeds", "test MAP@R", "test P@1",
@@ -160,42 +155,52 @@ def write_report(out: Path, settings: Settings, batch_sizes: List[int], losses: 
     return text
 
 
+def sized(settings: Settings, size: int, cache_chunk: int, out: Path) -> Settings:
+    """The settings of one batch size: gradient caching in chunks of ``cache_chunk`` above it."""
+    return dataclasses.replace(settings, batch_size=size, cache_chunk=cache_chunk if size > cache_chunk else None,
+                               out=str(out / f"batch{size}"))
+
+
 def main(argv=None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     command = "python -m benchmarks.batch_sizes " + " ".join(shlex.quote(a) for a in argv)
     args, run_argv = build_parser().parse_known_args(argv)
+    quiet_known_warnings()
     try:
         check_run_options(run_argv)
-        losses = [name.strip() for name in args.losses.split(",") if name.strip()]
-        unknown = [name for name in losses if name not in LOSSES]
-        if not losses or unknown:
-            raise UsageError(f"--losses: unknown loss names {unknown or args.losses!r}; choose from {', '.join(LOSSES)}")
+        losses = parse_loss_names(args.losses)
         if args.trials < 1 or args.cache_chunk < 1:
             raise UsageError(f"--trials and --cache-chunk must be at least 1, got {args.trials} and {args.cache_chunk}")
         seeds = SeedList()("seeds", args.seeds)
-        settings = resolve(batch_argv(run_argv, args.batch_sizes[0], args.cache_chunk))
+        settings = resolve(run_argv + ["--batch-size", str(args.batch_sizes[0])])
+        out = Path(args.out or default_out(settings.dataset, "batch-sizes"))
+        check_out_folder(str(out))
         data = prepare_data(settings, 1)
         for size in args.batch_sizes:  # refuse a batch the data cannot fill before anything trains
-            check_batches(dataclasses.replace(settings, batch_size=size), data, 1)
-        out = Path(args.out or os.path.join("results", f"batch-sizes-{settings.dataset}"))
-        check_out_folder(str(out))
+            check_batches(sized(settings, size, args.cache_chunk, out), data, 1)
     except USER_ERRORS as error:
-        print(f"python -m benchmarks.batch_sizes: error: {error}", file=sys.stderr)
+        print(f"{PROG}: error: {error}", file=sys.stderr)
         return 2
+    tuned = {}
     for size in args.batch_sizes:
-        folder = out / f"batch{size}"
-        sized = batch_argv(run_argv, size, args.cache_chunk)
+        batch = sized(settings, size, args.cache_chunk, out)
         print(f"batch {size}: tuning {', '.join(losses)}", flush=True)
-        status = tune.main(sized + ["--losses", ",".join(losses), "--trials", str(args.trials),
-                                    "--out", str(folder / "tuning")])
-        if status:
-            return status
+        try:
+            tuning = tune(batch, losses, args.trials, 1, Path(batch.out) / "tuning")
+        except USER_ERRORS as error:
+            print(f"{PROG}: error: {error}", file=sys.stderr)
+            return 2
+        write_tuning(Path(batch.out) / "tuning", tuning, command)
+        tuned[size] = tuning.best_specs()
+        if tuned[size] is None:
+            print(f"{PROG}: error: at batch {size} a loss has no completed trial to train", file=sys.stderr)
+            return 1
         print(f"batch {size}: final runs", flush=True)
-        status = run.main(sized + ["--config", str(folder / "tuning" / "best.toml"), "--seeds", args.seeds,
-                                   "--out", str(folder), "--quiet"])
+        final = dataclasses.replace(batch, losses=tuple(tuned[size].values()), seeds=seeds, quiet=True)
+        status = run_experiment(final, PROG, publish_summary)
         if status:
             return status
-    print("\n" + write_report(out, settings, args.batch_sizes, losses, seeds, command, args.cache_chunk,
+    print("\n" + write_report(out, settings, args.batch_sizes, tuned, seeds, command, args.cache_chunk,
                               len(data.train)))
     return 0
 

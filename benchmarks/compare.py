@@ -16,13 +16,13 @@ from pathlib import Path
 from typing import Dict, List
 
 from .core.convergence import cap_note, capped_runs, convergence_lines
-from .core.files import BrokenFile, atomic_write_text
+from .storage.files import BrokenFile, atomic_write_text
 from .core.out_folder import OutFolder
 from .core.settings import UsageError
 from .report.comparisons import compare_losses
-from .report.metrics import PRIMARY_METRIC, SHORT_NAMES
-from .report.query_scores import QUERY_METRICS
-from .report.reporting import mean_std_text
+from .core.metrics import PRIMARY_METRIC, SHORT_NAMES
+from .core.query_scores import QUERY_METRICS
+from .report.mean_std import mean_std_text
 from .report.tables import difference_text, verdict
 
 

@@ -16,7 +16,7 @@ import sys
 from pathlib import Path
 
 from .core.defaults import candidates, choose, read_tuned_dataset, shortfalls, validation_values
-from .core.files import atomic_write_text
+from .storage.files import atomic_write_text
 from .core.console import quiet_known_warnings
 from .core.launch import USER_ERRORS
 

@@ -15,7 +15,7 @@ from pathlib import Path
 import torch
 
 from .core.epoch_profile import PHASES, profile_epochs
-from .core.files import atomic_write_text
+from .storage.files import atomic_write_text
 from .core.console import quiet_known_warnings
 from .core.launch import USER_ERRORS
 from .core.settings import UsageError, resolve

@@ -16,10 +16,11 @@ from typing import Dict, List
 from .core.convergence import cap_note, capped_runs, convergence_lines
 from .core.loss_registry import LOSSES
 from .core.out_folder import OutFolder
-from .report.metrics import PRIMARY_METRIC
+from .core.metrics import PRIMARY_METRIC
 from .report.comparisons import compare_losses
-from .report.query_scores import load_run_scores
-from .report.reporting import best_epoch_rows, mean_std_text
+from .core.query_scores import load_run_scores
+from .core.results import best_epoch_rows
+from .report.mean_std import mean_std_text
 from .report.tables import difference_text
 
 METRIC_COLUMNS = (("MAP@R", PRIMARY_METRIC), ("P@1", "precision_at_1"))

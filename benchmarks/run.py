@@ -12,6 +12,7 @@ import sys
 from .core.console import Console, quiet_known_warnings
 from .core.launch import refuse, run_experiment
 from .core.settings import UsageError, resolve
+from .report.summary import publish_summary
 
 PROG = "python -m benchmarks.run"
 
@@ -22,7 +23,7 @@ def main(argv=None) -> int:
         settings = resolve(argv)
     except UsageError as error:
         return refuse(PROG, error, Console(enabled=True, verbose=False, quiet=False))
-    return run_experiment(settings, PROG)
+    return run_experiment(settings, PROG, publish_summary)
 
 
 if __name__ == "__main__":

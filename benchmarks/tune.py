@@ -18,21 +18,17 @@ and its setting tried again.
 """
 
 import argparse
-import os
 import shlex
 import sys
 import time
 from pathlib import Path
 
-import optuna
-
-from .core.loss_registry import DEFAULT_LOSSES, LOSSES, TUNABLE_LOSSES
 from .core.console import quiet_known_warnings
 from .core.launch import USER_ERRORS
-from .core.settings import UsageError, check_out_folder, resolve
-from .core.tuning import (check_reported_studies, counted_trials, load_validation_data, mask_credentials,
-                          open_storage, open_study, parse_loss_names, sqlite_url, tune_loss)
-from .report.tuning_report import write_best_toml, write_report
+from .core.loss_registry import DEFAULT_LOSSES, LOSSES, TUNABLE_LOSSES
+from .core.settings import default_out, resolve
+from .core.tuning import mask_credentials, parse_loss_names, tune
+from .report.tuning_report import write_tuning
 
 DEFAULT_TRIALS = 30
 
@@ -66,33 +62,17 @@ def main(argv=None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     command = mask_credentials("python -m benchmarks.tune " + " ".join(shlex.quote(a) for a in argv))
     args, run_argv = build_parser().parse_known_args(argv)
+    quiet_known_warnings()
+    started = time.time()
     try:
-        if args.trials < 1 or args.seeds < 1:
-            raise UsageError(f"--trials and --seeds must be at least 1, got {args.trials} and {args.seeds}")
         losses = parse_loss_names(args.losses)
         settings = resolve(run_argv)
-        out = Path(args.out or os.path.join("results", f"tune-{settings.dataset}"))
-        check_out_folder(str(out))
-        out.mkdir(parents=True, exist_ok=True)
-        storage = open_storage(args.storage or sqlite_url(out / "tuning.db"))
-        quiet_known_warnings()
-        data = load_validation_data(settings, out, say)
-        optuna.logging.set_verbosity(optuna.logging.WARNING)
-        check_reported_studies(storage, out, settings.dataset, losses)
-        studies = {loss: open_study(storage, settings, loss, args.sampler_seed, args.seeds) for loss in losses}
+        out = Path(args.out or default_out(settings.dataset, "tune"))
+        tuning = tune(settings, losses, args.trials, args.seeds, out, args.storage, args.sampler_seed, say)
     except USER_ERRORS as error:
         print(mask_credentials(f"python -m benchmarks.tune: error: {error}"), file=sys.stderr)
         return 2
-    started = time.time()
-    for loss, study in studies.items():
-        print(f"tuning {loss}: {len(counted_trials(study, args.trials))}/{args.trials} trials finished", flush=True)
-        try:
-            tune_loss(storage, study, loss, settings, data, args.trials, args.seeds, out, say)
-        except UsageError as error:
-            print(mask_credentials(f"python -m benchmarks.tune: error: {error}"), file=sys.stderr)
-            return 2
-    write_report(out, settings, data, studies, args.trials, args.seeds, command)
-    toml = write_best_toml(out / "best.toml", settings, studies, args.trials, command)
+    toml = write_tuning(out, tuning, command)
     print(f"\n{time.time() - started:.0f} s; wrote {out / 'tuning.md'} and plots in {out / 'plots'}")
     print(f"{out / 'best.toml'}:\n{toml}" if toml else "no best.toml: a loss has no completed trial")
     return 0

@@ -19,7 +19,7 @@ from pytorch_metric_learning.samplers import MPerClassSampler
 
 from .core import loss_specs, settings
 from .core.models import fresh_models
-from .core.files import atomic_write_text, read_json
+from .storage.files import atomic_write_text, read_json
 from .core.run_store import RunStore
 from .data.registry import DATASETS, load_dataset
 from .report.plots import save_figure

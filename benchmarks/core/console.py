@@ -14,8 +14,8 @@ import tqdm
 from pytorch_metric_learning.testers import base_tester
 from pytorch_metric_learning.trainers import base_trainer
 
-from ..report.metrics import PRIMARY_METRIC
-from ..report.reporting import best_epoch_rows
+from .metrics import PRIMARY_METRIC
+from .results import best_epoch_rows
 
 
 def silence_pml_progress_bars() -> None:

@@ -9,7 +9,7 @@ trains exactly ``--epochs`` epochs: a fixed budget, not trained to convergence.
 
 from typing import Dict, List, Mapping, Optional, Sequence, Tuple
 
-from ..report.reporting import best_row
+from .results import best_row
 
 # The protocol's bound: the cap may stop at most this fraction of the runs of a published table.
 MOST_CAPPED = 0.1

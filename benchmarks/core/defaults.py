@@ -22,9 +22,9 @@ from typing import Callable, Dict, List, Sequence
 import optuna
 
 from . import loss_specs
-from .files import atomic_write_json, read_json
+from ..storage.files import atomic_write_json, read_json
 from .settings import Settings, resolve
-from .tuning import load_validation_data, open_storage, validation_map_at_r
+from .tuning import load_validation_data, open_storage, sqlite_url, validation_map_at_r
 
 @dataclasses.dataclass(frozen=True)
 class TunedDataset:
@@ -46,7 +46,7 @@ class TunedDataset:
 def read_tuned_dataset(folder: Path) -> TunedDataset:
     """The settings and completed ICE trials of a ``benchmarks.tune`` folder."""
     settings = resolve(["--config", str(folder / "best.toml")])
-    storage = open_storage(f"sqlite:///{(folder / 'tuning.db').resolve()}")
+    storage = open_storage(sqlite_url(folder / "tuning.db"))
     study = optuna.load_study(study_name=f"{settings.dataset}-ice", storage=storage)
     trials = {t.user_attrs["loss"]: t.value for t in study.get_trials(deepcopy=False)
               if t.state == optuna.trial.TrialState.COMPLETE}

@@ -5,8 +5,10 @@ Runs of earlier commands in the same --out folder (other losses or seeds) are re
 at the start and kept in every publication.
 """
 
+import dataclasses
 import time
-from typing import Dict, List, Optional
+from pathlib import Path
+from typing import Callable, Dict, List, Optional
 
 from ..data.splits import BenchmarkData, split_sizes
 from . import loss_specs
@@ -41,6 +43,23 @@ def _loss_values(label: str) -> str:
     except loss_specs.LossSpecError:
         return "(no longer a registered loss)"
     return ", ".join(f"{k}={v!r}" for k, v in spec.describe_values().items())
+
+
+@dataclasses.dataclass(frozen=True)
+class Finished:
+    """What an experiment leaves for its summary: the folder, the rows of every run in it
+    (``rows_by_run``, earlier commands' runs included; ``run_folders`` their folders), the
+    failed runs with their errors, notes on runs left out, and the settings lines."""
+
+    settings: Settings
+    folder: OutFolder
+    console: Console
+    labels: List[str]
+    header: List[str]
+    rows_by_run: Dict[RunKey, List[dict]]
+    failures: Dict[RunKey, str]
+    run_folders: Dict[RunKey, Path]
+    left_out: List[str]
 
 
 class Experiment:
@@ -145,8 +164,8 @@ class Experiment:
                 else:
                     self.finish(message.spec, message.seed, message.result, message.seconds)
 
-    def run(self) -> None:
-        """Every run (in turn, or ``--jobs`` at a time), then the summary (rank 0)."""
+    def run(self, publish: Callable[["Finished"], None]) -> None:
+        """Every run (in turn, or ``--jobs`` at a time), then ``publish`` of what they left (rank 0)."""
         started = time.time()
         self.console.start(self.epochs_to_evaluate())
         runs = [(spec, seed) for spec, seed in self.runs if self.to_train(spec, seed)]
@@ -157,25 +176,10 @@ class Experiment:
                 self.run_one(spec, seed)
         self.console.stop()
         if self.rank == 0:
-            self._summarize(time.time() - started)
+            publish(self._summarize(time.time() - started))
 
-    def _summarize(self, seconds: float) -> None:
+    def _summarize(self, seconds: float) -> Finished:
         header = settings_lines(self.settings, self.data, self.processes, self.labels)
         header.append(f"- wall time of this invocation: {seconds:.0f} s")
-        table, comparison, plots, left_out = self.folder.publish_summary(
-            self.rows_by_run, self.labels, header, self.failures, self.run_folders, self.settings.epochs,
-            self.settings.patience, self.left_out)
-        self.console.result("\nTest metrics (%) at each run's best validation epoch, mean ± std over seeds:\n")
-        self.console.result(table)
-        if comparison:
-            self.console.result("\n" + comparison)
-        if self.failures:
-            self.console.say("\nFailed runs (left out of the table and plots):\n" + "\n".join(
-                f"  {label} seed {seed}: {error}" for (label, seed), error in self.failures.items()))
-        if left_out:
-            self.console.result("\nLeft out (files missing or unreadable):\n"
-                                + "\n".join(f"  {note}" for note in left_out))
-        if self.folder.read_only:
-            self.console.say(f"\n{self.folder.path} cannot be written: nothing was updated there")
-        else:
-            self.console.say(f"\nWrote {self.folder.results_csv}, {self.folder.summary}, " + ", ".join(map(str, plots)))
+        return Finished(self.settings, self.folder, self.console, self.labels, header, self.rows_by_run,
+                        self.failures, self.run_folders, self.left_out)

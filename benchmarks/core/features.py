@@ -10,7 +10,7 @@ from pytorch_metric_learning import testers
 from ..data.registry import DATASETS
 from ..data.splits import BenchmarkData, TensorImageDataset
 from ..data.transforms import RandomAffineImages
-from .files import BrokenFile, atomic_torch_save, read_torch
+from ..storage.files import BrokenFile, atomic_torch_save, read_torch
 from .models import build_trunk, seed_everything
 from .settings import Settings
 

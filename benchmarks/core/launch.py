@@ -10,7 +10,7 @@ import datetime
 import errno
 import os
 import sys
-from typing import Optional, Tuple
+from typing import Callable, Optional, Tuple
 
 import numpy as np
 import torch
@@ -18,9 +18,9 @@ import torch
 from ..data.registry import DATASETS, load_dataset
 from ..data.splits import BenchmarkData, DatasetNotInstalled
 from .console import Console
-from .experiment import Experiment, settings_lines
+from .experiment import Experiment, Finished, settings_lines
 from .features import cached_features
-from .files import BrokenFile
+from ..storage.files import BrokenFile
 from .models import WeightsUnavailable, build_trunk
 from .out_folder import IdentityMismatch, OutFolder
 from .parallel_runs import threads_per_run
@@ -92,13 +92,14 @@ def refuse(prog: str, error: Exception, console: Console) -> int:
 UNWRITABLE = (errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM)
 
 
-def run_experiment(settings: Settings, prog: str = "python -m benchmarks.run") -> int:
-    """Train and evaluate every (loss, seed) of ``settings`` in ``settings.out``; rerunning resumes.
-    Returns the exit status (2 when the data, the model or the folder refuse the settings, 1 when
+def run_experiment(settings: Settings, prog: str, publish: Callable[[Finished], None]) -> int:
+    """Train and evaluate every (loss, seed) of ``settings`` in ``settings.out`` (rerunning resumes),
+    then hand what the runs left to ``publish`` (rank 0; ``report.summary.publish_summary``
+    writes the summary). Returns the exit status (2 when the data, the model or the folder refuse the settings, 1 when
     a file cannot be written or another process of a torchrun launch stopped answering for
     ``--timeout`` seconds)."""
     try:
-        return _run_experiment(settings, prog)
+        return _run_experiment(settings, prog, publish)
     except OSError as error:
         if error.errno not in UNWRITABLE:
             raise
@@ -108,7 +109,7 @@ def run_experiment(settings: Settings, prog: str = "python -m benchmarks.run") -
         return 1
 
 
-def _run_experiment(settings: Settings, prog: str) -> int:
+def _run_experiment(settings: Settings, prog: str, publish: Callable[[Finished], None]) -> int:
     rank, processes = start_processes(settings)
     console = Console(enabled=rank == 0, verbose=settings.verbose, quiet=settings.quiet)
     try:
@@ -126,7 +127,7 @@ def _run_experiment(settings: Settings, prog: str) -> int:
         except USER_ERRORS as error:
             return refuse(prog, error, console)
         try:
-            Experiment(settings, data, folder, console, rank, processes, feature_size).run()
+            Experiment(settings, data, folder, console, rank, processes, feature_size).run(publish)
             if processes > 1:
                 torch.distributed.barrier()
         except RuntimeError as error:  # gloo and NCCL report a process that stopped answering this way

@@ -14,12 +14,9 @@ import os
 from pathlib import Path
 from typing import Callable, Dict, List, Mapping, Optional, Sequence
 
-from ..report.plots import write_plots
-from ..report.query_scores import load_run_scores
-from ..report.reporting import best_epoch_rows, sort_rows, write_results_csv, write_summary
-from ..report.tables import comparison_table
-from .convergence import capped_runs, convergence_lines
-from .files import BrokenFile, atomic_write_json, read_json
+from .query_scores import load_run_scores
+from .results import best_epoch_rows, sort_rows, write_results_csv
+from ..storage.files import BrokenFile, atomic_write_json, read_json
 from .run_store import RunKey, RunStore
 from .settings import UsageError, stored_identity
 
@@ -161,28 +158,3 @@ class OutFolder:
         """results.csv: every row of every run, failed runs included."""
         if not self.read_only:
             write_results_csv(self.results_csv, sort_rows([r for rows in rows_by_run.values() for r in rows], loss_order))
-
-    def publish_summary(self, rows_by_run, loss_order, header: List[str], failures: Dict[RunKey, str],
-                        run_folders: Mapping[RunKey, Path], epochs: int, patience: Optional[int],
-                        left_out: Sequence[str] = ()):
-        """results.csv, summary.md and the plots; failed runs stay out of the table, plots and
-        paired comparisons (``run_folders``: the folder of each run in ``rows_by_run``), runs
-        without readable test scores out of the comparisons; ``left_out``: notes on runs left
-        out before (files that cannot be read). The summary counts the runs that the cap of
-        ``epochs`` stopped before ``patience`` did. Returns the table, the comparisons, the plot
-        paths (none written in a read-only folder) and the notes on every run left out."""
-        self.publish_rows(rows_by_run, loss_order)
-        kept_runs = sorted((key for key in rows_by_run if key not in failures),
-                           key=lambda key: (loss_order.index(key[0]), key[1]))
-        kept = sort_rows([r for key in kept_runs for r in rows_by_run[key]], loss_order)
-        capped = capped_runs({key: rows_by_run[key] for key in kept_runs}, epochs, patience)
-        # significance: each loss against ICE and against the best loss, paired by seed
-        scores, without_scores = load_run_scores({key: run_folders[key] for key in kept_runs})
-        left_out = [*left_out, *without_scores.values()]
-        ice_label = next((label for label in scores if label.partition(":")[0] == "ice"), None)
-        comparison = comparison_table(scores, ice_label, capped, converged=patience is not None)
-        header = header + [line for text in convergence_lines(capped, epochs, patience) for line in ("", text)]
-        table = write_summary(None if self.read_only else self.summary, kept, loss_order, header, failures, comparison,
-                              left_out)
-        plots = write_plots(self.path / "plots", kept, loss_order) if kept and not self.read_only else []
-        return table, comparison, plots, left_out

@@ -11,7 +11,7 @@ import dataclasses
 from pathlib import Path
 from typing import List, Optional, Tuple
 
-from .files import BrokenFile, atomic_torch_save, atomic_write_json, read_json, read_torch
+from ..storage.files import BrokenFile, atomic_torch_save, atomic_write_json, read_json, read_torch
 
 CHECKPOINT_KEYS = ("epoch", "stopped_early", "rows", "models", "optimizers", "loss", "rng")
 RunKey = Tuple[str, int]  # (loss label, seed)

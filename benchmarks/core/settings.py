@@ -362,13 +362,19 @@ def config_file_values(path) -> dict:
     return values
 
 
+def default_out(dataset: str, command: Optional[str] = None) -> str:
+    """A command's default output folder: ``results/<dataset>`` for ``benchmarks.run``,
+    ``results/<command>-<dataset>`` for another command that works on one dataset."""
+    return os.path.join("results", dataset if command is None else f"{command}-{dataset}")
+
+
 def _resolve_auto(values: dict) -> dict:
     """Fill what 'auto' and the absent values stand for; one time only, before freezing."""
     entry = DATASETS[values["dataset"]]
     if values["model"] == "auto":
         values["model"] = entry.default_model
     if values["out"] is None:
-        values["out"] = os.path.join("results", values["dataset"])
+        values["out"] = default_out(values["dataset"])
     if values["data_root"] is not None:
         values["data_root"] = str(Path(values["data_root"]).resolve())
     if values["patience"] < 0:

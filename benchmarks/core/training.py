@@ -32,10 +32,10 @@ from pytorch_metric_learning.utils.inference import FaissKMeans
 from pml_ice.trainers import CachedMetricLossOnly
 from pml_ice.utils import distributed as ice_dist
 
-from ..report.metrics import METRICS, PRIMARY_METRIC, RecallAccuracyCalculator
-from ..report.query_scores import KeepEmbeddingsTester, save_test_scores
-from ..report.record_logs import drop_records_after
-from ..report.reporting import best_row
+from .metrics import METRICS, PRIMARY_METRIC, RecallAccuracyCalculator
+from .query_scores import KeepEmbeddingsTester, save_test_scores
+from .record_logs import drop_records_after
+from .results import best_row
 from .loss_specs import LossSpec, has_trainable_parameters
 from .run_store import RunStore, StoredRun
 from .settings import Settings

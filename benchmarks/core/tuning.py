@@ -24,20 +24,20 @@ import tempfile
 import time
 import warnings
 from pathlib import Path
-from typing import Callable, Dict, List
+from typing import Callable, Dict, List, Optional
 
 import numpy as np
 import optuna
 
 from ..data.splits import BenchmarkData
-from ..report.metrics import PRIMARY_METRIC
+from .metrics import PRIMARY_METRIC
 from . import loss_specs
 from .features import cached_features
 from .launch import prepare_data
 from .loss_registry import LOSSES, TUNABLE_LOSSES
 from .models import fresh_models
 from .run_store import RunStore, StoredRun
-from .settings import FIELDS, Settings, UsageError, stored_identity
+from .settings import FIELDS, Settings, UsageError, check_out_folder, stored_identity
 from .training import NonFiniteLossError, Run
 
 COUNTED_STATES = (optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.PRUNED)  # pruned = diverged
@@ -324,12 +324,12 @@ def tune_loss(storage, study, loss: str, settings: Settings, data: BenchmarkData
         if trial.state == optuna.trial.TrialState.FAIL:
             log(f"  {loss} trial {trial.number}: not trained, {trial.user_attrs.get('error')}")
             return
-        if trial.value is not None:
+        if trial.state == optuna.trial.TrialState.COMPLETE:
             value = f"val MAP@R {100 * trial.value:.2f}"
         elif trial.user_attrs.get("error"):
             value = "diverged"
-        else:
-            value = f"pruned after epoch {trial.last_step}"
+        else:  # Optuna keeps a pruned trial's last report as its value
+            value = f"pruned after epoch {trial.last_step} at val MAP@R {100 * trial.value:.2f}"
         log(f"  {loss} trial {trial.number}: {value}  {trial.user_attrs.get('loss')}")
         if len(counted_trials(study, trials)) >= trials:
             study.stop()
@@ -338,3 +338,44 @@ def tune_loss(storage, study, loss: str, settings: Settings, data: BenchmarkData
     recover_killed_trials(storage, study, loss, out, log)
     if len(counted_trials(study, trials)) < trials:
         study.optimize(objective, callbacks=[report], catch=(DuplicateSetting,), gc_after_trial=True)
+
+
+@dataclasses.dataclass
+class Tuning:
+    """A finished tuning: its budget (``settings``), data (no test split), studies by loss, and
+    the trials and seeds per trial each loss got."""
+
+    settings: Settings
+    data: BenchmarkData
+    studies: Dict[str, optuna.Study]
+    trials: int
+    seeds: int
+
+    def best_specs(self) -> Optional[Dict[str, loss_specs.LossSpec]]:
+        """Each loss's best completed trial as a spec; None while a loss has none."""
+        best = {loss: best_trial(study, self.trials) for loss, study in self.studies.items()}
+        if any(trial is None for trial in best.values()):
+            return None
+        return {loss: loss_specs.parse_loss_spec(trial.user_attrs["loss"]) for loss, trial in best.items()}
+
+
+def tune(settings: Settings, losses: List[str], trials: int, seeds: int, out: Path, storage_url: Optional[str] = None,
+         sampler_seed: int = 0, log: Callable[[str], None] = print) -> Tuning:
+    """Tune every loss of ``losses`` with ``settings``'s budget until its study holds ``trials``
+    finished trials of ``seeds`` seeds each (a study shared with other processes, or resumed,
+    counts what it holds). Studies live in ``storage_url`` (default: SQLite ``out/tuning.db``),
+    trial folders under ``out``. Raises ``UsageError`` before any trial for a request or a
+    storage it cannot use, and for an undefined validation metric."""
+    if trials < 1 or seeds < 1:
+        raise UsageError(f"--trials and --seeds must be at least 1, got {trials} and {seeds}")
+    check_out_folder(str(out))
+    out.mkdir(parents=True, exist_ok=True)
+    storage = open_storage(storage_url or sqlite_url(out / "tuning.db"))
+    data = load_validation_data(settings, out, log)
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    check_reported_studies(storage, out, settings.dataset, losses)
+    studies = {loss: open_study(storage, settings, loss, sampler_seed, seeds) for loss in losses}
+    for loss, study in studies.items():
+        log(f"tuning {loss}: {len(counted_trials(study, trials))}/{trials} trials finished")
+        tune_loss(storage, study, loss, settings, data, trials, seeds, out, log)
+    return Tuning(settings, data, studies, trials, seeds)

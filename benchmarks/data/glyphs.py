@@ -30,7 +30,7 @@ from typing import Dict, List, Optional, Sequence
 import numpy as np
 import torch
 
-from ..core.files import atomic_write_bytes
+from ..storage.files import atomic_write_bytes
 from .splits import BenchmarkData, DatasetNotInstalled, TensorImageDataset, limit_per_class, validation_split
 from .transforms import RandomAffineImages
 

@@ -10,9 +10,9 @@ from typing import Dict, Mapping, Optional, Sequence
 
 import numpy as np
 
-from .metrics import PRIMARY_METRIC
+from ..core.metrics import PRIMARY_METRIC
 from .paired_tests import PairedDifference, paired_difference
-from .query_scores import QUERY_METRICS, QueryScores
+from ..core.query_scores import QUERY_METRICS, QueryScores
 from .seed_paired import SeedPairedDifference, seed_paired_difference
 
 

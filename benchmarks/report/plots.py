@@ -4,9 +4,10 @@ import io
 from pathlib import Path
 from typing import Dict, List, Sequence
 
-from ..core.files import atomic_write_bytes
-from .metrics import PRIMARY_METRIC, SHORT_NAMES
-from .reporting import best_epoch_rows, mean_std
+from ..storage.files import atomic_write_bytes
+from ..core.metrics import PRIMARY_METRIC, SHORT_NAMES
+from ..core.results import best_epoch_rows
+from .mean_std import mean_std
 
 
 def save_figure(fig, path, dpi: int = 100) -> Path:

@@ -7,7 +7,7 @@ import platform
 
 import torch
 
-from ..core.files import atomic_write_text
+from ..storage.files import atomic_write_text
 from .plots import save_figure
 
 GIB = 2**30

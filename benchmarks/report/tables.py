@@ -9,9 +9,9 @@ from typing import Mapping, Optional, Tuple
 from ..core.convergence import cap_note
 
 from .comparisons import Comparison, compare_losses, pooled_mean
-from .metrics import PRIMARY_METRIC, SHORT_NAMES
+from ..core.metrics import PRIMARY_METRIC, SHORT_NAMES
 from .paired_tests import ALPHA
-from .query_scores import QUERY_METRICS, QueryScores
+from ..core.query_scores import QUERY_METRICS, QueryScores
 from .seed_paired import POWER
 
 NOT_TESTED = "not tested: fewer than 2 seeds in common"

@@ -7,23 +7,28 @@ from typing import Dict, List, Optional, Sequence
 import numpy as np
 import optuna
 
-from ..core.files import atomic_write_text
-from ..core.settings import Settings
+from ..storage.files import atomic_write_text
 from ..core.loss_registry import LOSSES
-from ..core.tuning import FINAL_SEEDS, PRUNER, best_trial, budget, counted_trials
-from ..data.splits import BenchmarkData
+from ..core.tuning import FINAL_SEEDS, PRUNER, Tuning, best_trial, budget, counted_trials
 from .plots import save_figure
 
-def write_best_toml(path: Path, settings: Settings, studies: Dict[str, object], trials: int, command: str) -> Optional[str]:
+def write_tuning(out: Path, tuning: Tuning, command: str) -> Optional[str]:
+    """tuning.md, plots/<loss>.png and best.toml of a tuning; returns best.toml's text (None, and no
+    best.toml, while a loss has no completed trial)."""
+    write_report(out, tuning, command)
+    return write_best_toml(out / "best.toml", tuning, command)
+
+
+def write_best_toml(path: Path, tuning: Tuning, command: str) -> Optional[str]:
     """best.toml: the budget options and the best spec of each loss; None when a loss has no completed trial."""
-    best = {loss: best_trial(study, trials) for loss, study in studies.items()}
-    if any(t is None for t in best.values()):
+    best = tuning.best_specs()
+    if best is None:
         return None
-    values = budget(settings)
+    values = budget(tuning.settings)
     values["seeds"] = FINAL_SEEDS
-    values["losses"] = ",".join(t.user_attrs["loss"] for t in best.values())
+    values["losses"] = ",".join(spec.label for spec in best.values())
     lines = [f"# Written by: {command}",
-             f"# Best of {trials} trials per loss on validation MAP@R (test split never evaluated); see tuning.md.",
+             f"# Best of {tuning.trials} trials per loss on validation MAP@R (test split never evaluated); see tuning.md.",
              "# Run the final comparison with: python -m benchmarks.run --config " + path.name]
     for key, value in values.items():
         if value is not None:
@@ -33,8 +38,9 @@ def write_best_toml(path: Path, settings: Settings, studies: Dict[str, object], 
     return text
 
 
-def write_report(out: Path, settings: Settings, data: BenchmarkData, studies: Dict[str, object], trials: int, seeds: int, command: str) -> None:
+def write_report(out: Path, tuning: Tuning, command: str) -> None:
     """tuning.md (every trial of every study) and one plot per loss."""
+    settings, data, studies, trials, seeds = tuning.settings, tuning.data, tuning.studies, tuning.trials, tuning.seeds
     parts = ["# Tuning on validation MAP@R", "", f"Command: `{command}`", "",
              f"- dataset: {settings.dataset} (train {len(data.train)} images, validation {len(data.val)} images; "
              "test split not loaded)",
@@ -73,10 +79,9 @@ def trial_outcome(trial) -> str:
 
 
 def trial_value(trial) -> Optional[float]:
-    """A completed trial's value; a pruned one's best validation MAP@R reached (its last report)."""
-    if trial.value is not None or trial.last_step is None:
-        return trial.value
-    return trial.intermediate_values[trial.last_step]
+    """A completed trial's value; a pruned one's best validation MAP@R reached (its last report,
+    which Optuna keeps as its value); None for a diverged, running or failed trial."""
+    return trial.value if trial_outcome(trial) in ("complete", "pruned") else None
 
 
 def trial_counts_table(studies: Dict[str, object], trials: int) -> List[str]:
@@ -97,7 +102,7 @@ def write_plot(path: Path, loss: str, trials: Sequence) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    complete = [t for t in trials if t.value is not None]
+    complete = [t for t in trials if trial_outcome(t) == "complete"]
     pruned = [t for t in trials if trial_outcome(t) == "pruned"]
     main = LOSSES[loss].search_space[0]
     fig, (by_trial, by_param) = plt.subplots(1, 2, figsize=(10, 4))

@@ -339,10 +339,10 @@ def test_processes_wait_timeout_seconds_for_each_other(monkeypatch, tmp_path, ca
     monkeypatch.setattr(torch.distributed, "get_rank", lambda: 0)
     monkeypatch.setattr(torch.distributed, "barrier", lambda: None)
 
-    def frozen_peer(self):
+    def frozen_peer(self, publish):
         raise RuntimeError("[gloo/unbound_buffer.cc:78] Timed out waiting 5000ms for recv operation to complete")
 
     monkeypatch.setattr(experiment.Experiment, "run", frozen_peer)
-    assert launch.run_experiment(opts) == 1
+    assert launch.run_experiment(opts, "python -m benchmarks.run", publish=print) == 1
     assert started["timeout"].total_seconds() == 5 and started["backend"] == "gloo"
     assert "process 0 waited --timeout 5 s for another process, which froze or died" in capsys.readouterr().err

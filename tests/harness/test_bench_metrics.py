@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 import torch
 
-from benchmarks.report.metrics import METRICS, RecallAccuracyCalculator, recall_at_k
+from benchmarks.core.metrics import METRICS, RecallAccuracyCalculator, recall_at_k
 
 
 def brute_force_recall(query, query_labels, reference, reference_labels, k, ref_includes_query):

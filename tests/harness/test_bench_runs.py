@@ -14,10 +14,10 @@ import torch
 
 from benchmarks import run
 from benchmarks.core import training
-from benchmarks.core.files import BrokenFile, read_torch
+from benchmarks.storage.files import BrokenFile, read_torch
 from benchmarks.core.run_store import RunStore
-from benchmarks.report.metrics import METRICS
-from benchmarks.report.query_scores import KeepEmbeddingsTester
+from benchmarks.core.metrics import METRICS
+from benchmarks.core.query_scores import KeepEmbeddingsTester
 from torchrun import run_two_processes
 
 REPO = Path(__file__).resolve().parents[2]

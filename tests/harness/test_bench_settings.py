@@ -184,7 +184,7 @@ def training_models(resolved, data):
 
 
 def test_folders_made_before_passes_per_epoch_existed_still_open(tmp_path):
-    from benchmarks.core.files import atomic_write_json
+    from benchmarks.storage.files import atomic_write_json
     from benchmarks.core.out_folder import IdentityMismatch, OutFolder
 
     identity = settings.resolve(TINY).identity()

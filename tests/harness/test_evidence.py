@@ -7,8 +7,9 @@ import pytest
 
 from benchmarks import ablation, evidence, run
 from benchmarks.core.out_folder import OutFolder
-from benchmarks.report import comparisons, query_scores, tables
-from benchmarks.report.reporting import best_epoch_rows
+from benchmarks.core import query_scores
+from benchmarks.report import comparisons, tables
+from benchmarks.core.results import best_epoch_rows
 
 TINY = ["--dataset", "digits", "--epochs", "1", "--limit-per-class", "40", "--batch-size", "32", "--m-per-class", "8",
         "--patience", "-1", "--quiet"]

@@ -10,8 +10,9 @@ import torch
 from pytorch_metric_learning.utils.accuracy_calculator import AccuracyCalculator
 
 from benchmarks import run
-from benchmarks.core.files import BrokenFile
-from benchmarks.report import paired_tests, query_scores, tables
+from benchmarks.storage.files import BrokenFile
+from benchmarks.core import query_scores
+from benchmarks.report import paired_tests, tables
 from benchmarks.report.comparisons import Comparison
 from benchmarks.report.seed_paired import seed_paired_difference
 

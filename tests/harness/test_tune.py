@@ -14,7 +14,7 @@ import torch
 
 from benchmarks import run, tune
 from benchmarks.core import features, launch, loss_specs, models, training, tuning
-from benchmarks.core.files import read_torch
+from benchmarks.storage.files import read_torch
 from benchmarks.core.models import build_trunk
 from benchmarks.core.settings import resolve
 from benchmarks.data.transforms import RandomAffineImages
@@ -270,7 +270,7 @@ def test_a_storage_password_is_never_written_or_printed(tmp_path, monkeypatch, c
     assert tune.main(["--storage", url, "--out", str(tmp_path / "refused")]) == 2  # no driver or server here
     assert "hunter2" not in capsys.readouterr().err
     local = optuna.storages.RDBStorage(f"sqlite:///{tmp_path / 'tuning.db'}")
-    monkeypatch.setattr(tune, "open_storage", lambda given: local if given == url else pytest.fail(given))
+    monkeypatch.setattr(tuning, "open_storage", lambda given: local if given == url else pytest.fail(given))
     out = tmp_path / "tune"
     assert tune.main(TINY + ["--trials", "1", "--losses", "ntxent", "--storage", url, "--out", str(out)]) == 0
     printed = capsys.readouterr()

@@ -11,7 +11,7 @@ import io
 import sqlite3
 from pathlib import Path
 
-from ..core.files import atomic_write_text
+from ..storage.files import atomic_write_text
 
 ITERATION = "~iteration~"
 

@@ -24,7 +24,7 @@ from pytorch_metric_learning.utils.accuracy_calculator import (
     get_relevance_mask,
 )
 
-from ..core.files import BrokenFile, atomic_write_bytes
+from ..storage.files import BrokenFile, atomic_write_bytes
 
 SCORES_FILE = "test_scores.npz"
 QUERY_METRICS = ("mean_average_precision_at_r", "precision_at_1")

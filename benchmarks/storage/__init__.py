@@ -1,0 +1,1 @@
+"""The ground floor beside ``data``: files written atomically and read safely."""
