@@ -10,9 +10,12 @@ map to a sequence (CLDR names; Firefox OS names its icons by their Unicode chara
 
 A class is a code-point sequence without variation selectors (U+FE0E, U+FE0F), so one emoji
 written with or without U+FE0F is one class; sequences with a skin-tone modifier or a
-private-use code point are left out. A class is kept when at least ``MIN_STYLES`` styles draw
-it. Drawings are rendered with resvg at the model's image size, composited on white, and
-an image with less than ``MIN_INK`` of its canvas covered counts as not drawn.
+private-use code point are left out. Drawings are rendered with resvg, composited on white.
+A drawing is used unless it is blank (less than ``MIN_INK`` of the canvas covered) or nearly
+equal to the same style's drawing of another class (``DUPLICATE_THRESHOLD``: a monochrome
+style draws the hearts of every colour alike), both judged at ``ANALYSIS_SIZE`` pixels so that
+every image size has the same images; a class is kept when at least ``MIN_STYLES`` of its
+drawings are used.
 
 Split (class-disjoint, ``splits.assemble``): the classes are ordered by a hash of their
 sequence, so the training and test halves both span every emoji category and a class keeps
