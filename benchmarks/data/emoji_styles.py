@@ -29,7 +29,6 @@ import io
 import json
 import re
 import unicodedata
-import zipfile
 from pathlib import Path
 from typing import Dict, List, Optional, Sequence, Tuple
 
@@ -38,6 +37,7 @@ import torch
 
 from ..core.files import atomic_write_bytes
 from .loaders import EMOJI_AUGMENTATION, EMOJI_PACKAGE_FOLDER, find_node_modules
+from .npz_cache import cached_arrays
 from .splits import BenchmarkData, DatasetNotInstalled, TensorImageDataset, assemble
 from .transforms import IMAGENET_MEAN, IMAGENET_STD, RandomAffineImages
 
@@ -307,21 +307,16 @@ def cached_render(root: Path, size: int, cache_dir=None, styles: Sequence[Style]
     """``render_styles``, rendered once and then read from ``cache_dir/emoji-styles-<key>.npz``
     (a cache that cannot be read, e.g. truncated, is rendered again)."""
     cache_dir = Path(cache_dir) if cache_dir is not None else DEFAULT_CACHE
-    if cache_dir.exists() and not cache_dir.is_dir():
-        raise DatasetNotInstalled(f"emoji-styles: the cache folder {cache_dir} is a file; remove it or make it a folder.")
-    cache = cache_dir / f"emoji-styles-{cache_key(root, size, styles)}.npz"
-    if cache.is_file():
-        try:
-            with np.load(cache) as stored:
-                return stored["keys"], stored["images"], stored["class_of"], stored["style_of"]
-        except (zipfile.BadZipFile, EOFError, OSError, ValueError, KeyError):
-            pass
-    keys, images, class_of, style_of = render_styles(root, size, styles)
-    buffer = io.BytesIO()
-    np.savez_compressed(buffer, keys=keys, images=images, class_of=class_of, style_of=style_of,
-                        styles=np.array([s.name for s in styles]))
-    atomic_write_bytes(cache, buffer.getvalue())
-    return keys, images, class_of, style_of
+
+    def rendered():
+        keys, images, class_of, style_of = render_styles(root, size, styles)
+        return dict(keys=keys, images=images, class_of=class_of, style_of=style_of,
+                    styles=np.array([s.name for s in styles]))
+
+    names = ("keys", "images", "class_of", "style_of")
+    stored = cached_arrays(cache_dir / f"emoji-styles-{cache_key(root, size, styles)}.npz", names, rendered,
+                           "emoji-styles", "remove it or make it a folder.")
+    return tuple(stored[name] for name in names)
 
 
 def hashed_order(keys: Sequence[str]) -> np.ndarray:

@@ -163,6 +163,10 @@ def test_the_cache_is_reused_and_its_key_follows_versions_and_rendering(packages
     assert torch.equal(first.test.images, again.test.images)
     monkeypatch.undo()
 
+    (tmp_path / "file").write_text("not a folder")
+    with pytest.raises(DatasetNotInstalled, match="emoji-styles: the cache folder .*file is a file"):
+        emoji_styles.load_emoji_styles(packages, 32, cache_dir=tmp_path / "file")
+
     key = emoji_styles.cache_key(packages, 32)
     assert emoji_styles.cache_key(packages, 64) != key
     with monkeypatch.context() as patch:
