@@ -87,14 +87,9 @@ NAME_SOURCES = ("@iconify-json/fluent-emoji-flat", "@iconify-json/fluent-emoji-h
 Key = Tuple[int, ...]
 
 
-def packages(styles: Sequence[Style] = STYLES) -> List[str]:
-    """The npm packages that ``styles`` read, each once, in order."""
-    names = [s.package for s in styles] + (list(NAME_SOURCES) if _needs_names(styles) else [])
-    return list(dict.fromkeys(names))
-
-
-def _needs_names(styles: Sequence[Style]) -> bool:
-    return any(s.code_points in ("names", "unicode-names") for s in styles)
+def packages() -> List[str]:
+    """The npm packages the styles read, each once, in order."""
+    return list(dict.fromkeys([s.package for s in STYLES] + list(NAME_SOURCES)))
 
 
 def pinned_versions() -> Dict[str, str]:
@@ -116,9 +111,9 @@ def key_text(key: Key) -> str:
     return "-".join(f"{p:04x}" for p in key)
 
 
-def node_modules_root(root=None, styles: Sequence[Style] = STYLES) -> Path:
-    """The ``node_modules`` holding the packages of ``styles`` at the pinned versions."""
-    needed = packages(styles)
+def node_modules_root(root=None) -> Path:
+    """The ``node_modules`` holding every style's package at the pinned version."""
+    needed = packages()
     if root is None:
         found = find_node_modules(needed)
         if found is None:
@@ -143,7 +138,8 @@ def node_modules_root(root=None, styles: Sequence[Style] = STYLES) -> Path:
             wrong.append(f"{package} {version} (pinned: {pins[package]})")
     if missing or wrong:
         problem = f"{', '.join(missing)} not found" if missing else f"{', '.join(wrong)} installed"
-        raise DatasetNotInstalled(f"emoji-styles: {problem} under {root}; install the pinned packages with `{INSTALL}`.")
+        raise DatasetNotInstalled(
+            f"emoji-styles: {problem} under {root}; install the pinned packages with `{INSTALL}`.")
     return root
 
 
@@ -229,7 +225,8 @@ def render(svg: str, size: int) -> Tuple[np.ndarray, float]:
     try:
         import resvg_py
     except ImportError as error:
-        raise DatasetNotInstalled(f"emoji-styles: rendering needs resvg-py; `pip install resvg-py` (in the bench extra): {error}") from error
+        raise DatasetNotInstalled(
+            f"emoji-styles: rendering needs resvg-py; `pip install resvg-py` (in the bench extra): {error}") from error
     png = resvg_py.svg_to_bytes(svg_string=svg, width=size, height=size, skip_system_fonts=True)
     canvas = Image.new("RGBA", (size, size), (0, 0, 0, 0))
     with Image.open(io.BytesIO(bytes(png))) as image:  # fitted into the square: pad the shorter side
@@ -251,16 +248,16 @@ def _shared_drawings(images: np.ndarray, threshold: float) -> np.ndarray:
     return near.any(axis=1)
 
 
-def select_drawings(root: Path, styles: Sequence[Style] = STYLES):
+def select_drawings(root: Path):
     """Every class any style draws: keys (C,), the styles' SVGs (class -> SVG per style), whether
     each style's drawing of each class is used (C, F), and the drawings at ``ANALYSIS_SIZE`` pixels
     (class -> image per style), at which they are judged whatever the rendering size: not blank
     (``MIN_INK``) and not shared with another class of the style (``DUPLICATE_THRESHOLD``)."""
-    names = name_keys(root) if _needs_names(styles) else {}
-    drawings = [style_drawings(root, style, names) for style in styles]
+    names = name_keys(root)
+    drawings = [style_drawings(root, style, names) for style in STYLES]
     keys = sorted(set().union(*drawings))
     row = {key: i for i, key in enumerate(keys)}
-    used = np.zeros((len(keys), len(styles)), dtype=bool)
+    used = np.zeros((len(keys), len(STYLES)), dtype=bool)
     small: List[Dict[Key, np.ndarray]] = []
     for s, per_style in enumerate(drawings):
         drawn = list(per_style)
@@ -273,11 +270,11 @@ def select_drawings(root: Path, styles: Sequence[Style] = STYLES):
     return keys, drawings, used, small
 
 
-def render_styles(root: Path, size: int, styles: Sequence[Style] = STYLES):
+def render_styles(root: Path, size: int):
     """Classes with at least ``MIN_STYLES`` used drawings (``select_drawings``): keys (C,) as hex
     text, images (N, size, size, 3) uint8, and the class (N,) and style (N,) of each image, in
     style order within a class."""
-    keys, drawings, used, small = select_drawings(root, styles)
+    keys, drawings, used, small = select_drawings(root)
     kept = np.flatnonzero(used.sum(axis=1) >= MIN_STYLES)
     class_of, style_of = np.nonzero(used[kept])
     images = [small[s][keys[kept[c]]] if size == ANALYSIS_SIZE else render(drawings[s][keys[kept[c]]], size)[0]
@@ -286,7 +283,7 @@ def render_styles(root: Path, size: int, styles: Sequence[Style] = STYLES):
     return np.array([key_text(keys[k]) for k in kept]), stacked, class_of.astype(np.int64), style_of.astype(np.int64)
 
 
-def cache_key(root: Path, size: int, styles: Sequence[Style] = STYLES) -> str:
+def cache_key(root: Path, size: int) -> str:
     """Hash of what the rendering depends on: the packages' versions, the styles, the settings,
     resvg's and Unicode's versions."""
     from importlib.metadata import PackageNotFoundError, version
@@ -295,26 +292,27 @@ def cache_key(root: Path, size: int, styles: Sequence[Style] = STYLES) -> str:
         resvg_version = version("resvg-py")
     except PackageNotFoundError:
         resvg_version = None
-    installed = {p: _read_json(root / p / "package.json").get("version") for p in packages(styles)}
+    installed = {p: _read_json(root / p / "package.json").get("version") for p in packages()}
     return hashlib.sha256(json.dumps({
         "version": RENDER_VERSION, "size": size, "background": BACKGROUND, "min_styles": MIN_STYLES,
-        "min_ink": MIN_INK, "duplicate_threshold": DUPLICATE_THRESHOLD, "analysis_size": ANALYSIS_SIZE, "styles": [dataclasses.astuple(s) for s in styles], "name_sources": NAME_SOURCES,
+        "min_ink": MIN_INK, "duplicate_threshold": DUPLICATE_THRESHOLD, "analysis_size": ANALYSIS_SIZE,
+        "styles": [dataclasses.astuple(s) for s in STYLES], "name_sources": NAME_SOURCES,
         "packages": installed, "resvg": resvg_version, "unicode": unicodedata.unidata_version,
     }, sort_keys=True).encode()).hexdigest()[:16]
 
 
-def cached_render(root: Path, size: int, cache_dir=None, styles: Sequence[Style] = STYLES):
+def cached_render(root: Path, size: int, cache_dir=None):
     """``render_styles``, rendered once and then read from ``cache_dir/emoji-styles-<key>.npz``
     (a cache that cannot be read, e.g. truncated, is rendered again)."""
     cache_dir = Path(cache_dir) if cache_dir is not None else DEFAULT_CACHE
 
     def rendered():
-        keys, images, class_of, style_of = render_styles(root, size, styles)
+        keys, images, class_of, style_of = render_styles(root, size)
         return dict(keys=keys, images=images, class_of=class_of, style_of=style_of,
-                    styles=np.array([s.name for s in styles]))
+                    styles=np.array([s.name for s in STYLES]))
 
     names = ("keys", "images", "class_of", "style_of")
-    stored = cached_arrays(cache_dir / f"emoji-styles-{cache_key(root, size, styles)}.npz", names, rendered,
+    stored = cached_arrays(cache_dir / f"emoji-styles-{cache_key(root, size)}.npz", names, rendered,
                            "emoji-styles", "remove it or make it a folder.")
     return tuple(stored[name] for name in names)
 
@@ -327,14 +325,13 @@ def hashed_order(keys: Sequence[str]) -> np.ndarray:
     return labels
 
 
-def load_emoji_styles(root=None, image_size=32, val_mode="auto", limit=None, *, cache_dir=None,
-                      styles: Sequence[Style] = STYLES) -> BenchmarkData:
+def load_emoji_styles(root=None, image_size=32, val_mode="auto", limit=None, *, cache_dir=None) -> BenchmarkData:
     """Emoji styles at ``image_size`` pixels: ``root`` is the ``node_modules`` folder (found as for
     ``emoji`` when None), ``limit`` keeps the first N styles of each class; training images get
     the emoji set's random affine map, validation and test images none. ``cache_dir`` defaults
-    to ~/.cache/pml-ice/emoji-styles; ``styles`` selects a subset (tests)."""
-    root = node_modules_root(root, styles)
-    keys, images, class_of, _ = cached_render(root, image_size, cache_dir, styles)
+    to ~/.cache/pml-ice/emoji-styles."""
+    root = node_modules_root(root)
+    keys, images, class_of, _ = cached_render(root, image_size, cache_dir)
     labels = hashed_order(keys)[class_of]
     pixels = torch.from_numpy(images).permute(0, 3, 1, 2).float().div_(255.0)  # in place: 3 GB at 128 px
     pixels.sub_(torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1)).div_(torch.tensor(IMAGENET_STD).view(1, 3, 1, 1))
@@ -347,21 +344,20 @@ CONTACT_SHEET_CLASSES = ("1f600", "2764", "1f525", "1f308", "0023-20e3", "1f1ec-
                          "1f44d", "1f9e0", "2744", "1f30d", "2b1c")
 
 
-def contact_sheet(path, root=None, classes: Sequence[str] = CONTACT_SHEET_CLASSES, size=64,
-                  styles: Sequence[Style] = STYLES) -> None:
+def contact_sheet(path, root=None, classes: Sequence[str] = CONTACT_SHEET_CLASSES, size=64) -> None:
     """A PNG of ``classes`` (rows, keys as hex text) drawn by every style (columns) at ``size``
     pixels: a grey cell where a style does not draw a class, a red frame around a drawing the
     dataset leaves out (blank, or shared with another class)."""
     from PIL import Image, ImageDraw
 
-    root = node_modules_root(root, styles)
-    keys, drawings, used, _ = select_drawings(root, styles)
+    root = node_modules_root(root)
+    keys, drawings, used, _ = select_drawings(root)
     row_of = {key: i for i, key in enumerate(keys)}
     label_width, header, pad = 110, 34, 4
     cell = size + pad
-    sheet = Image.new("RGB", (label_width + cell * len(styles), header + cell * len(classes)), (200, 200, 200))
+    sheet = Image.new("RGB", (label_width + cell * len(STYLES), header + cell * len(classes)), (200, 200, 200))
     draw = ImageDraw.Draw(sheet)
-    for s, style in enumerate(styles):
+    for s, style in enumerate(STYLES):
         draw.text((label_width + s * cell, 2 + (s % 3) * 10), style.name, fill=(0, 0, 0))  # staggered: no overlap
     for row, text in enumerate(classes):
         key, y = class_key(text), header + row * cell

@@ -57,8 +57,8 @@ def make_packages(root):
         if style.code_points == "files":
             (folder / style.folder).mkdir(parents=True, exist_ok=True)
             for sequence in drawn:
-                if style.name == "openmoji-black" and sequence in (FRANCE, NORWAY):
-                    shape = '<rect x="4" y="8" width="24" height="16" fill="none" stroke="black"/>'  # one outline for both
+                if style.name == "openmoji-black" and sequence in (FRANCE, NORWAY):  # one outline for both
+                    shape = '<rect x="4" y="8" width="24" height="16" fill="none" stroke="black"/>'
                 else:
                     shape = body(every.index(sequence), s)
                 file = sequence.upper() + ("-FE0F" if sequence == HEART else "") + ".svg"
