@@ -20,17 +20,15 @@ in an ``.npz`` file keyed by a hash of the rendering settings and the font files
 """
 
 import hashlib
-import io
 import json
 import unicodedata
-import zipfile
 from pathlib import Path
 from typing import Dict, List, Optional, Sequence
 
 import numpy as np
 import torch
 
-from ..storage.files import atomic_write_bytes
+from .npz_cache import cached_arrays
 from .splits import BenchmarkData, DatasetNotInstalled, TensorImageDataset, limit_per_class, validation_split
 from .transforms import RandomAffineImages
 
@@ -202,20 +200,15 @@ def cached_glyph_set(cache_dir=None, font_dir=None, fonts: Sequence[str] = GLYPH
     (a cache that cannot be read, e.g. truncated, is rendered again)."""
     paths = font_paths(font_dir, fonts)
     cache_dir = Path(cache_dir) if cache_dir is not None else DEFAULT_CACHE
-    if cache_dir.exists() and not cache_dir.is_dir():
-        raise DatasetNotInstalled(f"glyphs: the cache folder {cache_dir} is a file; pass --data-root DIR, a folder.")
-    cache = cache_dir / f"glyphs-{cache_key(paths, code_points)}.npz"
-    if cache.is_file():
-        try:
-            with np.load(cache) as stored:
-                return stored["code_points"], stored["images"], stored["present"]
-        except (zipfile.BadZipFile, EOFError, OSError, ValueError, KeyError):
-            pass
-    code_points, images, present = glyph_set(paths, code_points)
-    buffer = io.BytesIO()
-    np.savez_compressed(buffer, code_points=code_points, images=images, present=present, fonts=np.array(fonts))
-    atomic_write_bytes(cache, buffer.getvalue())
-    return code_points, images, present
+
+    def rendered():
+        code_points_, images, present = glyph_set(paths, code_points)
+        return dict(code_points=code_points_, images=images, present=present, fonts=np.array(fonts))
+
+    stored = cached_arrays(cache_dir / f"glyphs-{cache_key(paths, code_points)}.npz",
+                           ("code_points", "images", "present"), rendered, "glyphs",
+                           "pass --data-root DIR, a folder.")
+    return stored["code_points"], stored["images"], stored["present"]
 
 
 def alternating_split(num_classes: int, test_every: int = 1):

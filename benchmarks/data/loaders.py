@@ -71,14 +71,14 @@ def load_fashion_mnist(root=None, val_mode="auto", limit=None) -> BenchmarkData:
 EMOJI_PACKAGE_FOLDER = Path(__file__).resolve().parent  # package.json: `npm ci --prefix benchmarks/data`
 
 
-def find_node_modules() -> Optional[Path]:
-    """The first ``node_modules`` holding both emoji packages: cwd and parents, beside this
-    loader's ``package.json``, then home and the system's."""
+def find_node_modules(packages=EMOJI_PACKAGES) -> Optional[Path]:
+    """The first ``node_modules`` holding all ``packages`` (by default both emoji packages): cwd
+    and parents, beside this loader's ``package.json``, then home and the system's."""
     start = Path.cwd().resolve()
     candidates = [p / "node_modules" for p in [start, *start.parents]] + [EMOJI_PACKAGE_FOLDER / "node_modules"]
     candidates += [Path.home() / "node_modules", Path("/usr/lib/node_modules"), Path("/usr/local/lib/node_modules")]
     for candidate in candidates:
-        if all((candidate / package).is_dir() for package in EMOJI_PACKAGES):
+        if all((candidate / package).is_dir() for package in packages):
             return candidate
     return None
 

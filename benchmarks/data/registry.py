@@ -11,7 +11,7 @@ import functools
 import inspect
 from typing import Any, Callable, Dict, Optional
 
-from . import glyphs, loaders
+from . import emoji_styles, glyphs, loaders
 from .splits import BenchmarkData
 
 
@@ -82,6 +82,17 @@ DATASETS: Dict[str, DatasetEntry] = {
         split="764 training classes (1,528 images), 191 validation classes (382), 956 test classes (1,912)",
         install=f"`{loaders.EMOJI_INSTALL}` (found under `./node_modules`, its parents or `~`, or `--data-root`)",
         licence="Apache 2.0 (Noto), CC BY 4.0 (Twemoji)", command="python -m benchmarks.run --dataset emoji",
+    ),
+    "emoji-styles": DatasetEntry(
+        loader=emoji_styles.load_emoji_styles, channels=3, default_model="cnn4", image_size=32,
+        training=_training(40, 128, 4, 64, 1e-3),
+        size="16,499 images, 1,759 classes (each drawn by 4 to 12 of 12 emoji styles, median 10)",
+        split="703 training classes (6,616 images), 176 validation classes (1,628), 880 test classes (8,255)",
+        install=f"`{emoji_styles.INSTALL}` (found as for `emoji`), then rendered once with resvg-py and cached under "
+        "`~/.cache/pml-ice/emoji-styles`",
+        licence="MIT (Fluent), Apache 2.0 (Noto, Firefox OS), CC BY 4.0 (Twemoji, EmojiOne), "
+        "CC BY-SA 4.0 (OpenMoji, EmojiOne v1)",
+        command="python -m benchmarks.run --dataset emoji-styles",
     ),
     "cub200": DatasetEntry(
         loader=functools.partial(loaders.load_pml_dataset, "cub200"), channels=3, default_model="resnet50",

@@ -125,6 +125,7 @@ def test_bad_loss_specs(text, message):
         (["--batch-size", "128", "--m-per-class", "4"], "cannot fill a batch of 128"),
         (["--dataset", "fashion-mnist", "--data-root", "/nonexistent"], "apt-get install dataset-fashion-mnist"),
         (["--dataset", "emoji", "--data-root", "/nonexistent"], "npm install emoji-datasource-google@16.0.0"),
+        (["--dataset", "emoji-styles", "--data-root", "/nonexistent"], "`npm ci --prefix benchmarks/data`"),
         (["--dataset", "cub200"], "--download"),
         (["--dataset", "folder"], "one sub-folder of images per class"),
     ],
