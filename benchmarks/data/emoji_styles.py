@@ -35,7 +35,7 @@ from typing import Dict, List, Optional, Sequence, Tuple
 import numpy as np
 import torch
 
-from ..core.files import atomic_write_bytes
+from ..storage.files import atomic_write_bytes
 from .loaders import EMOJI_AUGMENTATION, EMOJI_PACKAGE_FOLDER, find_node_modules
 from .npz_cache import cached_arrays
 from .splits import BenchmarkData, DatasetNotInstalled, TensorImageDataset, assemble

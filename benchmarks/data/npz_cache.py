@@ -7,7 +7,7 @@ from typing import Callable, Dict, Sequence
 
 import numpy as np
 
-from ..core.files import atomic_write_bytes
+from ..storage.files import atomic_write_bytes
 from .splits import DatasetNotInstalled
 
 
