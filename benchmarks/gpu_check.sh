@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The GPU figures of the README, in one go (about 3 minutes on an H200):
+# The GPU figures of docs/speed.md, in one go (about 3 minutes on an H200):
 #   bash benchmarks/gpu_check.sh [OUT]        (default OUT: results/gpu)
 # Speed and memory of ICE against the floor, SupCon and MultiSimilarity at D = 512 in
 # float32 and bfloat16, a 4096 batch against a 1,048,576-entry memory bank, ICE's dense

@@ -19,7 +19,8 @@ from pytorch_metric_learning.samplers import MPerClassSampler
 
 from .core import loss_specs, settings
 from .core.models import fresh_models
-from .storage.files import atomic_write_text, read_json
+from .storage.files import BrokenFile, atomic_write_text
+from .core.out_folder import OutFolder
 from .core.run_store import RunStore
 from .data.registry import DATASETS, load_dataset
 from .report.plots import save_figure
@@ -31,10 +32,10 @@ FORMULAS = ("p = exp(-l),  l = softplus(logsumexp_neg Z - Z_pos);  w = exp(lam (
 
 def run_settings(out: Path) -> settings.Settings:
     """The settings of the runs in ``out``, from its config.json."""
-    stored = read_json(out / "config.json")
+    stored = OutFolder(out).stored_settings()
     if stored is None:
         raise settings.UsageError(f"{out} has no config.json: not an output folder of benchmarks.run")
-    if not (isinstance(stored, dict) and stored.get("dataset") in DATASETS):
+    if stored.get("dataset") not in DATASETS:
         raise settings.UsageError(f"{out / 'config.json'} names no dataset of this harness: not an output folder "
                                   "of benchmarks.run; give --out a folder that benchmarks.run wrote")
     resolved = settings.resolve(["--dataset", stored["dataset"], "--device", "cpu", "--out", str(out)])
@@ -144,7 +145,7 @@ def main(argv=None) -> int:
     try:
         run = run_settings(args.out)
         spec, checkpoint = find_run(args.out, args.loss, args.seed)
-    except settings.UsageError as error:
+    except (settings.UsageError, BrokenFile) as error:
         print(f"python -m benchmarks.weights: {error}", file=sys.stderr)
         return 2
     scale = spec.describe_values().get("scale") or 1.0

@@ -56,6 +56,9 @@ def test_weights_command_names_a_foreign_folder(tmp_path, capsys):
 
     (tmp_path / "config.json").write_text("[1]")
     assert weights.main(["--out", str(tmp_path)]) == 2
+    assert "config.json does not hold the settings of" in capsys.readouterr().err
+    (tmp_path / "config.json").write_text('{"dataset": "nope"}')
+    assert weights.main(["--out", str(tmp_path)]) == 2
     assert "config.json names no dataset of this harness: not an output folder of benchmarks.run" in capsys.readouterr().err
     (tmp_path / "config.json").write_text('{"dataset": "digits"}')
     (tmp_path / "runs" / "ice" / "seed0").mkdir(parents=True)
