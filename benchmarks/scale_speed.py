@@ -6,12 +6,10 @@
     D = ``--dim`` embeddings (4 per class), ICELoss under DistributedLossWrapper:
     each process's forward + backward time of the loss alone (leaf embeddings) with
     ``efficient=True`` (exact sharding, n x N logits) and PML's ``efficient=False``
-    (N x N logits on every process), and each process's peak resident memory (its
-    ``ru_maxrss``) over the measured steps, above its resident size before them.
-(b) Cached training: a small CNN (four conv-BatchNorm-ReLU blocks of 16/32/64/128
-    channels, stride 2 then two max-pools, global average pooling and a 64-d linear
-    embedding, on 1 x 32 x 32 inputs: the shape of the glyphs harness's ``cnn4``;
-    ``--model module:function`` substitutes any factory of such a model) trained
+    (N x N logits on every process), and each process's peak resident memory
+    (``measuring.memory``) over the measured steps, above its resident size before them.
+(b) Cached training: the glyphs harness's model (``cnn4`` and a 64-d linear embedder, on
+    1 x 32 x 32 inputs; ``--model module:function`` substitutes any factory of a model) trained
     with ICELoss(memory_efficient=True, chunk_size=``--loss-chunk-size``), so that the
     loss's memory is linear in the batch and small: an uncached step at ``--small-batch``, an uncached step at
     ``--large-batch`` and a cached step (cached_backward, ``--chunk-size``) at
@@ -29,9 +27,7 @@ part and replaces only its entry there.
 import argparse
 import importlib
 import json
-import multiprocessing
 import os
-import resource
 import socket
 import statistics
 import tempfile
@@ -45,6 +41,11 @@ from pytorch_metric_learning.utils import distributed as pml_distributed
 from pml_ice import losses
 from pml_ice.utils import cached_backward
 from pml_ice.utils.distributed import DistributedLossWrapper
+
+from .core.models import build_embedder, build_trunk
+from .measuring.inputs import class_labels
+from .measuring.memory import MIB, current_rss_bytes, peak_rss_bytes, run_in_fresh_process
+from .storage.files import atomic_write_json
 
 RESULTS = os.path.join("results", "scale", "scale_speed.json")
 
@@ -68,32 +69,17 @@ def parse_args(argv=None):
     return parser.parse_args(argv)
 
 
-def peak_rss_mib():
-    """This process's peak resident memory (Linux reports ru_maxrss in KiB)."""
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-
-
-def current_rss_mib():
-    with open("/proc/self/statm") as statm:
-        return int(statm.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
-
-
-def labels_of(size, generator):
-    """4 samples per class, shuffled."""
-    return (torch.arange(size) // 4)[torch.randperm(size, generator=generator)]
-
-
 def timed_steps(step, repeats):
     """Median wall time of ``repeats`` calls of ``step`` after one warm-up, and the
     peak memory above the resident size before the warm-up."""
-    before = current_rss_mib()
+    before = current_rss_bytes()
     step()
     times = []
     for _ in range(repeats):
         start = time.perf_counter()
         step()
         times.append(time.perf_counter() - start)
-    return {"seconds": statistics.median(times), "peak_mib": peak_rss_mib() - before}
+    return {"seconds": statistics.median(times), "peak_mib": (peak_rss_bytes() - before) / MIB}
 
 
 def sharded_worker(rank, world_size, port, variant, args, out_dir):
@@ -103,7 +89,7 @@ def sharded_worker(rank, world_size, port, variant, args, out_dir):
     try:
         generator = torch.Generator().manual_seed(0)
         embeddings = torch.randn(args.global_batch, args.dim, generator=generator)
-        labels = labels_of(args.global_batch, generator)
+        labels = class_labels(args.global_batch, 4, generator)
         local = slice(
             rank * args.global_batch // world_size, (rank + 1) * args.global_batch // world_size
         )
@@ -162,31 +148,11 @@ def measure_sharded(args):
     }
 
 
-class GlyphSizedCNN(torch.nn.Module):
-    """Four conv-BN-ReLU blocks (16/32/64/128), global average pooling, linear 64."""
-
-    def __init__(self, widths=(16, 32, 64, 128), embedding_size=64):
-        super().__init__()
-        layers, channels = [], 1
-        for index, width in enumerate(widths):
-            layers += [
-                torch.nn.Conv2d(channels, width, 3, stride=2 if index == 0 else 1, padding=1, bias=False),
-                torch.nn.BatchNorm2d(width),
-                torch.nn.ReLU(),
-            ]
-            if 0 < index < len(widths) - 1:
-                layers.append(torch.nn.MaxPool2d(2))
-            channels = width
-        layers += [torch.nn.AdaptiveAvgPool2d(1), torch.nn.Flatten(), torch.nn.Linear(channels, embedding_size)]
-        self.layers = torch.nn.Sequential(*layers)
-
-    def forward(self, x):
-        return self.layers(x)
-
-
 def build_model(spec):
+    """The harness's glyphs model (``cnn4`` and a 64-d linear embedder), or ``module:function``'s."""
     if spec is None:
-        return GlyphSizedCNN()
+        trunk = build_trunk("cnn4", 1, pretrained=False)
+        return torch.nn.Sequential(trunk, build_embedder(trunk.output_size, 64))
     module, _, function = spec.partition(":")
     return getattr(importlib.import_module(module), function)()
 
@@ -199,7 +165,7 @@ def cached_worker(mode, batch, args, out_path):
     model.apply(lambda layer: layer.eval() if "BatchNorm" in type(layer).__name__ else None)
     generator = torch.Generator().manual_seed(1)
     inputs = torch.randn(args.large_batch, 1, 32, 32, generator=generator)[:batch]
-    labels = labels_of(args.large_batch, generator)[:batch]
+    labels = class_labels(args.large_batch, 4, generator)[:batch]
     loss_func = losses.ICELoss(memory_efficient=True, chunk_size=args.loss_chunk_size)
 
     def step():
@@ -211,14 +177,6 @@ def cached_worker(mode, batch, args, out_path):
 
     result = timed_steps(step, args.repeats)
     torch.save({"result": result, "grads": [p.grad for p in model.parameters()]}, out_path)
-
-
-def run_in_fresh_process(target, *args):
-    process = multiprocessing.get_context("spawn").Process(target=target, args=args)
-    process.start()
-    process.join()
-    if process.exitcode != 0:
-        raise RuntimeError(f"{target.__name__}{args[:2]} exited with code {process.exitcode}")
 
 
 def measure_cached(args):
@@ -243,7 +201,7 @@ def measure_cached(args):
         for c, u in zip(cached["grads"], large["grads"])
     )
     return {
-        "model": args.model or "GlyphSizedCNN",
+        "model": args.model or "cnn4",
         "chunk_size": args.chunk_size,
         f"uncached_{args.small_batch}": small,
         f"uncached_{args.large_batch}": large["result"],
@@ -252,15 +210,6 @@ def measure_cached(args):
         "time_vs_large_uncached": cached["result"]["seconds"] / large["result"]["seconds"],
         "max_relative_grad_error": grad_error,
     }
-
-
-def write_atomically(results, path):
-    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
-    handle, temporary = tempfile.mkstemp(dir=os.path.dirname(path) or ".", suffix=".tmp")
-    with os.fdopen(handle, "w") as out:
-        json.dump(results, out, indent=2)
-    os.chmod(temporary, 0o644)
-    os.replace(temporary, path)
 
 
 def main(argv=None):
@@ -275,7 +224,7 @@ def main(argv=None):
             load = os.getloadavg()
             results[key] = {"load_average_at_start": load, **measure(args)}
             print(json.dumps(results[key], indent=2))
-    write_atomically(results, args.output)
+    atomic_write_json(args.output, results)
     print(f"written to {args.output}")
 
 

@@ -1,0 +1,1 @@
+"""What the measuring commands (``speed``, ``scale_speed``) share: memory probes, timers and inputs."""
