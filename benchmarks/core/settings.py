@@ -161,6 +161,24 @@ class LossList:
             raise UsageError(str(error)) from error
 
 
+# Runs trained side by side at most by --jobs auto (memory: one process per run).
+AUTO_JOBS = 4
+
+
+class JobCount:
+    """'auto' or an integer from 1 to ``most``; 'auto' stays as it is until ``_resolve_auto``."""
+
+    cli_type = str
+    most = 64
+
+    def __call__(self, name, value):
+        if value == "auto":
+            return value
+        if isinstance(value, str) and value.strip().isdigit():
+            value = int(value)
+        return Integer(1, maximum=self.most)(name, value)
+
+
 class Device:
     cli_type = str
 
@@ -248,8 +266,9 @@ class Settings:
     eval_batch_size: int = setting(256, "batch size when computing embeddings for evaluation (default 256)",
                                    Integer(1, maximum=2**20), metavar="B")
     device: str = setting("auto", "cpu, cuda, cuda:1, ... (default: cuda when available)", Device())
-    jobs: int = setting(1, "runs trained at a time, each in a process of its own with torch's threads shared out "
-                        "among them (default 1)", Integer(1, maximum=64), metavar="N")
+    jobs: int = setting("auto", "runs trained at a time, each in a process of its own with an equal share of torch's "
+                        f"threads (auto: on a CPU, one run per thread, at most {AUTO_JOBS}; 1 on a GPU or under "
+                        "torchrun)", JobCount(), metavar="N")
     num_workers: int = setting(0, "data-loader worker processes (default 0)", Integer(0), identity=True, metavar="N")
     timeout: int = setting(600, "seconds a process of a torchrun launch waits for the others before it stops with "
                            "an error (default 600)", Integer(1), metavar="SECONDS")
@@ -371,6 +390,9 @@ def default_out(dataset: str, command: Optional[str] = None) -> str:
 def _resolve_auto(values: dict) -> dict:
     """Fill what 'auto' and the absent values stand for; one time only, before freezing."""
     entry = DATASETS[values["dataset"]]
+    if values["jobs"] == "auto":
+        alone_on_cpu = values["device"] == "cpu" and int(os.environ.get("WORLD_SIZE", "1")) <= 1
+        values["jobs"] = min(torch.get_num_threads(), AUTO_JOBS) if alone_on_cpu else 1
     if values["model"] == "auto":
         values["model"] = entry.default_model
     if values["out"] is None:
