@@ -1,8 +1,11 @@
 """The example scripts run as the docs say."""
 
+import pytest
+
 from torchrun import REPO, run_two_processes
 
 
+@pytest.mark.slow
 def test_ddp_cached_example_trains_under_torchrun():
     """DDP + sharded ICE + gradient caching on the CPU: it runs, reports from rank 0 only,
     and the global loss falls."""

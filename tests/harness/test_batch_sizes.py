@@ -11,6 +11,7 @@ TINY = ["--dataset", "digits", "--epochs", "1", "--limit-per-class", "20", "--m-
         "--losses", "ice,ntxent", "--trials", "1", "--seeds", "2", "--cache-chunk", "16"]
 
 
+@pytest.mark.slow
 def test_each_batch_size_is_tuned_trained_and_compared(tmp_path, capsys):
     out = tmp_path / "out"
     argv = TINY + ["--batch-sizes", "32,16", "--out", str(out)]
@@ -65,6 +66,7 @@ def test_an_out_naming_a_file_is_refused_before_anything_trains(tmp_path, capsys
     assert existing.read_text() == "keep me" and sorted(tmp_path.iterdir()) == [existing]
 
 
+@pytest.mark.slow
 def test_a_fixed_budget_draws_no_verdict(tmp_path):
     out = tmp_path / "out"
     assert batch_sizes.main(TINY + ["--patience", "-1", "--batch-sizes", "16", "--seeds", "2", "--out", str(out)]) == 0

@@ -86,6 +86,7 @@ def check_ice_weight_statistics_are_logged(run_dir):
     assert logged == pytest.approx([float(r["max_weight_over_mean"]) for r in rows], rel=1e-6)
 
 
+@pytest.mark.slow
 def test_interrupted_run_resumes_to_the_same_rows(tmp_path, monkeypatch):
     argv = TINY + ["--epochs", "3", "--losses", "ice,ntxent"]
     assert run.main(argv + ["--out", str(tmp_path / "straight")]) == 0
@@ -119,6 +120,7 @@ def test_interrupted_run_resumes_to_the_same_rows(tmp_path, monkeypatch):
     assert (tmp_path / "resumed" / "results.csv").read_text() == straight
 
 
+@pytest.mark.slow
 def test_more_epochs_extend_finished_runs(tmp_path, monkeypatch):
     out = str(tmp_path / "out")
     argv = TINY + ["--losses", "ice,ntxent", "--out", out]
@@ -202,6 +204,7 @@ def test_a_run_killed_before_its_final_test_resumes_with_it_and_trains_nothing(t
     assert (out / "results.csv").read_text() == (tmp_path / "straight" / "results.csv").read_text()
 
 
+@pytest.mark.slow
 def test_a_run_extended_by_more_epochs_is_tested_at_its_new_best_epoch_alone(tmp_path):
     out, straight = tmp_path / "out", tmp_path / "straight"
     assert run.main(TINY + ["--epochs", "1", "--losses", "ice", "--out", str(out)]) == 0
@@ -210,6 +213,7 @@ def test_a_run_extended_by_more_epochs_is_tested_at_its_new_best_epoch_alone(tmp
     assert (out / "results.csv").read_text() == (straight / "results.csv").read_text()
 
 
+@pytest.mark.slow
 def test_seeds_added_to_an_out_folder_join_the_earlier_ones(tmp_path):
     out = tmp_path / "out"
     assert run.main(TINY_ONE_EPOCH + ["--losses", "ice", "--out", str(out)]) == 0
@@ -221,6 +225,7 @@ def test_seeds_added_to_an_out_folder_join_the_earlier_ones(tmp_path):
     assert "| `ice` | 3 |" in (out / "summary.md").read_text()
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("caching", [[], ["--cache-chunk", "8"]], ids=["uncached", "cached"])
 def test_two_processes_with_torchrun(tmp_path, caching):
     """ICE sharded exactly, ProxyAnchor through PML's wrapper; with caching, DDP synchronises
@@ -252,6 +257,7 @@ def test_later_command_with_other_losses_keeps_earlier_rows(tmp_path):
     assert "| `ice` | 1 |" in summary and "| `ntxent` | 1 |" in summary
 
 
+@pytest.mark.slow
 def test_two_commands_at_once_on_one_out_keep_both_sets_of_rows(tmp_path):
     out = tmp_path / "out"
     env = dict(os.environ, OMP_NUM_THREADS="1")
@@ -267,6 +273,7 @@ def test_two_commands_at_once_on_one_out_keep_both_sets_of_rows(tmp_path):
         (loss, "0", epoch) for loss in ("ice", "supcon") for epoch in ("0", "1")]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("broken_file, content", [("checkpoint.pth", b"PK\x03\x04trunc"), ("failed.json", b"")])
 def test_broken_run_file_restarts_that_run_and_the_others_carry_on(tmp_path, capsys, broken_file, content):
     out = tmp_path / "out"
@@ -328,6 +335,7 @@ def test_output_files_respect_the_umask(tmp_path):
         assert (tmp_path / "out" / name).stat().st_mode & 0o777 == 0o644, name
 
 
+@pytest.mark.slow
 def test_record_keeper_logs_hold_each_epoch_once_after_a_resume(tmp_path, monkeypatch):
     """Killed after PML's hook logged epoch 2 but before its checkpoint was written."""
     out = tmp_path / "out"
@@ -401,6 +409,7 @@ def test_a_lock_file_that_is_a_link_is_refused_and_its_target_untouched(tmp_path
     assert victim.read_text() == "precious\n"
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("change, difference", [
     (["--epochs", "1", "--seeds", "2"], "epochs: 2 there, 1 now"),
     (["--patience", "3"], "patience: None there, 3 now"),
@@ -478,6 +487,7 @@ def test_a_full_disk_stops_with_one_line_and_keeps_the_files(tmp_path, monkeypat
     assert {p: p.read_bytes() for p in tmp_path.rglob("*") if p.is_file() and p in before} == before
 
 
+@pytest.mark.slow
 def test_an_earlier_run_left_behind_by_more_epochs_is_named(tmp_path, capsys):
     argv = TINY + ["--out", str(tmp_path)]
     assert run.main(argv + ["--epochs", "1", "--losses", "ice,ntxent"]) == 0

@@ -55,6 +55,7 @@ def test_registry_loader_gets_only_the_options_it_takes():
     assert len(data.test) == 100 and data.test[0][0].shape[0] == DATASETS["digits"].channels
 
 
+@pytest.mark.slow
 def test_console_one_line_per_run_verbose_epochs_quiet_table_and_no_pml_bars(capsys, tmp_path):
     argv = TINY + ["--losses", "ice,ntxent", "--out", str(tmp_path / "out")]
     assert run.main(argv + ["--verbose"]) == 0
@@ -73,6 +74,7 @@ def test_console_one_line_per_run_verbose_epochs_quiet_table_and_no_pml_bars(cap
     assert "seed 0" not in quiet and "Wrote" not in quiet
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("amp, dtype", [("bf16", torch.bfloat16), ("fp16", torch.float16)])
 def test_amp_autocasts_training_on_the_cpu(tmp_path, monkeypatch, amp, dtype):
     dtypes = []

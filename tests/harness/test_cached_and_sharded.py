@@ -1,5 +1,6 @@
 """The harness's gradient caching (--cache-chunk) and its loss across processes."""
 
+import pytest
 import json
 
 import torch
@@ -19,6 +20,7 @@ def build(name, **values):
     return make_loss_spec(name, values).build(num_classes=8, embedding_size=16, collect_stats=False)
 
 
+@pytest.mark.slow
 def test_a_chunk_of_the_whole_batch_gives_the_uncached_run(tmp_path):
     argv = TINY + ["--losses", "ice,multisimilarity"]
     assert run.main(argv + ["--out", str(tmp_path / "plain")]) == 0

@@ -9,6 +9,8 @@ import torch
 
 from benchmarks import compare, run
 
+pytestmark = pytest.mark.slow  # every test reads folders trained once for the module
+
 TINY = ["--dataset", "digits", "--epochs", "1", "--limit-per-class", "20", "--m-per-class", "8", "--patience", "1",
         "--quiet"]
 

@@ -26,6 +26,7 @@ def test_the_ablation_grid_trains_lam_zero_once_and_sweeps_scale_around_the_cent
     assert groups["lam"][0].spec.label == "ice:lam=0,normalize='batch',scale=6.03"
 
 
+@pytest.mark.slow
 def test_ablation_runs_the_grid_and_compares_each_lam_with_lam_zero(tmp_path, monkeypatch):
     monkeypatch.setattr(ablation, "LAMS", (0, 2))
     monkeypatch.setattr(ablation, "SCALES", (4,))
@@ -53,6 +54,7 @@ def test_ablation_needs_an_ice_spec(tmp_path, capsys):
     assert "names no ICE spec" in capsys.readouterr().err
 
 
+@pytest.mark.slow
 def test_the_ice_table_reads_means_and_paired_differences_from_the_runs(tmp_path):
     out = tmp_path / "runs"
     assert run.main(TINY + ["--patience", "1", "--losses", "ice,ntxent", "--seeds", "2", "--out", str(out)]) == 0
@@ -74,6 +76,7 @@ def test_the_ice_table_reads_means_and_paired_differences_from_the_runs(tmp_path
     assert "runs stopped by the epoch cap: 4 of 4" in table.splitlines()
 
 
+@pytest.mark.slow
 def test_the_ice_table_of_a_fixed_budget_draws_no_verdict(tmp_path):
     out = tmp_path / "fixed"
     assert run.main(TINY + ["--losses", "ice,ntxent", "--seeds", "2", "--out", str(out)]) == 0

@@ -121,6 +121,7 @@ def test_test_scores_are_those_of_the_evaluation_just_made(tmp_path):
     assert not (tmp_path / query_scores.SCORES_FILE).exists()
 
 
+@pytest.mark.slow
 def test_benchmark_run_keeps_scores_and_writes_the_comparison(tmp_path, capsys):
     out = tmp_path / "out"
     argv = ["--dataset", "digits", "--epochs", "2", "--seeds", "2", "--limit-per-class", "30", "--batch-size", "32", "--m-per-class", "8",
@@ -172,6 +173,7 @@ def test_test_scores_that_cannot_be_read_are_named(tmp_path, damage):
     assert scores == {} and str(path) in left_out["ice", 0] and "left out of the paired comparisons" in left_out["ice", 0]
 
 
+@pytest.mark.slow
 def test_a_run_without_readable_test_scores_is_named_and_left_out_of_the_comparisons(tmp_path, capsys):
     """A deleted, truncated or object-array test_scores.npz: the rerun says which run its
     comparisons leave out (before: silently one seed fewer, or a crash on every rerun)."""

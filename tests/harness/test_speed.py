@@ -15,6 +15,7 @@ def run_speed(tmp_path, *options):
     return json.loads((tmp_path / "t.json").read_text())["rows"], (tmp_path / "t.md").read_text()
 
 
+@pytest.mark.slow
 def test_one_row_per_candidate_with_ratios(tmp_path):
     rows, table = run_speed(
         tmp_path, "--time-only", "--losses", "floor,ice:scale=8,lam=2,multisimilarity,supcon"
@@ -27,6 +28,7 @@ def test_one_row_per_candidate_with_ratios(tmp_path):
         assert f"| 16 | {row['loss']} |" in table
 
 
+@pytest.mark.slow
 def test_memory_only_measures_a_fresh_process(tmp_path):
     rows, table = run_speed(tmp_path, "--memory-only", "--losses", "ice:memory_efficient=True,chunk_size=4")
     (row,) = rows
@@ -35,6 +37,7 @@ def test_memory_only_measures_a_fresh_process(tmp_path):
     assert "MiB" in table
 
 
+@pytest.mark.slow
 def test_a_candidate_over_the_memory_budget_is_skipped(tmp_path):
     rows, _ = run_speed(tmp_path, "--time-only", "--max-memory", "0.000001", "--losses", "floor,pml_ntxent")
     assert all(row["skipped"].startswith("skipped (needs") for row in rows)

@@ -28,6 +28,7 @@ def trials_of(out, loss, dataset="digits"):
     return study.get_trials(deepcopy=False)
 
 
+@pytest.mark.slow
 def test_tune_then_run_with_the_tuned_config(tmp_path):
     out = tmp_path / "tune"
     assert tune.main(TINY + ["--trials", "2", "--losses", "ice,ntxent", "--out", str(out)]) == 0
@@ -59,6 +60,7 @@ class SealedSplit:
         raise AssertionError("the test split was used while tuning (len)")
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("frozen", [False, True], ids=["trained-trunk", "frozen-trunk"])
 def test_tuning_never_touches_the_test_split(tmp_path, monkeypatch, frozen):
     real_load = launch.load_dataset
@@ -82,6 +84,7 @@ def test_tuning_never_touches_the_test_split(tmp_path, monkeypatch, frozen):
     assert all("mean_average_precision_at_r" not in r and 0 <= r["val_mean_average_precision_at_r"] <= 1 for r in evaluated)
 
 
+@pytest.mark.slow
 def test_killed_tuning_resumes_keeping_finished_trials(tmp_path, monkeypatch):
     argv = TINY + ["--trials", "3", "--losses", "ntxent", "--out", str(tmp_path)]
     real = tuning.validation_map_at_r
@@ -110,6 +113,7 @@ def test_killed_tuning_resumes_keeping_finished_trials(tmp_path, monkeypatch):
     assert len(trials_of(tmp_path, "ntxent")) == 4
 
 
+@pytest.mark.slow
 def test_two_processes_share_one_study(tmp_path):
     storage = f"sqlite:///{tmp_path / 'shared.db'}"
     command = [sys.executable, "-m", "benchmarks.tune", *TINY, "--trials", "2", "--losses", "ntxent", "--storage", storage]
@@ -150,6 +154,7 @@ def test_an_out_naming_a_file_is_refused_before_anything_is_written(tmp_path, ca
     assert existing.read_text() == "keep me" and sorted(tmp_path.iterdir()) == [existing]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", ["tn?x", "a%41b", "c#d", "e{f}g", "h i"])
 def test_the_default_database_lies_in_its_folder_whatever_the_folder_s_name(tmp_path, name):
     """The folder name was pasted into the SQLite URL: 'tn?x' put the database in ./tn."""
@@ -159,6 +164,7 @@ def test_the_default_database_lies_in_its_folder_whatever_the_folder_s_name(tmp_
     assert (folder / "tuning.db").is_file() and sorted(tmp_path.iterdir()) == [folder]
 
 
+@pytest.mark.slow
 def test_two_out_folders_whose_names_differ_after_a_question_mark_keep_their_own_studies(tmp_path, capsys):
     for name in ("tn?x", "tn?y"):
         assert tune.main(TINY + ["--trials", "1", "--losses", "ntxent", "--out", str(tmp_path / name)]) == 0
@@ -179,6 +185,7 @@ def test_a_damaged_database_is_named_as_damaged(tmp_path, capsys):
     assert "give a SQLAlchemy URL" not in err
 
 
+@pytest.mark.slow
 def test_a_study_tuned_with_another_budget_is_refused(tmp_path, capsys):
     argv = TINY + ["--trials", "1", "--losses", "ntxent", "--out", str(tmp_path)]
     assert tune.main(argv) == 0
@@ -186,6 +193,7 @@ def test_a_study_tuned_with_another_budget_is_refused(tmp_path, capsys):
     assert "study 'digits-ntxent' in the storage was tuned with other settings (lr: 0.001 there, 0.01 now)" in capsys.readouterr().err
 
 
+@pytest.mark.slow
 def test_diverged_trials_are_pruned_and_count_toward_the_budget(tmp_path, monkeypatch):
     values = iter([None, 0.25, 0.5])
 
@@ -204,6 +212,7 @@ def test_diverged_trials_are_pruned_and_count_toward_the_budget(tmp_path, monkey
     assert f'losses = "{trials[2].user_attrs["loss"]}"' in (tmp_path / "best.toml").read_text()
 
 
+@pytest.mark.slow
 def test_successive_halving_prunes_a_trial_behind_the_others_and_the_report_counts_it(tmp_path, monkeypatch):
     curves = iter([[0.5] * 9, [0.6] * 9, [0.1] * 9])  # best validation MAP@R so far after epochs 1..9
     epochs_trained = []
@@ -226,6 +235,7 @@ def test_successive_halving_prunes_a_trial_behind_the_others_and_the_report_coun
     assert "| 2 | pruned | 10.00 | 3 |" in report and "SuccessiveHalvingPruner(min_resource=3" in report
 
 
+@pytest.mark.slow
 def test_proxyanchor_learning_rate_is_part_of_its_spec(tmp_path):
     assert tune.main(TINY + ["--trials", "1", "--losses", "proxyanchor,arcface", "--out", str(tmp_path)]) == 0
     spec = loss_specs.parse_loss_spec(trials_of(tmp_path, "proxyanchor")[0].user_attrs["loss"])
@@ -265,6 +275,7 @@ def test_a_frozen_trunk_sees_the_training_images_unaugmented(tmp_path):
         assert torch.allclose(cached.train.images, trunk(images), atol=1e-5)
 
 
+@pytest.mark.slow
 def test_a_storage_password_is_never_written_or_printed(tmp_path, monkeypatch, capsys):
     url = "postgresql+psycopg2://bench:hunter2@127.0.0.1:5433/optuna"
     assert tune.main(["--storage", url, "--out", str(tmp_path / "refused")]) == 2  # no driver or server here
@@ -295,6 +306,7 @@ def scripted_values(monkeypatch):
     return trained
 
 
+@pytest.mark.slow
 def test_resumed_and_parallel_samplers_propose_new_settings(tmp_path, monkeypatch):
     trained = scripted_values(monkeypatch)
     argv = TINY + ["--losses", "ntxent", "--out", str(tmp_path)]
@@ -307,6 +319,7 @@ def test_resumed_and_parallel_samplers_propose_new_settings(tmp_path, monkeypatc
     assert len({*trained, *(tuning.trial_spec("ntxent", t).label for t in asked)}) == 5
 
 
+@pytest.mark.slow
 def test_a_duplicate_setting_fails_without_training_and_is_not_counted(tmp_path, monkeypatch):
     trained = scripted_values(monkeypatch)
     argv = TINY + ["--losses", "ntxent", "--out", str(tmp_path)]
@@ -321,6 +334,7 @@ def test_a_duplicate_setting_fails_without_training_and_is_not_counted(tmp_path,
     assert len(trained) == 2 and len(set(trained)) == 2
 
 
+@pytest.mark.slow
 def test_a_trial_of_a_dead_process_is_failed_retried_and_its_folder_removed(tmp_path, monkeypatch):
     trained = scripted_values(monkeypatch)
     dead = subprocess.Popen([sys.executable, "-c", "pass"])
@@ -352,6 +366,7 @@ def test_an_emptied_database_is_refused_before_the_report_is_overwritten(tmp_pat
     assert (tmp_path / "tuning.md").read_text() == report and (tmp_path / "best.toml").read_text() == toml
 
 
+@pytest.mark.slow
 @pytest.mark.filterwarnings("ignore:Heartbeat of storage:UserWarning")  # the test asks by hand
 def test_a_trial_whose_heartbeat_stopped_on_another_host_is_retried(tmp_path, monkeypatch):
     trained = scripted_values(monkeypatch)

@@ -217,6 +217,7 @@ def ddp_worker(rank, world_size, port, out_dir):
         dist.destroy_process_group()
 
 
+@pytest.mark.slow
 @pytest.mark.timeout(300)
 def test_cached_with_sharded_loss_under_ddp(tmp_path):
     mp.spawn(ddp_worker, args=(2, free_port(), str(tmp_path)), nprocs=2)

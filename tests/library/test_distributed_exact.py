@@ -211,6 +211,7 @@ def max_errors(per_rank, expected):
     return errors
 
 
+@pytest.mark.slow
 @pytest.mark.timeout(300)
 @pytest.mark.parametrize("world_size", [2, 4])
 @pytest.mark.parametrize("name", CASES)

@@ -259,6 +259,7 @@ ICE_CHECKS = [
 ]
 
 
+@pytest.mark.slow
 @pytest.mark.timeout(300)
 @pytest.mark.parametrize("case, error_type, pattern", ICE_CHECKS, ids=[c[0] for c in ICE_CHECKS])
 def test_sharded_loss_runs_ice_checks_on_every_rank(outcomes, case, error_type, pattern):

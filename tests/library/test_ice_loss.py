@@ -201,6 +201,7 @@ def test_reference_agrees_with_pml_ntxent(make_batch, scale):
     assert reference.item() == pytest.approx(ntxent.item(), rel=1e-10)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("seed", [0, 1])
 @pytest.mark.parametrize("normalize", NORMALIZATIONS)
 @pytest.mark.parametrize("scale,lam", SCALE_AND_LAM)

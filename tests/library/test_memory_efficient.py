@@ -119,6 +119,7 @@ def check_same(agreement, category, actual, expected, loss_rtol, grad_rtol):
         agreement.check(f"{category} grad {which}", actual_grad, expected_grad, grad_rtol)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("chunk_size", CHUNK_SIZES)
 @pytest.mark.parametrize("mode, path", MODES_AND_PATHS)
 def test_chunked_equals_dense_and_reference(
@@ -190,6 +191,7 @@ HALF_TOLERANCES = {
 }
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("mode", ["labels", "triplet_miner", "ref_emb"])
 @pytest.mark.parametrize("distance_case", ["cosine", "lp_normalized"], indirect=True)
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["float16", "bfloat16"])
@@ -254,6 +256,7 @@ def test_plan_chooses_the_path_and_chunk_per_device():
     assert not plan_computation(10**6, 10**6, cpu, memory_efficient=False).memory_efficient
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("memory_efficient", [True, False], ids=["tiles", "dense"])
 def test_signed_upstream_gradients_match_the_reference(
     agreement, make_batch, memory_efficient, labels_path

@@ -174,6 +174,7 @@ def distributed_problem():
     return inputs, labels, weight
 
 
+@pytest.mark.slow
 @pytest.mark.timeout(180)
 def test_distributed_wrapper_equals_one_process(agreement, distributed_problem, tmp_path):
     """DistributedLossWrapper returns world_size x the loss of the gathered batch, and
@@ -209,6 +210,7 @@ def test_distributed_wrapper_equals_one_process(agreement, distributed_problem, 
         )
 
 
+@pytest.mark.slow
 @pytest.mark.timeout(180)
 def test_distributed_wrapper_efficient_mode(agreement, distributed_problem, tmp_path):
     """efficient=True: each rank's loss is world_size x ICE of its own anchors
