@@ -17,6 +17,7 @@ so changing a default in the library fails here until every page that states it 
 import importlib
 import inspect
 import re
+import sys
 import unicodedata
 from pathlib import Path
 
@@ -161,9 +162,22 @@ def test_readme_is_a_short_front_door_with_the_three_commands():
         assert command in lines, command
 
 
-def test_the_dataset_page_holds_the_registry_table():
+def test_the_pages_placeholders_are_written_from_the_code():
+    """docs/hooks/from_code.py writes what the code holds into the pages when mkdocs builds them."""
+    sys.path.insert(0, str(DOCS / "hooks"))
     try:
-        registry = importlib.import_module("benchmarks.registry")
-    except ImportError:  # the harness's data package
-        registry = importlib.import_module("benchmarks.data.registry")
-    assert registry.readme_table() in (DOCS / "datasets.md").read_text()
+        from_code = importlib.import_module("from_code")
+    finally:
+        sys.path.remove(str(DOCS / "hooks"))
+    from benchmarks.core.loss_registry import LOSSES
+    from benchmarks.data.registry import readme_table
+
+    assert from_code.render("{{ dataset-table }}") == readme_table()
+    spaces = from_code.render("{{ search-spaces }}")
+    assert "| `ice` | " + "; ".join(p.describe() for p in LOSSES["ice"].search_space) + " |" in spaces
+    assert from_code.render("{{ signature pml_ice.losses.ICELoss }}").splitlines()[1] == (
+        "losses.ICELoss" + rendered_signature(losses.ICELoss, signature_defaults()))
+    with pytest.raises(ValueError, match="unknown placeholder"):
+        from_code.render("{{ no-such-fact }}")
+    for page, name in ((DOCS / "datasets.md", "dataset-table"), (DOCS / "tuning.md", "search-spaces")):
+        assert "{{ " + name + " }}" in page.read_text(), page

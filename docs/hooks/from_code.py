@@ -5,16 +5,28 @@ A page writes ``{{ name }}`` or ``{{ name argument }}`` (``signature`` on a line
 is a code block); ``REPLACEMENTS`` maps each name to the function that writes it.
 """
 
+import importlib
 import inspect
 import re
+import sys
+from pathlib import Path
+
+REPOSITORY = Path(__file__).resolve().parents[2]
+
+
+def harness_module(name: str):
+    """A module of the harness (``benchmarks``), read from the repository: the harness is not
+    installed, and mkdocs restores ``sys.path`` after loading a hook."""
+    if str(REPOSITORY) not in sys.path:
+        sys.path.insert(0, str(REPOSITORY))
+    return importlib.import_module(name)
+
 
 PLACEHOLDER = re.compile(r"\{\{ *([\w-]+)(?: +([\w.]+))? *\}\}")
 
 
 def signature(path: str) -> str:
     """``losses.ICELoss(scale=..., ..., **kwargs)``: a class's constructor as a user writes it."""
-    import importlib
-
     module_name, _, name = path.rpartition(".")
     cls = getattr(importlib.import_module(module_name), name)
     parameters = list(inspect.signature(cls.__init__).parameters.values())[1:]
@@ -33,14 +45,13 @@ def defaults(_=None) -> str:
 
 
 def dataset_table(_=None) -> str:
-    from benchmarks.data.registry import readme_table
-
-    return readme_table()
+    return harness_module("benchmarks.data.registry").readme_table()
 
 
 def search_spaces(_=None) -> str:
     """Every tunable loss of the harness's registry with its search space."""
-    from benchmarks.core.loss_registry import LOSSES, TUNABLE_LOSSES
+    registry = harness_module("benchmarks.core.loss_registry")
+    LOSSES, TUNABLE_LOSSES = registry.LOSSES, registry.TUNABLE_LOSSES
 
     lines = ["| loss | search space (main parameter first) |", "|---|---|"]
     for name in TUNABLE_LOSSES:
