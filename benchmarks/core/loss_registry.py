@@ -8,11 +8,15 @@ and whether the default comparison runs it. ``--losses``, ``--list-losses``,
 
 import dataclasses
 import inspect
+import math
 from typing import Any, Callable, Dict, Optional, Tuple
 
 from pml_ice.reducers.ice_reweight_reducer import NORMALIZATIONS
 from pytorch_metric_learning import losses as pml_losses
 from pytorch_metric_learning import miners as pml_miners
+
+
+EDGE = 0.05  # the outer share of a searched range that counts as its edge
 
 
 @dataclasses.dataclass(frozen=True)
@@ -31,6 +35,15 @@ class Parameter:
         if self.choices:
             return trial.suggest_categorical(self.name, self.choices)
         return float(f"{trial.suggest_float(self.name, self.low, self.high, log=self.log):.3g}")
+
+    def edge(self, value) -> Optional[str]:
+        """"low" or "high" when ``value`` lies in the outer 5 % of the range (on a log scale for a
+        log-uniform parameter): a best trial there asks for a wider space. None otherwise."""
+        if self.choices:
+            return None
+        position = ((math.log(value) - math.log(self.low)) / (math.log(self.high) - math.log(self.low)) if self.log
+                    else (value - self.low) / (self.high - self.low))
+        return "low" if position < EDGE else "high" if position > 1 - EDGE else None
 
     def describe(self) -> str:
         if self.choices:

@@ -53,6 +53,8 @@ def write_report(out: Path, tuning: Tuning, command: str) -> None:
         best = best_trial(study, trials)
         parts += [f"## {loss}", "", "Search space: " + "; ".join(p.describe() for p in LOSSES[loss].search_space) + ".", "",
                   f"Best: `{best.user_attrs['loss']}`, val MAP@R {100 * best.value:.2f}" if best else "Best: none yet", "",
+                  *([f"At an edge of its space: {edges}; widen the space and tune {loss} again.", ""]
+                    if (edges := edge_text(loss, best)) else []),
                   "| trial | state | val MAP@R | epochs | settings | seconds | process |", "|---|---|---|---|---|---|---|"]
         for t in study.get_trials(deepcopy=False):
             state = trial_outcome(t)
@@ -71,6 +73,15 @@ def write_report(out: Path, tuning: Tuning, command: str) -> None:
     atomic_write_text(out / "tuning.md", "\n".join(parts))
 
 
+def edge_text(loss: str, best) -> str:
+    """The parameters of the best trial that sit at an edge of the loss's search space."""
+    if best is None:
+        return ""
+    found = [(p, p.edge(best.params[p.name])) for p in LOSSES[loss].search_space]
+    return ", ".join(f"{p.name} {best.params[p.name]:g} (the {where} end of {p.describe()})"
+                     for p, where in found if where)
+
+
 def trial_outcome(trial) -> str:
     """complete, pruned (by successive halving), diverged (a non-finite loss), running or fail."""
     if trial.state == optuna.trial.TrialState.PRUNED:
@@ -86,12 +97,14 @@ def trial_value(trial) -> Optional[float]:
 
 def trial_counts_table(studies: Dict[str, object], trials: int) -> List[str]:
     """Per loss: the counted trials that completed, were pruned or diverged, and the best value."""
-    lines = ["| loss | completed | pruned | diverged | best val MAP@R |", "|---|---|---|---|---|"]
+    lines = ["| loss | completed | pruned | diverged | best val MAP@R | best at an edge of the space |",
+             "|---|---|---|---|---|---|"]
     for loss, study in studies.items():
         outcomes = [trial_outcome(t) for t in counted_trials(study, trials)]
         best = best_trial(study, trials)
         lines.append(f"| {loss} | {outcomes.count('complete')} | {outcomes.count('pruned')} | "
-                     f"{outcomes.count('diverged')} | {'-' if best is None else f'{100 * best.value:.2f}'} |")
+                     f"{outcomes.count('diverged')} | {'-' if best is None else f'{100 * best.value:.2f}'} | "
+                     f"{edge_text(loss, best) or 'no'} |")
     return lines
 
 

@@ -386,3 +386,17 @@ def test_a_trial_whose_heartbeat_stopped_on_another_host_is_retried(tmp_path, mo
     assert trials[0].state == optuna.trial.TrialState.FAIL
     assert [t.state for t in trials[1:]] == [optuna.trial.TrialState.COMPLETE] * 2
     assert spec.label in trained and len(set(trained)) == 2
+
+
+def test_a_best_trial_at_an_edge_of_its_space_is_named():
+    from types import SimpleNamespace
+
+    from benchmarks.core.loss_registry import LOSSES
+    from benchmarks.report.tuning_report import edge_text
+
+    scale, lam = LOSSES["ice"].search_space[:2]  # scale log-uniform in [1, 1e4], lam uniform in [0, 4]
+    assert (scale.edge(1.5), scale.edge(100.0), scale.edge(9000.0)) == ("low", None, "high")
+    assert (lam.edge(0.1), lam.edge(2.0), lam.edge(3.9)) == ("low", None, "high")
+    best = SimpleNamespace(params={"scale": 9000.0, "lam": 2.0, "normalize": "batch"})
+    assert edge_text("ice", best) == "scale 9000 (the high end of scale in [1, 10000] log-uniform)"
+    assert edge_text("ice", SimpleNamespace(params={"scale": 100.0, "lam": 2.0, "normalize": "anchor"})) == ""
