@@ -2,9 +2,10 @@
 
 Around the tuned ICE of ``--losses`` (default: the dataset's tuned settings), train
 
-- every lam of ``LAMS`` with each normalization of ``NORMALIZATIONS``, at the tuned scale
-  (lam = 0 once: every weight is 1, so both normalizations are the same loss);
-- every scale of ``SCALES`` (and the tuned one) at the tuned lam and normalization;
+- "lam": every lam of ``LAMS`` with each normalization of ``NORMALIZATIONS``, at the tuned
+  scale (lam = 0 once: every weight is 1, so both normalizations are the same loss);
+- "scale": every scale of ``SCALES`` (and the tuned one) at the tuned lam and normalization;
+  (``--groups`` chooses them, default both)
 
 ``--seeds`` seeds each (default 5), as ``python -m benchmarks.run`` would, in ``--out`` (default
 ``results/ablation-<dataset>``; rerunning resumes). Then it writes ``ablation.md``: test
@@ -64,13 +65,25 @@ def tuned_ice(settings: Settings) -> Setting:
     return Setting(float(values["scale"]), float(values["lam"]), values["normalize"])
 
 
-def grid(centre: Setting) -> Dict[str, List[Setting]]:
-    """The two groups of the ablation: the lam x normalization grid and the scale sweep."""
+def grid(centre: Setting, groups: Sequence[str] = ("lam", "scale")) -> Dict[str, List[Setting]]:
+    """The groups of the ablation: the lam x normalization grid ("lam") and the scale sweep ("scale")."""
     no_reweighting = Setting(centre.scale, 0, NORMALIZATIONS[0])  # all weights 1: both normalizations agree
     lam_grid = [no_reweighting] + [Setting(centre.scale, lam, normalize)
                                    for normalize in NORMALIZATIONS for lam in LAMS if lam > 0]
     scales = sorted(set(SCALES) | {centre.scale})
-    return {"lam": lam_grid, "scale": [dataclasses.replace(centre, scale=s) for s in scales]}
+    both = {"lam": lam_grid, "scale": [dataclasses.replace(centre, scale=s) for s in scales]}
+    return {group: both[group] for group in groups}
+
+
+def groups_of(text: str) -> Tuple[str, ...]:
+    chosen = tuple(dict.fromkeys(part.strip() for part in text.split(",") if part.strip()))
+    if not chosen or set(chosen) - {"lam", "scale"}:
+        raise argparse.ArgumentTypeError(f"--groups takes lam and/or scale separated by a comma, got {text!r}")
+    return chosen
+
+
+GROUP_TITLES = {"lam": "## lam and normalize, at the tuned scale",
+                "scale": "## scale, at lam {centre.lam:g} and normalize {centre.normalize}"}
 
 
 def all_settings(groups: Dict[str, List[Setting]]) -> List[Setting]:
@@ -116,26 +129,30 @@ def write_plot(path: Path, groups: Dict[str, List[Setting]], best) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, (by_lam, by_scale) = plt.subplots(1, 2, figsize=(11, 4))
+    fig, axes = plt.subplots(1, len(groups), figsize=(5.5 * len(groups), 4), squeeze=False)
+    panels = dict(zip(groups, axes[0]))
+
     def draw(ax, points: Sequence[Tuple[float, str]], name: str, colour: str):
         for split, style in ((PRIMARY_METRIC, "-o"), ("val_" + PRIMARY_METRIC, "--s")):
             kept = [(x, mean_std([100 * r[split] for r in best[label]])) for x, label in points if label in best]
             if kept:
                 ax.errorbar([x for x, _ in kept], [m for _, (m, _) in kept], yerr=[s for _, (_, s) in kept], fmt=style,
                             color=colour, capsize=3, label=f"{name}, {'test' if split == PRIMARY_METRIC else 'validation'}")
-    for normalize, colour in zip(NORMALIZATIONS, ("tab:blue", "tab:orange")):
-        points = [(s.lam, s.spec.label) for s in groups["lam"] if s.normalize == normalize or s.lam == 0]
-        draw(by_lam, points, f"normalize={normalize}", colour)
-    centre = groups["scale"][0]
-    draw(by_scale, [(s.scale, s.spec.label) for s in groups["scale"]], f"lam={centre.lam:g}, {centre.normalize}",
-         "tab:green")
-    by_lam.set_xlabel("lam")
-    by_scale.set_xlabel("scale")
-    by_scale.set_xscale("log")
-    by_scale.minorticks_off()
-    by_scale.set_xticks([s.scale for s in groups["scale"]], [f"{s.scale:g}" for s in groups["scale"]])
-    by_scale.tick_params(axis="x", labelrotation=45)
-    for ax in (by_lam, by_scale):
+    if "lam" in panels:
+        for normalize, colour in zip(NORMALIZATIONS, ("tab:blue", "tab:orange")):
+            points = [(s.lam, s.spec.label) for s in groups["lam"] if s.normalize == normalize or s.lam == 0]
+            draw(panels["lam"], points, f"normalize={normalize}", colour)
+        panels["lam"].set_xlabel("lam")
+    if "scale" in panels:
+        by_scale, centre = panels["scale"], groups["scale"][0]
+        draw(by_scale, [(s.scale, s.spec.label) for s in groups["scale"]], f"lam={centre.lam:g}, {centre.normalize}",
+             "tab:green")
+        by_scale.set_xlabel("scale")
+        by_scale.set_xscale("log")
+        by_scale.minorticks_off()
+        by_scale.set_xticks([s.scale for s in groups["scale"]], [f"{s.scale:g}" for s in groups["scale"]])
+        by_scale.tick_params(axis="x", labelrotation=45)
+    for ax in panels.values():
         ax.set_ylabel("MAP@R (%), mean ± std over seeds")
         ax.grid(alpha=0.3)
         ax.legend(fontsize=7)
@@ -144,8 +161,9 @@ def write_plot(path: Path, groups: Dict[str, List[Setting]], best) -> None:
     plt.close(fig)
 
 
-def write_report(out: Path, settings: Settings, centre: Setting, seeds: int, command: str) -> str:
-    groups = grid(centre)
+def write_report(out: Path, settings: Settings, centre: Setting, seeds: int, command: str,
+                 group_names: Sequence[str] = ("lam", "scale")) -> str:
+    groups = grid(centre, group_names)
     folder = OutFolder(out)
     best, scores, left_out = collect(folder, all_settings(groups), seeds, settings.epochs)
     wanted = {(setting.spec.label, seed) for setting in all_settings(groups) for seed in range(seeds)}
@@ -164,9 +182,9 @@ def write_report(out: Path, settings: Settings, centre: Setting, seeds: int, com
              "the normalizations agree and lam = 0 is trained once), paired by seed; "
              "95 % interval and p of the seed-paired test (training runs and test queries), no multiplicity correction",
              *(f"- left out: {note}" for note in left_out),
-             "", "## lam and normalize, at the tuned scale", "", *group_table("lam", groups["lam"], best, scores),
-             "", f"## scale, at lam {centre.lam:g} and normalize {centre.normalize}", "",
-             *group_table("scale", groups["scale"], best, scores), "", "![ablation](ablation.png)", ""]
+             *(line for group in groups for line in (
+                 "", GROUP_TITLES[group].format(centre=centre), "", *group_table(group, groups[group], best, scores))),
+             "", "![ablation](ablation.png)", ""]
     text = "\n".join(parts)
     atomic_write_text(out / "ablation.md", text)
     write_plot(out / "ablation.png", groups, best)
@@ -180,6 +198,9 @@ def main(argv=None) -> int:
         prog="python -m benchmarks.ablation", description=__doc__.split("\n\n", 1)[1],
         formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--seeds", type=int, default=5, metavar="K", help="seeds 0..K-1 per setting (default 5)")
+    parser.add_argument("--groups", type=groups_of, default=("lam", "scale"), metavar="G,G",
+                        help="which groups to train and report: lam (lam x normalize), scale (the scale sweep); "
+                        "default both")
     parser.add_argument("--out", metavar="DIR", help="output folder (default: results/ablation-<dataset>)")
     args, run_argv = parser.parse_known_args(argv)
     quiet_known_warnings()
@@ -191,12 +212,12 @@ def main(argv=None) -> int:
     except UsageError as error:
         print(f"python -m benchmarks.ablation: error: {error}", file=sys.stderr)
         return 2
-    specs = tuple(s.spec for s in all_settings(grid(centre)))
+    specs = tuple(s.spec for s in all_settings(grid(centre, args.groups)))
     status = run_experiment(dataclasses.replace(experiment, losses=specs), "python -m benchmarks.ablation",
                             publish_summary)
     if status:
         return status
-    print("\n" + write_report(out, settings, centre, args.seeds, command))
+    print("\n" + write_report(out, settings, centre, args.seeds, command, args.groups))
     return 0
 
 

@@ -49,6 +49,18 @@ def test_ablation_runs_the_grid_and_compares_each_lam_with_lam_zero(tmp_path, mo
     assert {p: p.stat().st_mtime_ns for p in out.glob("runs/*/seed*/checkpoint.pth")} == checkpoints
 
 
+@pytest.mark.slow
+def test_the_ablation_can_train_one_group(tmp_path, monkeypatch):
+    monkeypatch.setattr(ablation, "LAMS", (0, 2))
+    out = tmp_path / "ablation"
+    argv = TINY + ["--losses", "ice:scale=16,lam=1,normalize=anchor", "--seeds", "2", "--groups", "lam", "--out", str(out)]
+    assert ablation.main(argv) == 0
+    report = (out / "ablation.md").read_text()
+    assert "## lam and normalize" in report and "## scale" not in report
+    trained = {p.parent.parent.name for p in out.glob("runs/*/seed*/checkpoint.pth")}
+    assert trained == {s.spec.folder_name for s in ablation.grid(ablation.Setting(16, 1, "anchor"), ["lam"])["lam"]}
+
+
 def test_ablation_needs_an_ice_spec(tmp_path, capsys):
     assert ablation.main(TINY + ["--losses", "ntxent", "--out", str(tmp_path)]) == 2
     assert "names no ICE spec" in capsys.readouterr().err
