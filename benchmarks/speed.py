@@ -36,6 +36,8 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+from pml_ice.losses import ICELoss
+
 from .core import loss_specs
 from .report.speed_report import GIB, add_ratios, header_lines, table_lines, write_report
 
@@ -122,8 +124,8 @@ def estimate_step_bytes(candidate, batch, ref_size, dim, per_class, dtype, devic
     The per-element byte counts are calibrated on measured peaks (CPU RSS, H100/H200
     allocations): PML's pair-based losses hold int64 pair indices (16 bytes per pair)
     next to several float (batch x ref) matrices; NTXentLoss holds a
-    (positive pairs x negative pairs) matrix with a mask; ICE holds what
-    ``plan_computation`` says: all logits, or one chunk of them.
+    (positive pairs x negative pairs) matrix with a mask; ICE holds the logits its
+    ``computation_plan`` says it holds at its peak.
     """
     elem = torch.finfo(dtype).bits // 8
     ref = ref_size or batch
@@ -131,18 +133,10 @@ def estimate_step_bytes(candidate, batch, ref_size, dim, per_class, dtype, devic
     vectors = 4 * (batch + ref) * dim * 4  # embeddings, normalised copies, gradients
     if candidate == FLOOR:
         return vectors + 4 * pairs * elem
-    if candidate.name == "ice":
-        from pml_ice.losses._ice.plan import plan_computation
-
-        params = dict(candidate.params)
-        plan = plan_computation(batch, ref, device, params.get("memory_efficient"), params.get("chunk_size"), dtype)
-        if not plan.memory_efficient:
-            logits = batch * ref
-        elif plan.symmetric_tiles and not ref_size:
-            logits = 3 * min(batch, plan.tile_rows) ** 2
-        else:
-            logits = min(batch, plan.chunk_rows) * ref
-        return vectors + logits * (9 + 2 * elem) + 64 * batch * per_class
+    if issubclass(candidate.entry.loss_class(), ICELoss):
+        loss_func, miner = candidate.build(max(1, batch // per_class), dim)
+        plan = loss_func.computation_plan(batch, ref_size or None, miner is not None, device, dtype)
+        return vectors + plan.peak_logits * (9 + 2 * elem) + 64 * batch * per_class
     if candidate.name == "pml_ntxent":
         positives = batch * per_class if ref_size else batch * (per_class - 1)
         negatives = pairs - positives - (0 if ref_size else batch)

@@ -24,7 +24,7 @@ from .core.out_folder import OutFolder
 from .core.run_store import RunStore
 from .data.registry import DATASETS, load_dataset
 from .report.plots import save_figure
-from .report.weight_analysis import HARDEST_FRACTION, pair_weights
+from .report.weight_analysis import HARDEST_FRACTION, pair_weights, weights_and_pulls
 
 FORMULAS = ("p = exp(-l),  l = softplus(logsumexp_neg Z - Z_pos);  w = exp(lam (1 - p));  "
             "share = w (1 - p) / sum w (1 - p)")
@@ -98,7 +98,8 @@ def plot(path, results, lams, title):
         axes[0].hist(probs, bins=40, range=(0, 1), alpha=0.5, label=name)
         axes[2].plot(lams, [100 * hardest[lam] for lam in lams], marker="o", label=name)
     for lam in lams:
-        axes[1].plot(grid, np.exp(lam * (1 - grid)) * (1 - grid), label=f"lam = {lam:g}")
+        _, pulls = weights_and_pulls(-torch.log(torch.from_numpy(grid)), lam)
+        axes[1].plot(grid, pulls.numpy(), label=f"lam = {lam:g}")
     axes[0].set(xlabel="matching probability p of a positive pair", ylabel="pairs", title="p, untrained and trained")
     axes[1].set(xlabel="p", ylabel="w (1 - p), unnormalised pull", yscale="log", title="pull of a pair against p")
     axes[2].axhline(100 * HARDEST_FRACTION, color="grey", ls=":", label="equal shares")

@@ -2,10 +2,10 @@
 
 For every positive pair ``(i, j)`` of the batch ICE gives a matching probability ``p_ij``
 (``l_ij = -log p_ij``, from ``ICELoss`` with a ``DoNothingReducer``). For a reweighting
-strength ``lam``:
+strength ``lam``, with ``w_ij`` the weight ``ICEReweightReducer(lam)`` gives ``l_ij``:
 
-    weight  w_ij     = exp(lam (1 - p_ij))
-    share   s_ij     = w_ij (1 - p_ij) / sum_kl w_kl (1 - p_kl)
+    pull    u_ij     = w_ij (1 - p_ij)
+    share   s_ij     = u_ij / sum_kl u_kl
 
 ``s_ij`` is the pair's share of the gradient with respect to the positive logits
 (``|dL/dZ_ij|`` under batch normalisation), so ``lam = 0`` weights pairs by ``1 - p``
@@ -37,6 +37,13 @@ class PairWeights:
         return float(self.shares[lam][hardest].sum())
 
 
+def weights_and_pulls(pair_losses, lam):
+    """ICEReweightReducer(lam)'s weight ``w`` of each per-pair loss, and the pair's pull
+    ``w (1 - p)`` on its positive logit."""
+    weights = reducers.ICEReweightReducer(lam=lam).weights(pair_losses)
+    return weights, weights * -torch.expm1(-pair_losses)
+
+
 def pair_weights(embeddings, labels, scale, lams):
     """:class:`PairWeights` of the positive pairs of a batch (float64, no gradient)."""
     loss_func = losses.ICELoss(scale=scale, reducer=reducers.DoNothingReducer())
@@ -44,10 +51,8 @@ def pair_weights(embeddings, labels, scale, lams):
         pair_losses = loss_func(embeddings.double(), labels)["loss"]["losses"]
     if not torch.is_tensor(pair_losses) or len(pair_losses) == 0:
         raise ValueError("the batch has no positive pair with a negative: nothing to analyse")
-    match_prob = torch.exp(-pair_losses)
     weights, shares = {}, {}
     for lam in lams:
-        weights[lam] = torch.exp(lam * (1 - match_prob))
-        pulls = weights[lam] * (1 - match_prob)
+        weights[lam], pulls = weights_and_pulls(pair_losses, lam)
         shares[lam] = pulls / pulls.sum()
-    return PairWeights(match_prob, weights, shares)
+    return PairWeights(torch.exp(-pair_losses), weights, shares)

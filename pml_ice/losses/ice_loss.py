@@ -6,12 +6,12 @@ from pytorch_metric_learning.losses import BaseMetricLossFunction
 
 from ..checks import check_loss_inputs, check_positive_integer, check_positive_real
 from ..reducers.ice_reweight_reducer import ICEReweightReducer
-from ._ice.chunked import ChunkedICEPairs, ICEPairLosses
-from ._ice.dense import ICELabelLosses, label_positives
-from ._ice.logits import InnerProductLogits, logits_kernel
+from ._ice.label_mask_losses import ICELabelLosses, label_positives
+from ._ice.logits import is_inner_product, logits_kernel
+from ._ice.pair_list_losses import ChunkedICEPairs, ICEPairLosses
 from ._ice.pairs import keep_anchors_with_negatives, pairs_from_indices_tuple, pairs_from_labels
-from ._ice.plan import plan_computation
-from ._ice.symmetric_tiles import ICESymmetricTiles
+from ._ice.plan import ComputationPath, plan_computation
+from ._ice.symmetric_tile_losses import ICESymmetricTiles
 
 
 class ICELoss(BaseMetricLossFunction):
@@ -47,12 +47,15 @@ class ICELoss(BaseMetricLossFunction):
             reducer's ``lam``, is the best batch-normalised trial of a validation-only
             tuning run on glyphs (``benchmarks/tuned/reports/glyphs-tuning.md``); see the
             docs page "Tuning", "Choosing scale and lam" (docs/tuning.md).
-        memory_efficient: ``None`` (default) chunks the anchors and recomputes the
-            logits in backward when ``anchors x references`` exceeds the device's
-            ``DENSE_LOGITS_LIMIT`` (2**26 on a CPU, 2**28 on a GPU), so memory stays
-            linear in the batch; ``True`` always does, ``False`` never does.
-        chunk_size: anchors per chunk on the chunked path (default: about 2**24 logits
-            on a CPU, 2**27 on a GPU). ``plan_computation`` makes both choices.
+        memory_efficient: ``None`` (default) holds the ``anchors x references`` logits
+            whole up to the device's dense limit (a GPU's is larger than a CPU's) and
+            above it recomputes them in backward, so that memory stays linear in the
+            batch: in square tiles of the symmetric logits for labels within the batch
+            with a cosine or dot-product similarity on a GPU outside half precision, in
+            chunks of anchor rows otherwise. ``True`` always recomputes, ``False`` never.
+        chunk_size: anchor rows per chunk, and rows per tile side, when the logits are
+            recomputed (default: sized to the device). :meth:`computation_plan` tells the
+            path and sizes of given inputs; the limits live in ``pml_ice/losses/_ice/plan.py``.
     """
 
     def __init__(self, scale=113.0, memory_efficient=None, chunk_size=None, **kwargs):
@@ -85,23 +88,41 @@ class ICELoss(BaseMetricLossFunction):
         # DoNothingReducer hands back the loss dict, per-pair losses in at least float32
         return loss.to(embeddings.dtype) if torch.is_tensor(loss) else loss
 
+    def computation_plan(
+        self, num_embeddings, num_ref_emb=None, mined_pairs=False, device="cpu", dtype=torch.float32
+    ):
+        """The path ``forward`` takes, and its sizes, for ``num_embeddings`` embeddings
+        against a ``ref_emb`` of ``num_ref_emb`` (None: no ``ref_emb``, the batch is its own
+        reference set), pairs from an ``indices_tuple`` (``mined_pairs=True``) or from
+        labels, on ``device``, with the similarity product in ``dtype`` (the embeddings',
+        or autocast's). Returns a ``ComputationPlan``: ``path`` (``"label_mask"``,
+        ``"pair_lists_whole"``, ``"pair_lists_in_chunks"`` or ``"symmetric_tiles"``),
+        ``chunk_rows``, ``tile_rows`` (None where the path has none) and
+        ``peak_logits``, the logits it holds at once at its forward's peak."""
+        return plan_computation(
+            num_embeddings,
+            num_embeddings if num_ref_emb is None else num_ref_emb,
+            device,
+            dtype,
+            mined_pairs=mined_pairs,
+            refs_are_batch=num_ref_emb is None,
+            inner_product=is_inner_product(self.distance),
+            memory_efficient=self.memory_efficient,
+            chunk_size=self.chunk_size,
+        )
+
     def compute_loss(self, embeddings, labels, indices_tuple, ref_emb, ref_labels):
         queries, refs, kernel = logits_kernel(self.distance, self.scale, embeddings, ref_emb)
-        plan = plan_computation(
-            len(embeddings), len(ref_emb), embeddings.device, self.memory_efficient,
-            self.chunk_size, queries.dtype,
-        )
         ref_is_batch = ref_emb is embeddings
-        if indices_tuple is None and not plan.memory_efficient:
+        plan = self.computation_plan(
+            len(embeddings), None if ref_is_batch else len(ref_emb), indices_tuple is not None,
+            queries.device, queries.dtype,
+        )
+        if plan.path is ComputationPath.LABEL_MASK:
             losses, indices = self.losses_from_label_mask(
                 queries, refs, kernel, labels, ref_labels, ref_is_batch
             )
-        elif (
-            indices_tuple is None
-            and ref_is_batch
-            and plan.symmetric_tiles
-            and isinstance(kernel, InnerProductLogits)
-        ):
+        elif plan.path is ComputationPath.SYMMETRIC_TILES:
             losses, indices = self.losses_from_symmetric_tiles(queries, kernel, labels, plan)
         else:
             losses, indices = self.losses_from_pair_lists(
@@ -115,8 +136,8 @@ class ICELoss(BaseMetricLossFunction):
         return {"loss": {"losses": losses, "indices": indices, "reduction_type": "pos_pair"}}
 
     def losses_from_label_mask(self, queries, refs, kernel, labels, ref_labels, ref_is_batch):
-        """The dense path for pairs from labels: negatives by comparing labels (in their
-        common dtype, so distinct labels never wrap onto each other)."""
+        """The ``label_mask`` path: negatives by comparing labels (in their common dtype,
+        so distinct labels never wrap onto each other)."""
         same_label = labels[:, None] == ref_labels[None, :]
         positives = label_positives(same_label, ref_is_batch)
         if self.collect_stats:
@@ -130,7 +151,7 @@ class ICELoss(BaseMetricLossFunction):
         return losses, positives
 
     def losses_from_symmetric_tiles(self, queries, kernel, labels, plan):
-        """The chunked path for pairs from labels within the batch: ``Z`` is symmetric,
+        """The ``symmetric_tiles`` path, for labels within the batch: ``Z`` is symmetric,
         so square tiles serve two blocks of rows each (two matrix products in all)."""
         pairs = pairs_from_labels(labels, labels, ref_is_batch=True)
         positives = pairs.positives
@@ -146,8 +167,8 @@ class ICELoss(BaseMetricLossFunction):
     def losses_from_pair_lists(
         self, queries, refs, kernel, plan, labels, indices_tuple, ref_labels, ref_is_batch
     ):
-        """Sorted pair lists (miners, or labels on the chunked path); only the rows of
-        anchors that have a negative are computed."""
+        """The ``pair_lists_whole`` and ``pair_lists_in_chunks`` paths: sorted pair lists
+        (a miner's, or labels'); only the rows of anchors that have a negative are computed."""
         if indices_tuple is None:
             pairs = pairs_from_labels(labels, ref_labels, ref_is_batch)
         else:
@@ -160,8 +181,9 @@ class ICELoss(BaseMetricLossFunction):
         if len(anchors) < len(queries):
             queries = queries[anchors]
         chunked_pairs = ChunkedICEPairs(pairs, len(queries), len(refs))
+        holds_whole = plan.path is ComputationPath.PAIR_LISTS_WHOLE
         losses = ICEPairLosses.apply(
-            queries, refs, kernel, chunked_pairs, plan.chunk_rows, not plan.memory_efficient
+            queries, refs, kernel, chunked_pairs, plan.chunk_rows, holds_whole
         )[0]
         return losses, (anchors[pairs.positives.anchors], pairs.positives.refs)
 

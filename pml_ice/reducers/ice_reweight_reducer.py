@@ -49,6 +49,11 @@ class ICEReweightReducer(BaseReducer):
         with torch.no_grad():
             return self.lam * -torch.expm1(-losses.to(torch.promote_types(losses.dtype, torch.float32)))
 
+    def weights(self, losses):
+        """Each loss's weight ``w = exp(lam * (1 - p))``, before normalisation (up to
+        ``exp(lam)``), in at least float32, without gradient."""
+        return torch.exp(self.log_weights(losses))
+
     def reweighted_mean(self, losses, anchors, embeddings):
         """``total / count`` of :meth:`reweighted_sums`, in the losses' dtype."""
         if len(losses) == 0:
@@ -56,17 +61,19 @@ class ICEReweightReducer(BaseReducer):
         total, count = self.reweighted_sums(losses, anchors)
         return (total / count).to(losses.dtype)
 
-    def reweighted_sums(self, losses, anchors, largest_log_weight=None):
+    def reweighted_sums(self, losses, anchors, all_reduce_max=None):
         """The loss as ``total / count``, in at least float32:
 
             normalize="batch":  total = sum w l, count = sum w
             normalize="anchor": total = sum of the anchors' weighted means,
                                 count = number of anchors
 
-        The weights are divided by their largest (per anchor for ``"anchor"``;
-        ``largest_log_weight`` overrides it for ``"batch"``, so that the sums of
-        several shards add up), which the normalised mean does not see: no overflow
-        for any ``lam`` and no half-precision sums."""
+        The weights are divided by their largest (per anchor for ``"anchor"``), which the
+        normalised mean does not see: no overflow for any ``lam`` and no half-precision
+        sums. For a batch whose anchors are sharded over processes, ``all_reduce_max``
+        (an in-place maximum over them, which every process calls, with ``-inf`` where it
+        has no loss) makes the largest of ``"batch"`` common, so that the processes' sums
+        add up. No losses give zero sums."""
         if losses.numel() != len(anchors):
             raise ValueError(
                 f"ICEReweightReducer: {losses.numel()} losses for {len(anchors)} indices"
@@ -75,9 +82,12 @@ class ICEReweightReducer(BaseReducer):
         log_weights = self.log_weights(losses)
         acc_losses = losses.to(log_weights.dtype)
         if self.normalize == "batch":
-            if largest_log_weight is None:
-                largest_log_weight = log_weights.max()
-            weights = torch.exp(log_weights - largest_log_weight)
+            largest = (
+                log_weights.max() if len(log_weights) else log_weights.new_tensor(float("-inf"))
+            )
+            if all_reduce_max is not None:
+                largest = all_reduce_max(largest)
+            weights = torch.exp(log_weights - largest)
             self.record_weight_stats(weights)
             return torch.sum(weights * acc_losses), torch.sum(weights)
         unique_anchors, groups = torch.unique(anchors, return_inverse=True)
@@ -94,7 +104,7 @@ class ICEReweightReducer(BaseReducer):
     def record_weight_stats(self, weights):
         """With ``collect_stats``: the spread of the weights, ``max w / mean w``, and the
         effective sample size ``(sum w)^2 / (n sum w^2)`` (1 for equal weights)."""
-        if self.collect_stats:
+        if self.collect_stats and len(weights) > 0:
             with torch.no_grad():
                 self.max_weight_over_mean = (weights.max() / weights.mean()).item()
                 self.effective_sample_size = (

@@ -315,24 +315,18 @@ class Shards:
 
 def sharded_reduction(reducer, losses, indices, graph_input):
     """ICEReweightReducer's loss over the union of all processes' pairs (see
-    DistributedLossWrapper): the value ``L``, with the gradient of ``R * S_r / W``.
-    Every process takes part in the collectives, also one without a pair;
-    ``graph_input`` keeps the zero loss of such a process in the autograd graph."""
-    has_pairs = torch.is_tensor(losses) and len(losses) > 0
-    anchors = indices[0] if has_pairs else None
-    dtype = torch.promote_types(graph_input.dtype, torch.float32)
-    largest = None
-    if reducer.normalize == "batch":
-        largest = (
-            reducer.log_weights(losses).max()
-            if has_pairs
-            else torch.tensor(float("-inf"), dtype=dtype, device=graph_input.device)
-        )
-        dist.all_reduce(largest, op=dist.ReduceOp.MAX)
-    if has_pairs:
-        total, count = reducer.reweighted_sums(losses, anchors, largest)
-    else:
-        total, count = torch.sum(graph_input * 0).to(dtype), graph_input.new_zeros((), dtype=dtype)
+    DistributedLossWrapper): the value ``L``, with the gradient of ``R * S_r / W``. The
+    reducer gives each process's sums, with a weight shift common to all processes;
+    they are all-reduced here. Every process takes part in the collectives, also one
+    without a pair; ``graph_input`` keeps the zero loss of such a process in the
+    autograd graph."""
+    if torch.is_tensor(losses) and len(losses) > 0:
+        anchors = indices[0]
+    else:  # an empty slice of graph_input: zero sums that are part of the graph
+        dtype = torch.promote_types(graph_input.dtype, torch.float32)
+        losses = graph_input.reshape(-1)[:0].to(dtype)
+        anchors = torch.zeros(0, dtype=torch.long, device=graph_input.device)
+    total, count = reducer.reweighted_sums(losses, anchors, all_reduce_max)
     sums = torch.stack([total.detach(), count])
     dist.all_reduce(sums)
     if sums[1] == 0:
@@ -340,6 +334,12 @@ def sharded_reduction(reducer, losses, indices, graph_input):
     world_size = dist.get_world_size()
     share = world_size * total / sums[1]
     return share + (sums[0] / sums[1] - share).detach()
+
+
+def all_reduce_max(tensor):
+    """``tensor``, made the elementwise maximum over all processes (in place)."""
+    dist.all_reduce(tensor, op=dist.ReduceOp.MAX)
+    return tensor
 
 
 def without_self_pairs(indices_tuple, own_index):

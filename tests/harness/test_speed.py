@@ -1,12 +1,16 @@
 """benchmarks/speed.py at tiny sizes: the candidates are run's loss specs plus 'floor',
 one row per candidate, ratios to the floor, memory-only mode, clear errors."""
 
+import ast
+import dataclasses
 import json
+from pathlib import Path
 
 import pytest
 import torch
 
 from benchmarks import speed
+from pml_ice.losses import ICELoss
 
 
 def run_speed(tmp_path, *options):
@@ -61,3 +65,30 @@ def test_ice_memory_estimate_follows_the_library_plan():
     dense_bytes = speed.estimate_step_bytes(ice, 4096, 0, 8, 4, torch.float32, "cpu")
     chunk_bytes = speed.estimate_step_bytes(chunked, 4096, 0, 8, 4, torch.float32, "cpu")
     assert dense_bytes > 30 * chunk_bytes
+
+
+@pytest.mark.parametrize("name", ["ice", "ntxent"])
+def test_ice_memory_estimate_grows_with_the_logits_of_the_plan(monkeypatch, name):
+    """Every ICELoss candidate's estimate asks the loss itself (its computation_plan,
+    with the step's sizes, pairs, device and dtype) how many logits it holds."""
+    calls, peak = [], {"logits": 0}
+    original = ICELoss.computation_plan
+
+    def recording_plan(self, *args):
+        calls.append(args)
+        return dataclasses.replace(original(self, *args), peak_logits=peak["logits"])
+
+    monkeypatch.setattr(ICELoss, "computation_plan", recording_plan)
+    candidate = speed.parse_candidates(name)[0]
+    without_logits = speed.estimate_step_bytes(candidate, 64, 256, 8, 4, torch.bfloat16, "cuda")
+    peak["logits"] = 10**6
+    with_logits = speed.estimate_step_bytes(candidate, 64, 256, 8, 4, torch.bfloat16, "cuda")
+    assert calls == [(64, 256, False, "cuda", torch.bfloat16)] * 2
+    assert with_logits - without_logits >= 10**6 * 2
+
+
+def test_speed_imports_nothing_private_from_the_library():
+    tree = ast.parse(Path(speed.__file__).read_text())
+    imported = [node.module for node in ast.walk(tree) if isinstance(node, ast.ImportFrom)]
+    imported += [alias.name for node in ast.walk(tree) if isinstance(node, ast.Import) for alias in node.names]
+    assert not [name for name in imported if name and name.startswith("pml_ice") and "._" in name]

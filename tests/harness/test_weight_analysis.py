@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from benchmarks.report.weight_analysis import pair_weights
+from pml_ice import losses, reducers
 from reference import ice_pair_losses
 
 
@@ -20,6 +21,21 @@ def test_weights_and_shares_follow_the_formulas(make_batch):
         shares = sorted(analysis.shares[lam].tolist())
         assert shares == pytest.approx(sorted(x / sum(pulls) for x in pulls), rel=1e-12)
     assert analysis.weights[0.0].tolist() == [1.0] * len(probs)
+
+
+def test_the_weights_are_the_reducer_s(make_batch, monkeypatch):
+    """The analysis takes its weights from ICEReweightReducer: the reducer's on the
+    same per-pair losses, and whatever the reducer gives."""
+    embeddings, labels = make_batch(n=12, n_classes=3, seed=4, dtype=torch.float64)
+    pair_losses = losses.ICELoss(scale=8.0, reducer=reducers.DoNothingReducer())(embeddings, labels)["loss"]["losses"]
+    analysis = pair_weights(embeddings, labels, scale=8.0, lams=[0.5, 3.0])
+    for lam in (0.5, 3.0):
+        assert torch.equal(analysis.weights[lam], reducers.ICEReweightReducer(lam=lam).weights(pair_losses))
+
+    monkeypatch.setattr(reducers.ICEReweightReducer, "weights", lambda self, losses: torch.ones_like(losses))
+    flat = pair_weights(embeddings, labels, scale=8.0, lams=[3.0])
+    pulls = 1 - analysis.match_prob
+    assert torch.allclose(flat.shares[3.0], pulls / pulls.sum(), rtol=1e-12)
 
 
 def test_hardest_share_grows_with_lam(make_batch):

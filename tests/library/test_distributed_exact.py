@@ -22,7 +22,7 @@ IN_FEATURES, EMBEDDING_SIZE = 6, 8
 TOLERANCE = {torch.float64: 1e-12, torch.float32: 1e-5}
 CASES = [
     "labels", "anchor", "float32", "unequal", "no_positive", "cross_only",
-    "ref_emb", "pair_miner", "triplet_miner", "memory", "memory_miner",
+    "ref_emb", "pair_miner", "triplet_miner", "memory", "memory_miner", "own_weights",
 ]
 PML_CASES = ["pml_efficient", "ours_efficient", "ours_not_efficient"]
 
@@ -65,7 +65,16 @@ def make_model(dtype):
     return torch.nn.Linear(IN_FEATURES, EMBEDDING_SIZE).to(dtype)
 
 
+class SquaredReweightReducer(reducers.ICEReweightReducer):
+    """Weights ``exp(lam (1 - p)^2)``: the sharded loss must weight as its reducer does."""
+
+    def log_weights(self, losses):
+        return super().log_weights(losses) ** 2 / self.lam
+
+
 def make_loss(name):
+    if name == "own_weights":
+        return losses.ICELoss(scale=16.0, reducer=SquaredReweightReducer(lam=2.0))
     if name in PML_CASES:
         return losses.ICELoss(scale=10.0)
     normalize = "anchor" if name == "anchor" else "batch"

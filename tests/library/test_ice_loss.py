@@ -13,7 +13,7 @@ from pytorch_metric_learning.utils import loss_and_miner_utils as lmu
 
 from pml_ice import losses, reducers
 from pml_ice.losses._ice import plan
-from pml_ice.losses._ice.dense import ICELabelLosses
+from pml_ice.losses._ice.label_mask_losses import ICELabelLosses
 from reference import (
     COSINE,
     DistanceSpec,

@@ -11,7 +11,6 @@ from pytorch_metric_learning.distances import CosineSimilarity, LpDistance
 from pml_ice import losses, reducers
 from conftest import use_symmetric_tiles
 from pml_ice.losses._ice import pairs
-from pml_ice.losses._ice.plan import ComputationPlan, plan_computation
 from reference import COSINE, DistanceSpec, ice_pair_losses
 
 SCALE = 24.0
@@ -238,22 +237,6 @@ def test_constant_memory_bank(agreement, make_batch, memory_efficient, distance_
     )
     agreement.check("constant bank grad embeddings float64", leaf.grad, expected_grad, 1e-11)
     assert bank.grad is None
-
-
-def test_plan_chooses_the_path_and_chunk_per_device():
-    """One function decides dense or chunked and the chunk size, per kind of device."""
-    cpu, gpu = torch.device("cpu"), torch.device("cuda")
-    assert not plan_computation(8192, 8192, cpu).memory_efficient
-    assert plan_computation(8193, 8192, cpu).memory_efficient
-    assert not plan_computation(16384, 16384, gpu).memory_efficient
-    assert plan_computation(16385, 16384, gpu).memory_efficient
-    assert plan_computation(100, 2**20, cpu).chunk_rows == 2**4
-    assert plan_computation(100, 2**20, gpu).chunk_rows == 2**7
-    assert plan_computation(100, 100, cpu).tile_rows == 2**12
-    assert plan_computation(100, 100, gpu).symmetric_tiles and not plan_computation(100, 100, cpu).symmetric_tiles
-    assert not plan_computation(100, 100, gpu, dtype=torch.bfloat16).symmetric_tiles
-    assert plan_computation(100, 100, cpu, memory_efficient=True, chunk_size=7) == ComputationPlan(True, 7, False, 7)
-    assert not plan_computation(10**6, 10**6, cpu, memory_efficient=False).memory_efficient
 
 
 @pytest.mark.slow

@@ -160,6 +160,46 @@ def test_reweighting_of_ntxent_pairs_is_ice(agreement, make_batch, normalize):
     agreement.check("ICEReweightReducer on NTXent loss float64", value, expected, 1e-9)
 
 
+@pytest.mark.parametrize("lam", [0.0, 1.5, 40.0])
+def test_weights_are_exp_of_lam_times_one_minus_p(device, lam):
+    """``weights`` is the formula, and the batch-normalised loss is its weighted mean."""
+    pair_losses = torch.tensor([0.0, 0.3, 2.0, 30.0], dtype=torch.float64, device=device)
+    reducer = reducers.ICEReweightReducer(lam=lam)
+    weights = reducer.weights(pair_losses)
+    expected = [math.exp(lam * (1 - math.exp(-v))) for v in pair_losses.tolist()]
+    assert weights.tolist() == pytest.approx(expected, rel=1e-14)
+    total, count = reducer.reweighted_sums(pair_losses, torch.arange(4, device=device))
+    assert (total / count).item() == pytest.approx(
+        (weights * pair_losses).sum().item() / weights.sum().item(), rel=1e-13
+    )
+
+
+@pytest.mark.parametrize("normalize", ["batch", "anchor"])
+def test_sums_of_shards_add_up(device, normalize):
+    """Shards of one batch (anchors local to each), one of them empty: with the
+    largest log weight made common by ``all_reduce_max``, their sums add up to the
+    whole batch's loss; every shard calls it ("batch"), the empty one with -inf."""
+    pair_losses = torch.tensor([0.1, 2.5, 0.7, 4.0, 0.2], dtype=torch.float64, device=device)
+    anchors = torch.tensor([0, 0, 1, 2, 2], device=device)
+    reducer = reducers.ICEReweightReducer(lam=3.0, normalize=normalize)
+    shards = [slice(0, 2), slice(2, 2), slice(2, 5)]
+    largest = max(reducer.log_weights(pair_losses[part]).max() for part in (shards[0], shards[2]))
+    seen = []
+
+    def all_reduce_max(tensor):
+        seen.append(tensor.item())
+        return tensor.copy_(torch.maximum(tensor, largest))
+
+    sums = [
+        reducer.reweighted_sums(pair_losses[part], anchors[part], all_reduce_max) for part in shards
+    ]
+    assert sums[1][0].item() == sums[1][1].item() == 0.0
+    assert seen == ([seen[0], float("-inf"), seen[2]] if normalize == "batch" else [])
+    whole = reducer.reweighted_sums(pair_losses, anchors)
+    total, count = (sum(parts) for parts in zip(*sums))
+    assert (total / count).item() == pytest.approx((whole[0] / whole[1]).item(), rel=1e-13)
+
+
 def test_weights_are_held_constant(make_batch):
     """The gradient of the reweighted loss is the weighted sum of the per-pair
     gradients: the weights themselves carry no gradient."""

@@ -1,5 +1,7 @@
-"""ICE's per-pair losses from sorted pair lists (miners, or labels on the chunked
-path), as one autograd function computed in chunks of anchors.
+"""ICE's per-pair losses from sorted pair lists (a miner's, or labels' when the logits
+are recomputed), as one autograd function computed in chunks of anchor rows: the
+``pair_lists_whole`` and ``pair_lists_in_chunks`` paths. Its backward also serves the
+``label_mask`` path.
 
 For anchor ``i`` with logits ``Z_i.`` the forward pass needs only the log-sum-exp of
 ``Z`` over the anchor's negatives and the logits of its positives:
@@ -24,12 +26,8 @@ import torch
 
 from .logits import accumulation_dtype
 from .pair_terms import pair_terms, save_pair_terms
+from .plan import chunk_ranges
 from .twice_differentiable import dense_mask, graph_of_gradient
-
-
-def chunk_ranges(num_rows, chunk_rows):
-    """``(start, end)`` of each chunk of anchor rows."""
-    return [(start, min(start + chunk_rows, num_rows)) for start in range(0, num_rows, chunk_rows)]
 
 
 class ChunkedPairs:

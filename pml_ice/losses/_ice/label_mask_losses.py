@@ -1,4 +1,5 @@
-"""ICE's per-pair losses when the pairs come from labels and the logits are held whole.
+"""ICE's per-pair losses when the pairs come from labels and the logits are held whole
+(the ``label_mask`` path).
 
 Negatives are found by comparing labels, an (anchors x references) boolean mask beside
 the logits, so no pair list is sorted or built and the only host synchronisation is
@@ -9,8 +10,8 @@ from types import SimpleNamespace
 
 import torch
 
-from .chunked import ICEPairLosses
 from .logits import accumulation_dtype
+from .pair_list_losses import ICEPairLosses
 from .pair_terms import pair_terms, save_pair_terms
 
 

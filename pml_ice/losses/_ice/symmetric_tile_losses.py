@@ -1,4 +1,5 @@
-"""ICE's per-pair losses in square tiles when the references are the batch itself.
+"""ICE's per-pair losses in square tiles when the references are the batch itself (the
+``symmetric_tiles`` path).
 
 With labels, the batch as its own reference set and inner-product logits, ``Z = c Q Q^T``
 is symmetric and so is the mask of negatives. Each tile ``(I, J)`` with ``I <= J`` is
@@ -18,9 +19,9 @@ tile: their logits and gradients are row-wise dot products and scatters.
 
 import torch
 
-from .chunked import chunk_ranges
 from .logits import accumulation_dtype, add_matmul
 from .pair_terms import pair_terms, save_pair_terms
+from .plan import chunk_ranges
 from .twice_differentiable import graph_of_gradient
 
 
