@@ -495,3 +495,14 @@ def test_an_earlier_run_left_behind_by_more_epochs_is_named(tmp_path, capsys):
     capsys.readouterr()
     assert run.main(argv + ["--losses", "ice"]) == 0
     assert "earlier run ntxent seed 0: trained 1 of 2 epochs, published as it is; add it to --losses" in capsys.readouterr().out
+
+
+@pytest.mark.slow
+def test_runs_trained_side_by_side_give_the_bytes_of_runs_trained_in_turn(tmp_path, capsys):
+    argv = TINY + ["--losses", "ice,ntxent", "--seeds", "2"]
+    assert run.main(argv + ["--jobs", "1", "--out", str(tmp_path / "in_turn")]) == 0
+    assert run.main(argv + ["--jobs", "2", "--out", str(tmp_path / "side_by_side")]) == 0
+    in_turn, side_by_side = ((tmp_path / name / "results.csv").read_text() for name in ("in_turn", "side_by_side"))
+    assert side_by_side == in_turn and len(side_by_side.splitlines()) == 1 + 4 * 3
+    assert json.loads((tmp_path / "side_by_side" / "config.json").read_text())["torch_threads"] == 1
+    assert "ntxent seed 1: best epoch" in capsys.readouterr().out
