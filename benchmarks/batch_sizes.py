@@ -32,7 +32,7 @@ from .core.metrics import PRIMARY_METRIC, SHORT_NAMES
 from .core.out_folder import OutFolder
 from .core.query_scores import QUERY_METRICS
 from .core.settings import (SeedList, Settings, UsageError, build_parser as build_run_parser, check_out_folder,
-                            default_out, flag, resolve)
+                            default_out, flag, integer_list, resolve)
 from .core.training import samples_per_epoch
 from .core.tuning import parse_loss_names, tune
 from .report.comparisons import compare_losses
@@ -49,22 +49,12 @@ DEFAULT_LOSSES = "ice,ntxent"
 FIXED_SETTINGS = ("batch_size", "cache_chunk", "losses", "seeds", "out", "quiet", "config")
 
 
-def positive_integers(text: str) -> List[int]:
-    try:
-        values = [int(part) for part in text.split(",") if part.strip()]
-    except ValueError:
-        values = []
-    if not values or min(values) < 1 or len(set(values)) != len(values):
-        raise argparse.ArgumentTypeError(f"expected distinct positive integers separated by commas, got {text!r}")
-    return sorted(values)
-
-
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog=PROG, description=__doc__.split("\n\n", 1)[1],
                                      allow_abbrev=False,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     add = parser.add_argument
-    add("--batch-sizes", type=positive_integers, default=positive_integers(DEFAULT_BATCH_SIZES), metavar="B,B",
+    add("--batch-sizes", type=integer_list(1), default=integer_list(1)(DEFAULT_BATCH_SIZES), metavar="B,B",
         help=f"global batch sizes (default {DEFAULT_BATCH_SIZES})")
     add("--losses", default=DEFAULT_LOSSES, metavar="NAMES", help=f"losses to tune and train (default {DEFAULT_LOSSES})")
     add("--trials", type=int, default=8, metavar="N", help="tuning trials per loss and batch size (default 8)")

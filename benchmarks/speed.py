@@ -39,6 +39,9 @@ import torch.nn.functional as F
 from pml_ice.losses import ICELoss
 
 from .core import loss_specs
+from .core.settings import integer_list
+from .measuring.inputs import class_labels
+from .measuring.memory import peak_rss_bytes
 from .report.speed_report import GIB, add_ratios, header_lines, table_lines, write_report
 
 FLOOR = "floor"
@@ -46,17 +49,6 @@ DEFAULT_CANDIDATES = "floor,ice,supcon,multisimilarity,pml_ntxent"
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 # Fraction of the free memory a single step may be estimated to need before it is skipped.
 MEMORY_SAFETY_FRACTION = 0.7
-
-
-def parse_batches(text):
-    """Parse '256,1024,...' into a list of ints >= 2."""
-    try:
-        batches = [int(item) for item in text.split(",") if item.strip()]
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"bad batch list {text!r}: expected integers like 256,1024")
-    if not batches or any(b < 2 for b in batches):
-        raise argparse.ArgumentTypeError(f"bad batch list {text!r}: every batch size must be >= 2")
-    return batches
 
 
 def parse_candidates(text):
@@ -81,12 +73,12 @@ def make_inputs(batch, dim, per_class, ref_size, device, dtype, seed=0):
     """Random embeddings (requiring grad) with `per_class` samples per class, and an
     optional memory bank of `ref_size` embeddings whose first classes are the batch's."""
     generator = torch.Generator().manual_seed(seed)
-    labels = (torch.arange(batch) // per_class)[torch.randperm(batch, generator=generator)]
+    labels = class_labels(batch, per_class, generator)
     embeddings = torch.randn(batch, dim, generator=generator).to(device, dtype)
     inputs = {"embeddings": embeddings.requires_grad_(), "labels": labels.to(device)}
     inputs["ref_emb"] = inputs["ref_labels"] = None
     if ref_size:
-        ref_labels = (torch.arange(ref_size) // per_class)[torch.randperm(ref_size, generator=generator)]
+        ref_labels = class_labels(ref_size, per_class, generator)
         inputs["ref_emb"] = torch.randn(ref_size, dim, generator=generator).to(device, dtype)
         inputs["ref_labels"] = ref_labels.to(device)
     return inputs
@@ -235,17 +227,6 @@ def cap_address_space():
     resource.setrlimit(resource.RLIMIT_AS, (soft if hard == resource.RLIM_INFINITY else min(soft, hard), hard))
 
 
-def peak_rss_bytes():
-    """Peak resident memory of this process since it started. Linux: VmHWM, which,
-    unlike ru_maxrss, does not inherit the RSS of the parent that spawned us."""
-    status = Path("/proc/self/status")
-    if status.exists():
-        for line in status.read_text().splitlines():
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1]) * 1024
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # bytes on macOS
-
-
 def run_child(args):
     """Body of the --child process: one step, then report the process's peak RSS as JSON."""
     import psutil
@@ -336,7 +317,7 @@ def parse_args(argv=None):
         epilog="Examples:" + __doc__.split("Examples:")[1],
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    parser.add_argument("--batches", type=parse_batches, default=parse_batches("256,1024,4096"),
+    parser.add_argument("--batches", type=integer_list(2), default=integer_list(2)("256,1024,4096"),
                         help="comma-separated batch sizes (default 256,1024,4096)")
     parser.add_argument("--dim", type=int, default=256, help="embedding dimension D (default 256)")
     parser.add_argument("--per-class", type=int, default=4,

@@ -13,7 +13,7 @@ import math
 import os
 import sys
 from pathlib import Path
-from typing import Optional, Tuple
+from typing import List, Optional, Tuple
 
 import torch
 
@@ -118,6 +118,21 @@ class PathText:
         if value is not None and not isinstance(value, str):
             raise UsageError(f"{flag(name)} must be a path (text), got {value!r}")
         return value
+
+
+def integer_list(minimum: int):
+    """An argparse type: ``'128,1024'`` -> ``[128, 1024]``, distinct integers >= ``minimum``, sorted."""
+    def parse(text: str) -> List[int]:
+        try:
+            values = [int(part) for part in text.split(",") if part.strip()]
+        except ValueError:
+            values = []
+        if not values or min(values) < minimum or len(set(values)) != len(values):
+            raise argparse.ArgumentTypeError(f"expected distinct integers >= {minimum} separated by commas, "
+                                             f"got {text!r}")
+        return sorted(values)
+
+    return parse
 
 
 class SeedList:

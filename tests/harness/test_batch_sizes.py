@@ -40,7 +40,7 @@ def test_each_batch_size_is_tuned_trained_and_compared(tmp_path, capsys):
 
 @pytest.mark.parametrize("extra, message", [
     (["--batch-sizes", "16,64"], "cannot fill a batch of 64"),
-    (["--batch-sizes", "16,x"], "distinct positive integers"),
+    (["--batch-sizes", "16,x"], "distinct integers >= 1"),
     (["--batch-size", "16"], "--batch-size: set by this command"),
     (["--batch-size=16", "--quiet"], "--batch-size, --quiet: set by this command"),
     (["--cache", "8", "--losse", "ntxent"], "unrecognized arguments: --cache 8 --losse ntxent; write the options of "
