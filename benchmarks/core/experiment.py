@@ -176,9 +176,10 @@ class Experiment:
                 self.run_one(spec, seed)
         self.console.stop()
         if self.rank == 0:
-            publish(self._summarize(time.time() - started))
+            publish(self.finished(time.time() - started))
 
-    def _summarize(self, seconds: float) -> Finished:
+    def finished(self, seconds: float) -> Finished:
+        """What the runs left, for the summary; ``seconds``: the wall time of this command."""
         header = settings_lines(self.settings, self.data, self.processes, self.labels)
         header.append(f"- wall time of this invocation: {seconds:.0f} s")
         return Finished(self.settings, self.folder, self.console, self.labels, header, self.rows_by_run,
