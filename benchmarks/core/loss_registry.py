@@ -198,7 +198,7 @@ LOSSES: Dict[str, LossEntry] = {
     "lifted": LossEntry("PML LiftedStructureLoss", _pml("LiftedStructureLoss"),
                         search_space=(Parameter("neg_margin", 0.0, 2.0), Parameter("pos_margin", 0.0, 1.0))),
     "proxyanchor": LossEntry("PML ProxyAnchorLoss (trainable proxies)", _pml("ProxyAnchorLoss"), own_parameters=True,
-                             search_space=(Parameter("margin", 0.0, 0.5), Parameter("alpha", 1, 128, log=True),
+                             search_space=(Parameter("margin", 0.0, 1.0), Parameter("alpha", 1, 128, log=True),
                                            Parameter(LOSS_LR, 1e-4, 1e-1, log=True))),
     "arcface": LossEntry("PML ArcFaceLoss (trainable class weights)", _pml("ArcFaceLoss"), own_parameters=True,
                          search_space=(Parameter("margin", 5.0, 60.0), Parameter("scale", 8, 128, log=True))),
