@@ -43,10 +43,9 @@ class ICELoss(BaseMetricLossFunction):
       ``torch.func.grad``, ``vjp`` and ``jacrev`` apply (not ``vmap`` or forward mode).
 
     Args:
-        scale: the inverse temperature ``s > 0``. The default, with the default
-            reducer's ``lam``, is the best batch-normalised trial of a validation-only
-            tuning run on glyphs (``benchmarks/tuned/reports/glyphs-tuning.md``); see the
-            docs page "Tuning", "Choosing scale and lam" (docs/tuning.md).
+        scale: the inverse temperature ``s > 0``. Where the default comes from, with
+            the default reducer's ``lam``: the documentation's "Tuning" page, "The
+            defaults".
         memory_efficient: ``None`` (default) holds the ``anchors x references`` logits
             whole up to the device's dense limit (a GPU's is larger than a CPU's) and
             above it recomputes them in backward, so that memory stays linear in the

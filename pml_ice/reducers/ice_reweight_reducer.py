@@ -23,9 +23,8 @@ class ICEReweightReducer(BaseReducer):
     losses are their own anchors.
 
     Args:
-        lam: ``lam >= 0``. The default comes from the same validation-only tuning
-            run as ICELoss's default scale (its best trial with ``normalize="batch"``,
-            the spec's default normalisation); see docs/tuning.md, "Choosing scale and lam".
+        lam: ``lam >= 0``. Where the default comes from, with ICELoss's default scale:
+            the documentation's "Tuning" page, "The defaults".
         normalize: ``"batch"`` (default) or ``"anchor"``.
     """
 
