@@ -175,7 +175,7 @@ LOSSES: Dict[str, LossEntry] = {
         _pml("MultiSimilarityLoss"),
         miner_class=_miner("MultiSimilarityMiner"),
         miner_defaults={"epsilon": 0.1},
-        search_space=(Parameter("alpha", 0.01, 1000, log=True), Parameter("beta", 0.01, 1000, log=True),
+        search_space=(Parameter("alpha", 0.01, 1000, log=True), Parameter("beta", 1e-4, 1000, log=True),
                       Parameter("base", 0.0, 2.0), Parameter("miner_epsilon", 0.0, 1.0)),
         compared_by_default=True,
     ),
