@@ -8,6 +8,7 @@ out_folder and report (results). ``run_experiment`` is shared by the commands th
 import contextlib
 import datetime
 import errno
+import gc
 import os
 import sys
 from typing import Callable, Optional, Tuple
@@ -111,6 +112,16 @@ def run_experiment(settings: Settings, prog: str, publish: Callable[[Finished], 
 
 def _run_experiment(settings: Settings, prog: str, publish: Callable[[Finished], None]) -> int:
     rank, processes = start_processes(settings)
+    try:
+        return _run_in_processes(settings, prog, publish, rank, processes)
+    finally:
+        if processes > 1:
+            gc.collect()  # DDP's reducers hold the process group: free them while the interpreter is whole
+            torch.distributed.destroy_process_group()
+
+
+def _run_in_processes(settings: Settings, prog: str, publish: Callable[[Finished], None], rank: int,
+                      processes: int) -> int:
     console = Console(enabled=rank == 0, verbose=settings.verbose, quiet=settings.quiet)
     try:
         data = prepare_data(settings, processes)
@@ -138,6 +149,4 @@ def _run_experiment(settings: Settings, prog: str, publish: Callable[[Finished],
                   f"froze or died ({error}); rerun the command to resume, with a larger --timeout if one step of "
                   "training or evaluation takes that long", file=sys.stderr)
             return 1
-    if processes > 1:
-        torch.distributed.destroy_process_group()
     return 0
