@@ -326,6 +326,22 @@ def test_a_config_file_that_is_not_utf8_is_named(tmp_path):
         settings.resolve(["--config", str(config)])
 
 
+def test_a_refused_torchrun_launch_frees_the_models_and_destroys_its_process_group(monkeypatch, tmp_path):
+    """DDP's reducers hold the process group; freed at interpreter exit instead, a gloo thread
+    can abort the process. The group is destroyed on every path, after a collection."""
+    import gc
+
+    calls = []
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setattr(torch.distributed, "init_process_group", lambda **kwargs: None)
+    monkeypatch.setattr(torch.distributed, "get_rank", lambda: 1)
+    monkeypatch.setattr(gc, "collect", lambda: calls.append("collect"))
+    monkeypatch.setattr(torch.distributed, "destroy_process_group", lambda: calls.append("destroy"))
+    opts = settings.resolve(["--dataset", "digits", "--batch-size", "12", "--m-per-class", "4", "--out", str(tmp_path)])
+    assert launch.run_experiment(opts, "python -m benchmarks.run", publish=print) == 2  # 12 does not split into 2 shares of whole classes of 4
+    assert calls == ["collect", "destroy"]
+
+
 def test_processes_wait_timeout_seconds_for_each_other(monkeypatch, tmp_path, capsys):
     from benchmarks.core import experiment
 
@@ -339,6 +355,7 @@ def test_processes_wait_timeout_seconds_for_each_other(monkeypatch, tmp_path, ca
     monkeypatch.setattr(torch.distributed, "init_process_group", lambda **kwargs: started.update(kwargs))
     monkeypatch.setattr(torch.distributed, "get_rank", lambda: 0)
     monkeypatch.setattr(torch.distributed, "barrier", lambda: None)
+    monkeypatch.setattr(torch.distributed, "destroy_process_group", lambda: started.update(destroyed=True))
 
     def frozen_peer(self, publish):
         raise RuntimeError("[gloo/unbound_buffer.cc:78] Timed out waiting 5000ms for recv operation to complete")
@@ -346,4 +363,5 @@ def test_processes_wait_timeout_seconds_for_each_other(monkeypatch, tmp_path, ca
     monkeypatch.setattr(experiment.Experiment, "run", frozen_peer)
     assert launch.run_experiment(opts, "python -m benchmarks.run", publish=print) == 1
     assert started["timeout"].total_seconds() == 5 and started["backend"] == "gloo"
+    assert started["destroyed"]
     assert "process 0 waited --timeout 5 s for another process, which froze or died" in capsys.readouterr().err
