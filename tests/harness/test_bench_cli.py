@@ -337,8 +337,9 @@ def test_a_refused_torchrun_launch_frees_the_models_and_destroys_its_process_gro
     monkeypatch.setattr(torch.distributed, "get_rank", lambda: 1)
     monkeypatch.setattr(gc, "collect", lambda: calls.append("collect"))
     monkeypatch.setattr(torch.distributed, "destroy_process_group", lambda: calls.append("destroy"))
+    # a batch of 12 does not split into 2 shares of whole classes of 4: refused after the group started
     opts = settings.resolve(["--dataset", "digits", "--batch-size", "12", "--m-per-class", "4", "--out", str(tmp_path)])
-    assert launch.run_experiment(opts, "python -m benchmarks.run", publish=print) == 2  # 12 does not split into 2 shares of whole classes of 4
+    assert launch.run_experiment(opts, "python -m benchmarks.run", publish=print) == 2
     assert calls == ["collect", "destroy"]
 
 
