@@ -141,6 +141,7 @@ def test_bad_command_lines_fail_with_the_problem(capsys, tmp_path, argv, message
 
 def test_batch_that_does_not_split_across_processes(capsys, tmp_path, monkeypatch):
     monkeypatch.setattr(launch, "start_processes", lambda settings: (0, 3))
+    monkeypatch.setattr(torch.distributed, "destroy_process_group", lambda: None)  # no group was started
     code, captured = run_main(capsys, "--batch-size", "32", "--m-per-class", "8", "--out", str(tmp_path / "out"))
     assert code == 2
     assert "--batch-size 32 must split into 3 process(es) whose share is a multiple of --m-per-class 8" in captured.err
