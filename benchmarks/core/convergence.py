@@ -2,8 +2,11 @@
 
 A run stops early once its validation MAP@R has not improved for more than ``patience``
 evaluations (PML's rule: epoch - best epoch > patience); the epoch cap (``--epochs``) is a
-safety net. A run that reached the cap before that rule stopped it was stopped by the cap:
-its model may still have been improving. Without a patience (``--patience -1``) every run
+safety net. Until a trained epoch beats the untrained model (epoch 0), the run is warming
+up: it neither stops early nor decays its learning rate, since a loss whose first epochs
+score below the initial weights (trainable proxies still random) has not reached a plateau.
+A run that reached the cap before the patience rule stopped it, or still warming up, was
+stopped by the cap: its model may still have been improving. Without a patience (``--patience -1``) every run
 trains exactly ``--epochs`` epochs: a fixed budget, not trained to convergence.
 """
 
@@ -15,12 +18,18 @@ from .results import best_row
 MOST_CAPPED = 0.1
 
 
+def warming_up(run_rows: Sequence[dict]) -> bool:
+    """Whether no trained epoch of a run's rows (epoch 0 included) has beaten the untrained
+    model's validation MAP@R yet."""
+    return best_row(run_rows)["epoch"] == 0
+
+
 def stopped_by_cap(run_rows: Sequence[dict], epochs: int, patience: Optional[int]) -> bool:
     """Whether a run's rows (one per evaluated epoch, epoch 0 included) end at the cap ``epochs``
-    before ``patience`` evaluations without improvement had stopped it."""
+    still warming up or before ``patience`` evaluations without improvement had stopped it."""
     if max(row["epoch"] for row in run_rows) < epochs:
         return False
-    return patience is None or epochs - best_row(run_rows)["epoch"] <= patience
+    return patience is None or warming_up(run_rows) or epochs - best_row(run_rows)["epoch"] <= patience
 
 
 def capped_runs(rows_by_run: Mapping[Tuple[str, int], Sequence[dict]], epochs: int,

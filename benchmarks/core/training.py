@@ -32,6 +32,7 @@ from pytorch_metric_learning.utils.inference import FaissKMeans
 from pml_ice.trainers import CachedMetricLossOnly
 from pml_ice.utils import distributed as ice_dist
 
+from .convergence import warming_up
 from .metrics import METRICS, PRIMARY_METRIC, RecallAccuracyCalculator
 from .query_scores import KeepEmbeddingsTester, save_test_scores
 from .record_logs import drop_records_after
@@ -378,16 +379,19 @@ class Run:
         ) if self.rank == 0 else None
 
         def end_of_epoch(trainer):
-            outcome = [None, None]  # continue training?, validation MAP@R
+            outcome = [None, None, None]  # continue training?, validation MAP@R, warming up?
             if self.rank == 0:
                 with random_state_kept():
                     outcome[0] = pml_hook(trainer) is not False
                 self.record(trainer.epoch)
                 outcome[1] = self.rows[-1]["val_" + PRIMARY_METRIC]
+                outcome[2] = warming_up(self.rows)
+                outcome[0] = outcome[0] or outcome[2]
             if self.world > 1:
                 torch.distributed.broadcast_object_list(outcome, src=0)
-            for scheduler in self.lr_schedulers.values():
-                scheduler.step(outcome[1])
+            if not outcome[2]:
+                for scheduler in self.lr_schedulers.values():
+                    scheduler.step(outcome[1])
             self.save(trainer.epoch, stopped_early=not outcome[0])
             return outcome[0]
 
