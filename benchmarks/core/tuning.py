@@ -263,6 +263,11 @@ def process_is_dead(process: str) -> bool:
     return False
 
 
+def setting_key(trial) -> str:
+    """A trial's setting as text: its parameters, or those a queued (waiting) trial will get."""
+    return json.dumps(trial.params or trial.system_attrs.get("fixed_params", {}), sort_keys=True)
+
+
 def recover_killed_trials(storage, study, loss: str, out: Path, log) -> None:
     """Mark the running trials of dead processes of this host failed, queue their settings
     again (unless another trial holds them) and remove trial folders no running trial owns."""
@@ -276,12 +281,12 @@ def recover_killed_trials(storage, study, loss: str, out: Path, log) -> None:
                 continue
             log(f"  {loss} trial {t.number}: its process {t.user_attrs['process']} is gone; marked failed")
     trials = study.get_trials(deepcopy=False)
-    held = {json.dumps(t.params, sort_keys=True) for t in trials if t.state != optuna.trial.TrialState.FAIL}
+    held = {setting_key(t) for t in trials if t.state != optuna.trial.TrialState.FAIL}
     for t in trials:
-        key = json.dumps(t.params, sort_keys=True)
-        if t.state == optuna.trial.TrialState.FAIL and t.params and key not in held:
+        killed = t.state == optuna.trial.TrialState.FAIL and "error" not in t.user_attrs  # not a duplicate
+        if killed and t.params and setting_key(t) not in held:
             study.enqueue_trial(t.params, user_attrs={"retry_of": t.number})
-            held.add(key)
+            held.add(setting_key(t))
     running = {t.number for t in trials if t.state == optuna.trial.TrialState.RUNNING}
     for folder in (out / "trials").glob(f"{loss}-*-*"):
         number = folder.name[len(loss) + 1:].split("-")[0]

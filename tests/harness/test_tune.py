@@ -325,13 +325,16 @@ def test_a_duplicate_setting_fails_without_training_and_is_not_counted(tmp_path,
     argv = TINY + ["--losses", "ntxent", "--out", str(tmp_path)]
     assert tune.main(argv + ["--trials", "1"]) == 0
     study = optuna.load_study(study_name="digits-ntxent", storage=f"sqlite:///{tmp_path / 'tuning.db'}")
-    study.enqueue_trial(trials_of(tmp_path, "ntxent")[0].params)
+    temperature = trials_of(tmp_path, "ntxent")[0].params["temperature"]
+    study.enqueue_trial({"temperature": temperature * (1 + 1e-6)})  # the same setting once rounded
     assert tune.main(argv + ["--trials", "2"]) == 0
     trials = trials_of(tmp_path, "ntxent")
     assert [t.state for t in trials] == [optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.FAIL,
                                          optuna.trial.TrialState.COMPLETE]
     assert trials[1].user_attrs["error"] == "same setting as trial 0"
     assert len(trained) == 2 and len(set(trained)) == 2
+    assert tune.main(argv + ["--trials", "2"]) == 0  # a finished study: the duplicate is not queued again
+    assert len(trials_of(tmp_path, "ntxent")) == 3 and len(trained) == 2
 
 
 @pytest.mark.slow
@@ -353,6 +356,16 @@ def test_a_trial_of_a_dead_process_is_failed_retried_and_its_folder_removed(tmp_
     assert trials[1].params == trials[0].params and trials[1].user_attrs["retry_of"] == 0
     assert trained[0] == spec.label and len(set(trained)) == 2
     assert not (tmp_path / "trials" / "ntxent-0-abc").exists()
+
+
+def test_a_queued_trial_holds_the_setting_it_will_get(tmp_path):
+    study = optuna.create_study(study_name="digits-ntxent", storage=f"sqlite:///{tmp_path / 'tuning.db'}")
+    study.enqueue_trial({"temperature": 0.25})
+    (waiting,) = study.get_trials(deepcopy=False)
+    assert waiting.state == optuna.trial.TrialState.WAITING and not waiting.params
+    trial = study.ask({"temperature": optuna.distributions.FloatDistribution(0.0001, 1.0, log=True)})
+    assert tuning.setting_key(waiting) == tuning.setting_key(study.get_trials(deepcopy=False)[0]) \
+        == '{"temperature": 0.25}' and trial.params == {"temperature": 0.25}
 
 
 def test_an_emptied_database_is_refused_before_the_report_is_overwritten(tmp_path, monkeypatch, capsys):
