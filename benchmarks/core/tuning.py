@@ -6,7 +6,8 @@ validation MAP@R, the epoch cap a safety net) and scores it by the best validati
 over its trained epochs, averaged over seeds. After each epoch of its first seed, the best
 validation MAP@R so far is reported to Optuna's ``SuccessiveHalvingPruner``, which stops
 the trial once it is not in the best third of the trials that reached the same epoch
-(``PRUNER``): every loss gets the same sampler, pruner and number of trials. The test split
+(``PRUNER``); a run still warming up (no trained epoch yet beats the untrained model) is not
+pruned, since its values say nothing yet about where it will plateau: every loss gets the same sampler, pruner and number of trials. The test split
 is dropped when the data is loaded: tuning never embeds it. A trial whose loss became NaN
 or infinite is recorded as pruned, with the error, as "diverged"; it counts toward the budget.
 Only distinct settings count: a trial proposing a setting already tried fails without training,
@@ -32,6 +33,7 @@ import optuna
 from ..data.splits import BenchmarkData
 from .metrics import PRIMARY_METRIC
 from . import loss_specs
+from .convergence import warming_up
 from .features import cached_features
 from .launch import prepare_data
 from .loss_registry import LOSSES, TUNABLE_LOSSES
@@ -69,11 +71,12 @@ def best_validation_map_at_r(rows) -> float:
 
 
 def validation_map_at_r(settings: Settings, data: BenchmarkData, spec: loss_specs.LossSpec, seed: int,
-                        run_dir: Path, on_epoch: Callable[[int, float], None] = lambda epoch, value: None) -> float:
+                        run_dir: Path,
+                        on_epoch: Callable[[int, float, bool], None] = lambda epoch, value, warming: None) -> float:
     """Train one new run of ``spec`` (``training.Run``, evaluating the validation split only as
     ``data`` has no test split) in ``run_dir`` and return its best validation MAP@R over the
-    trained epochs. After each trained epoch ``on_epoch(epoch, best so far)`` is called (it may
-    raise to stop the run). Raises ``NonFiniteLossError`` when the loss diverges."""
+    trained epochs. After each trained epoch ``on_epoch(epoch, best so far, still warming up)``
+    is called (it may raise to stop the run). Raises ``NonFiniteLossError`` when the loss diverges."""
     feature_size = data.train.images.shape[1] if settings.freeze_trunk else None
     trunk, embedder = fresh_models(settings, feature_size, seed)
     reported = [0]
@@ -81,7 +84,7 @@ def validation_map_at_r(settings: Settings, data: BenchmarkData, spec: loss_spec
     def report(rows):
         if rows[-1]["epoch"] > reported[0]:
             reported[0] = rows[-1]["epoch"]
-            on_epoch(reported[0], best_validation_map_at_r(rows))
+            on_epoch(reported[0], best_validation_map_at_r(rows), warming_up(rows))
 
     result = Run(data, trunk, embedder, spec, seed, settings, RunStore(run_dir), StoredRun("new", []),
                  on_rows=report).execute()
@@ -310,16 +313,16 @@ def tune_loss(storage, study, loss: str, settings: Settings, data: BenchmarkData
         if same:
             trial.set_user_attr("error", f"same setting as trial {same[0]}")
             raise DuplicateSetting(f"same setting as trial {same[0]}")
-        def prune_early(epoch, best_so_far):
+        def prune_early(epoch, best_so_far, warming):
             trial.report(best_so_far, step=epoch)
-            if trial.should_prune():
+            if not warming and trial.should_prune():
                 raise optuna.TrialPruned(f"pruned after epoch {epoch}")
 
         try:
             with tempfile.TemporaryDirectory(prefix=f"{loss}-{trial.number}-", dir=out / "trials") as run_dir:
                 return float(np.mean([
                     validation_map_at_r(settings, data, spec, s, Path(run_dir) / f"seed{s}",
-                                        prune_early if s == 0 else lambda epoch, value: None)
+                                        prune_early if s == 0 else lambda epoch, value, warming: None)
                     for s in range(seeds)]))
         except NonFiniteLossError as error:
             trial.set_user_attr("error", str(error))

@@ -212,19 +212,26 @@ def test_diverged_trials_are_pruned_and_count_toward_the_budget(tmp_path, monkey
     assert f'losses = "{trials[2].user_attrs["loss"]}"' in (tmp_path / "best.toml").read_text()
 
 
-@pytest.mark.slow
-def test_successive_halving_prunes_a_trial_behind_the_others_and_the_report_counts_it(tmp_path, monkeypatch):
-    curves = iter([[0.5] * 9, [0.6] * 9, [0.1] * 9])  # best validation MAP@R so far after epochs 1..9
-    epochs_trained = []
+def scripted_curves(monkeypatch, curves, warm_until=0):
+    """Trials whose best validation MAP@R so far after epochs 1, 2, ... follows ``curves`` in
+    turn; the last one is warming up until epoch ``warm_until``. Returns the epochs trained."""
+    curves, epochs_trained = iter(curves), []
 
     def scripted(opts, data, spec, seed, run_dir, on_epoch):
         curve = next(curves)
+        last = epochs_trained.count(1) == 2
         for epoch, value in enumerate(curve, start=1):
             epochs_trained.append(epoch)
-            on_epoch(epoch, value)
+            on_epoch(epoch, value, last and epoch <= warm_until)
         return curve[-1]
 
     monkeypatch.setattr(tuning, "validation_map_at_r", scripted)
+    return epochs_trained
+
+
+@pytest.mark.slow
+def test_successive_halving_prunes_a_trial_behind_the_others_and_the_report_counts_it(tmp_path, monkeypatch):
+    epochs_trained = scripted_curves(monkeypatch, [[0.5] * 9, [0.6] * 9, [0.1] * 9])
     assert tune.main(TINY + ["--trials", "3", "--losses", "ntxent", "--out", str(tmp_path)]) == 0
     trials = trials_of(tmp_path, "ntxent")
     # at epoch 3 (the first rung) the third trial is not in the best third of the three: pruned there
@@ -233,6 +240,15 @@ def test_successive_halving_prunes_a_trial_behind_the_others_and_the_report_coun
     report = (tmp_path / "tuning.md").read_text()
     assert "trials per loss: 3\n" in report and "| ntxent | 2 | 1 | 0 | 60.00 |" in report
     assert "| 2 | pruned | 10.00 | 3 |" in report and "SuccessiveHalvingPruner(min_resource=3" in report
+
+
+@pytest.mark.slow
+def test_a_trial_still_warming_up_is_not_pruned(tmp_path, monkeypatch):
+    scripted_curves(monkeypatch, [[0.5] * 9, [0.6] * 9, [0.1] * 9], warm_until=5)
+    assert tune.main(TINY + ["--trials", "3", "--losses", "ntxent", "--out", str(tmp_path)]) == 0
+    trials = trials_of(tmp_path, "ntxent")
+    assert [t.state.name for t in trials] == ["COMPLETE", "COMPLETE", "PRUNED"]
+    assert trials[2].last_step == 6  # judged at the first epoch after its warm-up
 
 
 @pytest.mark.slow
