@@ -6,8 +6,9 @@ safety net. Until a trained epoch beats the untrained model (epoch 0), the run i
 up: it neither stops early nor decays its learning rate, since a loss whose first epochs
 score below the initial weights (trainable proxies still random) has not reached a plateau.
 A run that reached the cap before the patience rule stopped it, or still warming up, was
-stopped by the cap: its model may still have been improving. Without a patience (``--patience -1``) every run
-trains exactly ``--epochs`` epochs: a fixed budget, not trained to convergence.
+stopped by the cap: its model may still have been improving. Without a patience
+(``--patience -1``) every run trains exactly ``--epochs`` epochs: a fixed budget, not
+trained to convergence.
 """
 
 from typing import Dict, List, Mapping, Optional, Sequence, Tuple

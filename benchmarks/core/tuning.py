@@ -7,8 +7,9 @@ over its trained epochs, averaged over seeds. After each epoch of its first seed
 validation MAP@R so far is reported to Optuna's ``SuccessiveHalvingPruner``, which stops
 the trial once it is not in the best third of the trials that reached the same epoch
 (``PRUNER``); a run still warming up (no trained epoch yet beats the untrained model) is not
-pruned, since its values say nothing yet about where it will plateau: every loss gets the same sampler, pruner and number of trials. The test split
-is dropped when the data is loaded: tuning never embeds it. A trial whose loss became NaN
+pruned, since its values say nothing yet about where it will plateau. Every loss gets the
+same sampler, pruner and number of trials. The test split is dropped when the data is
+loaded: tuning never embeds it. A trial whose loss became NaN
 or infinite is recorded as pruned, with the error, as "diverged"; it counts toward the budget.
 Only distinct settings count: a trial proposing a setting already tried fails without training,
 and a trial left running by a dead process (on this host: at once; elsewhere: once its heartbeat

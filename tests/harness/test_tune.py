@@ -215,15 +215,14 @@ def test_diverged_trials_are_pruned_and_count_toward_the_budget(tmp_path, monkey
 def scripted_curves(monkeypatch, curves, warm_until=0):
     """Trials whose best validation MAP@R so far after epochs 1, 2, ... follows ``curves`` in
     turn; the last one is warming up until epoch ``warm_until``. Returns the epochs trained."""
-    curves, epochs_trained = iter(curves), []
+    epochs_trained = []
 
     def scripted(opts, data, spec, seed, run_dir, on_epoch):
-        curve = next(curves)
-        last = epochs_trained.count(1) == 2
-        for epoch, value in enumerate(curve, start=1):
+        number = epochs_trained.count(1)  # trials trained before this one
+        for epoch, value in enumerate(curves[number], start=1):
             epochs_trained.append(epoch)
-            on_epoch(epoch, value, last and epoch <= warm_until)
-        return curve[-1]
+            on_epoch(epoch, value, number == len(curves) - 1 and epoch <= warm_until)
+        return curves[number][-1]
 
     monkeypatch.setattr(tuning, "validation_map_at_r", scripted)
     return epochs_trained
