@@ -222,7 +222,8 @@ def check_reported_studies(storage, out: Path, dataset: str, losses: List[str]) 
 
 
 def open_study(storage, settings: Settings, loss: str, sampler_seed: int, seeds: int):
-    """Create or load the study ``<dataset>-<loss>``; refuse one made with another budget."""
+    """Create or load the study ``<dataset>-<loss>``; refuse one whose trials were made with
+    another budget (a study without trials takes the current one)."""
     study = optuna.create_study(
         study_name=f"{settings.dataset}-{loss}", storage=storage, direction="maximize", load_if_exists=True,
         sampler=TrialSeededTPE(sampler_seed), pruner=make_pruner(),
@@ -231,7 +232,7 @@ def open_study(storage, settings: Settings, loss: str, sampler_seed: int, seeds:
                 "search_space": [p.describe() for p in LOSSES[loss].search_space]}
     identity = json.loads(json.dumps(identity))
     stored = study.user_attrs.get("settings")
-    if stored is None:
+    if stored is None or not study.get_trials(deepcopy=False):
         study.set_user_attr("settings", identity)
     elif (stored := stored_identity(stored)) != identity:
         differing = ", ".join(f"{k}: {stored.get(k)!r} there, {v!r} now" for k, v in identity.items() if stored.get(k) != v)

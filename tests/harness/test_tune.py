@@ -194,6 +194,15 @@ def test_a_study_tuned_with_another_budget_is_refused(tmp_path, capsys):
 
 
 @pytest.mark.slow
+def test_a_study_without_trials_takes_the_current_budget(tmp_path, monkeypatch):
+    trained = scripted_values(monkeypatch)
+    argv = TINY + ["--trials", "1", "--losses", "ntxent", "--out", str(tmp_path)]
+    study = optuna.create_study(study_name="digits-ntxent", storage=f"sqlite:///{tmp_path / 'tuning.db'}")
+    study.set_user_attr("settings", {"lr": 0.01})  # left by a process that stopped before its first trial
+    assert tune.main(argv) == 0 and len(trained) == 1
+
+
+@pytest.mark.slow
 def test_diverged_trials_are_pruned_and_count_toward_the_budget(tmp_path, monkeypatch):
     values = iter([None, 0.25, 0.5])
 
