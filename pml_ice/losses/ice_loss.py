@@ -57,7 +57,7 @@ class ICELoss(BaseMetricLossFunction):
             path and sizes of given inputs; the limits live in ``pml_ice/losses/_ice/plan.py``.
     """
 
-    def __init__(self, scale=113.0, memory_efficient=None, chunk_size=None, **kwargs):
+    def __init__(self, scale=6.69, memory_efficient=None, chunk_size=None, **kwargs):
         super().__init__(**kwargs)
         check_positive_real("ICELoss", "scale", scale, strictly=True)
         if memory_efficient not in (None, True, False):

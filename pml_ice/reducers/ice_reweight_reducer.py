@@ -25,10 +25,10 @@ class ICEReweightReducer(BaseReducer):
     Args:
         lam: ``lam >= 0``. Where the default comes from, with ICELoss's default scale:
             the documentation's "Tuning" page, "The defaults".
-        normalize: ``"batch"`` (default) or ``"anchor"``.
+        normalize: ``"anchor"`` (default) or ``"batch"``.
     """
 
-    def __init__(self, lam=1.53, normalize="batch", **kwargs):
+    def __init__(self, lam=2.42, normalize="anchor", **kwargs):
         super().__init__(**kwargs)
         check_positive_real("ICEReweightReducer", "lam", lam, strictly=False)
         if normalize not in NORMALIZATIONS:

@@ -12,7 +12,7 @@ from conftest import use_symmetric_tiles
 from pml_ice import losses, reducers
 from reference import ice_reference
 
-SCALE, LAM = 8.0, 1.0
+SCALE, LAM, NORMALIZE = 8.0, 1.0, "anchor"
 PATHS = ["dense", "row_chunks", "symmetric_tiles"]
 
 
@@ -20,7 +20,7 @@ def ice_for(path, monkeypatch, reducer=None):
     use_symmetric_tiles(monkeypatch, path == "symmetric_tiles")
     return losses.ICELoss(
         scale=SCALE,
-        reducer=reducer or reducers.ICEReweightReducer(lam=LAM),
+        reducer=reducer or reducers.ICEReweightReducer(lam=LAM, normalize=NORMALIZE),
         memory_efficient=path != "dense",
         chunk_size=5,
     )
@@ -38,7 +38,7 @@ def test_grad_equals_reference(agreement, device, path, monkeypatch):
     loss_func = ice_for(path, monkeypatch)
     grad = torch.func.grad(lambda e: loss_func(e, labels))(x)
     leaf = x.detach().cpu().clone().requires_grad_()
-    ice_reference(leaf, labels.cpu(), scale=SCALE, lam=LAM).backward()
+    ice_reference(leaf, labels.cpu(), scale=SCALE, lam=LAM, normalize=NORMALIZE).backward()
     agreement.check("torch.func.grad vs reference float64", grad, leaf.grad, 1e-10)
 
 
@@ -48,7 +48,7 @@ def test_grad_of_ref_emb_and_mined_pairs(agreement, device, memory_efficient):
     refs, ref_labels = batch(device, n=10, seed=1)
     mined = miners.MultiSimilarityMiner(0.1)(x, labels, refs, ref_labels)
     loss_func = losses.ICELoss(
-        scale=SCALE, reducer=reducers.ICEReweightReducer(lam=LAM),
+        scale=SCALE, reducer=reducers.ICEReweightReducer(lam=LAM, normalize=NORMALIZE),
         memory_efficient=memory_efficient, chunk_size=5,
     )
     for indices_tuple in (None, mined):
@@ -58,7 +58,8 @@ def test_grad_of_ref_emb_and_mined_pairs(agreement, device, memory_efficient):
         leaves = [t.detach().cpu().clone().requires_grad_() for t in (x, refs)]
         cpu_tuple = None if indices_tuple is None else tuple(t.cpu() for t in indices_tuple)
         ice_reference(
-            leaves[0], labels.cpu(), cpu_tuple, leaves[1], ref_labels.cpu(), scale=SCALE, lam=LAM
+            leaves[0], labels.cpu(), cpu_tuple, leaves[1], ref_labels.cpu(), scale=SCALE, lam=LAM,
+            normalize=NORMALIZE,
         ).backward()
         for grad, leaf in zip(grads, leaves):
             agreement.check("torch.func.grad ref_emb vs reference float64", grad, leaf.grad, 1e-10)

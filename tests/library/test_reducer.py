@@ -164,7 +164,7 @@ def test_reweighting_of_ntxent_pairs_is_ice(agreement, make_batch, normalize):
 def test_weights_are_exp_of_lam_times_one_minus_p(device, lam):
     """``weights`` is the formula, and the batch-normalised loss is its weighted mean."""
     pair_losses = torch.tensor([0.0, 0.3, 2.0, 30.0], dtype=torch.float64, device=device)
-    reducer = reducers.ICEReweightReducer(lam=lam)
+    reducer = reducers.ICEReweightReducer(lam=lam, normalize="batch")
     weights = reducer.weights(pair_losses)
     expected = [math.exp(lam * (1 - math.exp(-v))) for v in pair_losses.tolist()]
     assert weights.tolist() == pytest.approx(expected, rel=1e-14)
@@ -200,17 +200,18 @@ def test_sums_of_shards_add_up(device, normalize):
     assert (total / count).item() == pytest.approx((whole[0] / whole[1]).item(), rel=1e-13)
 
 
-def test_weights_are_held_constant(make_batch):
+@pytest.mark.parametrize("normalize", ["batch", "anchor"])
+def test_weights_are_held_constant(make_batch, normalize):
     """The gradient of the reweighted loss is the weighted sum of the per-pair
     gradients: the weights themselves carry no gradient."""
     embeddings, labels = make_batch(n=10, n_classes=3, seed=23, dtype=torch.float64)
     inputs = embeddings.clone().requires_grad_()
-    losses.ICELoss(scale=SCALE, reducer=reducers.ICEReweightReducer(lam=3.0))(
+    losses.ICELoss(scale=SCALE, reducer=reducers.ICEReweightReducer(lam=3.0, normalize=normalize))(
         inputs, labels
     ).backward()
     reference_inputs = embeddings.cpu().clone().requires_grad_()
     pair_losses = ice_pair_losses(reference_inputs, labels.cpu(), scale=SCALE)
-    reduce_pair_losses(pair_losses, lam=3.0).backward()
+    reduce_pair_losses(pair_losses, lam=3.0, normalize=normalize).backward()
     assert torch.allclose(inputs.grad.cpu(), reference_inputs.grad, rtol=1e-8, atol=1e-12)
 
     with_weight_gradient = embeddings.cpu().clone().requires_grad_()
