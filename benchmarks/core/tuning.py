@@ -9,8 +9,8 @@ the trial once it is not in the best third of the trials that reached the same e
 (``PRUNER``); a run still warming up (no trained epoch yet beats the untrained model) is not
 pruned, since its values say nothing yet about where it will plateau. Every loss gets the
 same sampler, pruner and number of trials. The test split is dropped when the data is
-loaded: tuning never embeds it. A trial whose loss became NaN
-or infinite is recorded as pruned, with the error, as "diverged"; it counts toward the budget.
+loaded: tuning never embeds it. A trial whose loss became NaN or infinite is recorded as
+pruned, with the error, as "diverged"; it counts toward the budget.
 Only distinct settings count: a trial proposing a setting already tried fails without training,
 and a trial left running by a dead process (on this host: at once; elsewhere: once its heartbeat
 stops) is marked failed and its setting retried.
@@ -71,9 +71,12 @@ def best_validation_map_at_r(rows) -> float:
     return float(np.nanmax(trained))
 
 
+def ignore_epoch(epoch: int, best_so_far: float, warming: bool) -> None:
+    """An ``on_epoch`` of ``validation_map_at_r`` that reports nowhere."""
+
+
 def validation_map_at_r(settings: Settings, data: BenchmarkData, spec: loss_specs.LossSpec, seed: int,
-                        run_dir: Path,
-                        on_epoch: Callable[[int, float, bool], None] = lambda epoch, value, warming: None) -> float:
+                        run_dir: Path, on_epoch: Callable[[int, float, bool], None] = ignore_epoch) -> float:
     """Train one new run of ``spec`` (``training.Run``, evaluating the validation split only as
     ``data`` has no test split) in ``run_dir`` and return its best validation MAP@R over the
     trained epochs. After each trained epoch ``on_epoch(epoch, best so far, still warming up)``
@@ -324,7 +327,7 @@ def tune_loss(storage, study, loss: str, settings: Settings, data: BenchmarkData
             with tempfile.TemporaryDirectory(prefix=f"{loss}-{trial.number}-", dir=out / "trials") as run_dir:
                 return float(np.mean([
                     validation_map_at_r(settings, data, spec, s, Path(run_dir) / f"seed{s}",
-                                        prune_early if s == 0 else lambda epoch, value, warming: None)
+                                        prune_early if s == 0 else ignore_epoch)
                     for s in range(seeds)]))
         except NonFiniteLossError as error:
             trial.set_user_attr("error", str(error))
