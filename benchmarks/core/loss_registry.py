@@ -22,7 +22,9 @@ EDGE = 0.05  # the outer share of a searched range that counts as its edge
 @dataclasses.dataclass(frozen=True)
 class Parameter:
     """One searched hyperparameter: a float range (log-uniform when ``log``) or ``choices``.
-    ``tied`` keys get the same value (the triplet miner's margin follows the loss's)."""
+    ``tied`` keys get the same value (the triplet miner's margin follows the loss's). ``inert``,
+    given a trial's parameters and its images per class in a batch, says why this parameter
+    cannot change the loss there (None where it can)."""
 
     name: str
     low: Optional[float] = None
@@ -30,6 +32,10 @@ class Parameter:
     log: bool = False
     choices: Tuple[str, ...] = ()
     tied: Tuple[str, ...] = ()
+    inert: Optional[Callable[[Dict[str, Any], int], Optional[str]]] = None
+
+    def inert_reason(self, params: Dict[str, Any], m_per_class: int) -> Optional[str]:
+        return self.inert(params, m_per_class) if self.inert else None
 
     def suggest(self, trial):
         if self.choices:
@@ -150,12 +156,26 @@ def _miner(name):
     return lambda: getattr(pml_miners, name)
 
 
+def _lam_inert(params: Dict[str, Any], m_per_class: int) -> Optional[str]:
+    """With one positive per anchor, anchor normalisation divides each anchor's only weight by itself."""
+    if params.get("normalize") == "anchor" and m_per_class == 2:
+        return "anchor normalisation with one positive per anchor gives every pair weight 1"
+    return None
+
+
+def _margin_inert(params: Dict[str, Any], m_per_class: int) -> Optional[str]:
+    """A hard triplet (negative no farther than the positive) violates every margin, by a constant gradient."""
+    if params.get("miner_type_of_triplets") == "hard":
+        return "every hard triplet violates the margin, so its gradient does not depend on it"
+    return None
+
+
 LOSSES: Dict[str, LossEntry] = {
     "ice": LossEntry(
         "Instance Cross Entropy (pml_ice.losses.ICELoss) with ICEReweightReducer",
         _ice_loss_class,
         reducer_class=_ice_reducer_class,
-        search_space=(Parameter("scale", 1, 1e4, log=True), Parameter("lam", 0.0, 4.0),
+        search_space=(Parameter("scale", 1, 1e4, log=True), Parameter("lam", 0.0, 4.0, inert=_lam_inert),
                       Parameter("normalize", choices=NORMALIZATIONS)),
         compared_by_default=True,
         choices={"normalize": NORMALIZATIONS},
@@ -185,7 +205,7 @@ LOSSES: Dict[str, LossEntry] = {
         defaults={"margin": 0.2},
         miner_class=_miner("TripletMarginMiner"),
         miner_defaults={"margin": 0.2, "type_of_triplets": "semihard"},
-        search_space=(Parameter("margin", 0.0, 1.0, tied=("miner_margin",)),
+        search_space=(Parameter("margin", 0.0, 1.0, tied=("miner_margin",), inert=_margin_inert),
                       Parameter("miner_type_of_triplets", choices=("all", "hard", "semihard"))),
         compared_by_default=True,
         choices={"miner_type_of_triplets": TRIPLET_TYPES},

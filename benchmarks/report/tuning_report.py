@@ -47,14 +47,16 @@ def write_report(out: Path, tuning: Tuning, command: str) -> None:
              f"- budget per trial: {seeds} seed(s), " + ", ".join(f"{k}={v}" for k, v in budget(settings).items()),
              f"- Optuna TPE (the same seed for every loss), {PRUNER}; value = best validation MAP@R over the "
              "trained epochs, mean over seeds; a pruned trial's value is the best validation MAP@R it had reached",
-             "", f"trials per loss: {trials}", "", *trial_counts_table(studies, trials), ""]
+             "", f"trials per loss: {trials}", "", *trial_counts_table(studies, trials, settings.m_per_class), ""]
     for loss, study in studies.items():
         counted = {t.number for t in counted_trials(study, trials)}
         best = best_trial(study, trials)
         parts += [f"## {loss}", "", "Search space: " + "; ".join(p.describe() for p in LOSSES[loss].search_space) + ".", "",
                   f"Best: `{best.user_attrs['loss']}`, val MAP@R {100 * best.value:.2f}" if best else "Best: none yet", "",
                   *([f"At an edge of its space: {edges}; widen the space and tune {loss} again.", ""]
-                    if (edges := edge_text(loss, best)) else []),
+                    if (edges := edge_text(loss, best, settings.m_per_class)) else []),
+                  *([f"No effect at the best trial: {inert}.", ""]
+                    if (inert := inert_text(loss, best, settings.m_per_class)) else []),
                   "| trial | state | val MAP@R | epochs | settings | seconds | process |", "|---|---|---|---|---|---|---|"]
         for t in study.get_trials(deepcopy=False):
             state = trial_outcome(t)
@@ -73,13 +75,23 @@ def write_report(out: Path, tuning: Tuning, command: str) -> None:
     atomic_write_text(out / "tuning.md", "\n".join(parts))
 
 
-def edge_text(loss: str, best) -> str:
-    """The parameters of the best trial that sit at an edge of the loss's search space."""
+def edge_text(loss: str, best, m_per_class: int) -> str:
+    """The parameters of the best trial that sit at an edge of the loss's search space, except those
+    that cannot change the loss in that trial (widening their range would change nothing)."""
     if best is None:
         return ""
-    found = [(p, p.edge(best.params[p.name])) for p in LOSSES[loss].search_space]
+    found = [(p, p.edge(best.params[p.name])) for p in LOSSES[loss].search_space
+             if not p.inert_reason(best.params, m_per_class)]
     return ", ".join(f"{p.name} {best.params[p.name]:g} (the {where} end of {p.describe()})"
                      for p, where in found if where)
+
+
+def inert_text(loss: str, best, m_per_class: int) -> str:
+    """The parameters of the best trial that cannot change the loss there, and why."""
+    if best is None:
+        return ""
+    found = [(p, p.inert_reason(best.params, m_per_class)) for p in LOSSES[loss].search_space]
+    return "; ".join(f"{p.name} {best.params[p.name]:g} ({why})" for p, why in found if why)
 
 
 def trial_outcome(trial) -> str:
@@ -95,8 +107,9 @@ def trial_value(trial) -> Optional[float]:
     return trial.value if trial_outcome(trial) in ("complete", "pruned") else None
 
 
-def trial_counts_table(studies: Dict[str, object], trials: int) -> List[str]:
-    """Per loss: the counted trials that completed, were pruned or diverged, and the best value."""
+def trial_counts_table(studies: Dict[str, object], trials: int, m_per_class: int) -> List[str]:
+    """Per loss: the counted trials that completed, were pruned or diverged, the best value and its
+    parameters at an edge of the space."""
     lines = ["| loss | completed | pruned | diverged | best val MAP@R | best at an edge of the space |",
              "|---|---|---|---|---|---|"]
     for loss, study in studies.items():
@@ -104,7 +117,7 @@ def trial_counts_table(studies: Dict[str, object], trials: int) -> List[str]:
         best = best_trial(study, trials)
         lines.append(f"| {loss} | {outcomes.count('complete')} | {outcomes.count('pruned')} | "
                      f"{outcomes.count('diverged')} | {'-' if best is None else f'{100 * best.value:.2f}'} | "
-                     f"{edge_text(loss, best) or 'no'} |")
+                     f"{edge_text(loss, best, m_per_class) or 'no'} |")
     return lines
 
 

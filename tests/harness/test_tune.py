@@ -435,5 +435,62 @@ def test_a_best_trial_at_an_edge_of_its_space_is_named():
     assert (scale.edge(1.5), scale.edge(100.0), scale.edge(9000.0)) == ("low", None, "high")
     assert (lam.edge(0.1), lam.edge(2.0), lam.edge(3.9)) == ("low", None, "high")
     best = SimpleNamespace(params={"scale": 9000.0, "lam": 2.0, "normalize": "batch"})
-    assert edge_text("ice", best) == "scale 9000 (the high end of scale in [1, 10000] log-uniform)"
-    assert edge_text("ice", SimpleNamespace(params={"scale": 100.0, "lam": 2.0, "normalize": "anchor"})) == ""
+    assert edge_text("ice", best, 4) == "scale 9000 (the high end of scale in [1, 10000] log-uniform)"
+    assert edge_text("ice", SimpleNamespace(params={"scale": 100.0, "lam": 2.0, "normalize": "anchor"}), 4) == ""
+
+
+def test_a_parameter_without_effect_at_the_best_trial_is_no_edge():
+    from types import SimpleNamespace
+
+    from benchmarks.report.tuning_report import edge_text, inert_text
+
+    lam_high = {"scale": 100.0, "lam": 3.94}
+    anchor, batch = SimpleNamespace(params={**lam_high, "normalize": "anchor"}), SimpleNamespace(params={**lam_high, "normalize": "batch"})
+    assert edge_text("ice", anchor, 2) == "" and inert_text("ice", anchor, 2).startswith("lam 3.94 (anchor normalisation")
+    assert edge_text("ice", anchor, 4).startswith("lam 3.94 (the high end") and inert_text("ice", anchor, 4) == ""
+    assert edge_text("ice", batch, 2).startswith("lam 3.94 (the high end") and inert_text("ice", batch, 2) == ""
+    hard = SimpleNamespace(params={"margin": 0.99, "miner_type_of_triplets": "hard"})
+    assert edge_text("triplet", hard, 4) == "" and inert_text("triplet", hard, 4).startswith("margin 0.99")
+    semihard = SimpleNamespace(params={"margin": 0.99, "miner_type_of_triplets": "semihard"})
+    assert edge_text("triplet", semihard, 4).startswith("margin 0.99 (the high end")
+
+
+def value_and_grad(loss_func, embeddings, labels):
+    embeddings = embeddings.clone().requires_grad_(True)
+    loss = loss_func(embeddings, labels)
+    loss.backward()
+    return loss.detach(), embeddings.grad
+
+
+def test_lam_has_no_effect_with_anchor_normalisation_and_one_positive_per_anchor():
+    from pml_ice import losses, reducers
+
+    torch.manual_seed(0)
+    embeddings, labels = torch.randn(12, 8, dtype=torch.float64), torch.arange(6).repeat_interleave(2)
+
+    def ice(lam, normalize):
+        return losses.ICELoss(scale=20.0, reducer=reducers.ICEReweightReducer(lam=lam, normalize=normalize))
+
+    plain = value_and_grad(ice(0.0, "anchor"), embeddings, labels)
+    value, grad = value_and_grad(ice(4.0, "anchor"), embeddings, labels)
+    assert torch.allclose(value, plain[0]) and torch.allclose(grad, plain[1])
+    weighted = value_and_grad(ice(4.0, "batch"), embeddings, labels)
+    assert not torch.allclose(weighted[1], plain[1])  # batch normalisation: lam does act
+
+
+def test_the_margin_has_no_effect_on_hard_triplets():
+    from pytorch_metric_learning import losses as pml_losses
+    from pytorch_metric_learning import miners as pml_miners
+
+    torch.manual_seed(0)
+    embeddings, labels = torch.randn(16, 8, dtype=torch.float64), torch.arange(4).repeat_interleave(4)
+
+    def triplet_grad(margin, kind):
+        miner = pml_miners.TripletMarginMiner(margin=margin, type_of_triplets=kind)
+        loss_func = pml_losses.TripletMarginLoss(margin=margin)
+        embeddings_ = embeddings.clone().requires_grad_(True)
+        loss_func(embeddings_, labels, miner(embeddings_, labels)).backward()
+        return embeddings_.grad
+
+    assert torch.allclose(triplet_grad(0.1, "hard"), triplet_grad(0.9, "hard"))
+    assert not torch.allclose(triplet_grad(0.1, "all"), triplet_grad(0.9, "all"))
