@@ -221,7 +221,7 @@ LOSSES: Dict[str, LossEntry] = {
                              search_space=(Parameter("margin", 0.0, 1.0), Parameter("alpha", 1, 128, log=True),
                                            Parameter(LOSS_LR, 1e-4, 1e-1, log=True))),
     "arcface": LossEntry("PML ArcFaceLoss (trainable class weights)", _pml("ArcFaceLoss"), own_parameters=True,
-                         search_space=(Parameter("margin", 5.0, 90.0), Parameter("scale", 1, 128, log=True),
+                         search_space=(Parameter("margin", 0.0, 90.0), Parameter("scale", 1, 128, log=True),
                                        Parameter(LOSS_LR, 1e-4, 1.0, log=True))),
     "normsoftmax": LossEntry(
         "PML NormalizedSoftmaxLoss (trainable class weights)", _pml("NormalizedSoftmaxLoss"), own_parameters=True,
