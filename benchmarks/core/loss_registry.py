@@ -32,10 +32,7 @@ class Parameter:
     log: bool = False
     choices: Tuple[str, ...] = ()
     tied: Tuple[str, ...] = ()
-    inert: Optional[Callable[[Dict[str, Any], int], Optional[str]]] = None
-
-    def inert_reason(self, params: Dict[str, Any], m_per_class: int) -> Optional[str]:
-        return self.inert(params, m_per_class) if self.inert else None
+    inert: Callable[[Dict[str, Any], int], Optional[str]] = lambda params, m_per_class: None
 
     def suggest(self, trial):
         if self.choices:

@@ -81,7 +81,7 @@ def edge_text(loss: str, best, m_per_class: int) -> str:
     if best is None:
         return ""
     found = [(p, p.edge(best.params[p.name])) for p in LOSSES[loss].search_space
-             if not p.inert_reason(best.params, m_per_class)]
+             if not p.inert(best.params, m_per_class)]
     return ", ".join(f"{p.name} {best.params[p.name]:g} (the {where} end of {p.describe()})"
                      for p, where in found if where)
 
@@ -90,7 +90,7 @@ def inert_text(loss: str, best, m_per_class: int) -> str:
     """The parameters of the best trial that cannot change the loss there, and why."""
     if best is None:
         return ""
-    found = [(p, p.inert_reason(best.params, m_per_class)) for p in LOSSES[loss].search_space]
+    found = [(p, p.inert(best.params, m_per_class)) for p in LOSSES[loss].search_space]
     return "; ".join(f"{p.name} {best.params[p.name]:g} ({why})" for p, why in found if why)
 
 
